@@ -1,0 +1,106 @@
+"""The one name policy, used by the parser, the stash writer and ``verify``.
+
+Provider, module, function and probe names become file and directory names in
+the stash (``parsed/$prv:$mod:$fun:$prb``, ``probes/$pid/$prv$pid/$mod/$fun/$prb``)
+and are read back by splitting on ``:``.  A name that could escape the state
+directory, collide with the separator, or confuse a terminal is *refused*,
+never escaped (``shared/design.md``, "Settled details").  Limits are
+upstream's, counted in bytes of UTF-8, excluding the terminating NUL.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Final
+
+from common.dof_abi import (
+    DTRACE_ARGTYPELEN,
+    DTRACE_FUNCNAMELEN,
+    DTRACE_MODNAMELEN,
+    DTRACE_NAMELEN,
+    DTRACE_PROVNAMELEN,
+)
+
+#: Largest name length in bytes (a C buffer of N bytes holds N-1 and a NUL).
+MAX_NAME_BYTES: Final = {
+    "provider": DTRACE_PROVNAMELEN - 1,
+    "module": DTRACE_MODNAMELEN - 1,
+    "function": DTRACE_FUNCNAMELEN - 1,
+    "probe": DTRACE_NAMELEN - 1,
+}
+MAX_ARGTYPE_BYTES: Final = DTRACE_ARGTYPELEN - 1
+NAME_MAX: Final = 255  # the full "prv:mod:fun:prb" is one file name
+
+_FORBIDDEN_IN_NAME: Final = re.compile(r"[\x00-\x1f\x7f/:]")
+_FORBIDDEN_IN_ARGTYPE: Final = re.compile(r"[\x00-\x1f\x7f]")
+
+
+class NameRefused(ValueError):
+    """A name breaks the policy; the message says which name and why."""
+
+
+def printable(value: str | bytes) -> str:
+    """Render a name for a message: control bytes and non-UTF-8 become escapes."""
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "backslashreplace")
+    return value.encode("unicode_escape").decode("ascii").replace('"', '\\"')
+
+
+def check_name(kind: str, value: str) -> None:
+    """Refuse *value* as a *kind* name ("provider", "module", "function", "probe")."""
+    limit = MAX_NAME_BYTES[kind]
+    if not value:
+        raise NameRefused(f"{kind} name is empty")
+    if value in (".", ".."):
+        raise NameRefused(f'{kind} name "{value}" is not allowed')
+    bad = _FORBIDDEN_IN_NAME.search(value)
+    if bad is not None:
+        raise NameRefused(
+            f'{kind} name "{printable(value)}" contains forbidden character {bad.group()!r}'
+        )
+    size = len(value.encode("utf-8"))
+    if size > limit:
+        raise NameRefused(f'{kind} name "{printable(value)}" too long: {size} bytes > {limit}')
+
+
+def check_probespec(provider: str, module: str, function: str, probe: str) -> None:
+    """Check each component, then that ``prv:mod:fun:prb`` fits one file name."""
+    check_name("provider", provider)
+    check_name("module", module)
+    check_name("function", function)
+    check_name("probe", probe)
+    size = sum(len(s.encode("utf-8")) for s in (provider, module, function, probe)) + 3
+    if size > NAME_MAX:
+        raise NameRefused(
+            f'probe "{printable(provider)}:{printable(module)}:{printable(function)}:'
+            f'{printable(probe)}" too long for a file name: {size} bytes > {NAME_MAX}'
+        )
+
+
+def check_argtype(value: str) -> None:
+    """An argument type is not a file name, but it is a C string shown to users."""
+    if not value:
+        raise NameRefused("argument type is empty")
+    bad = _FORBIDDEN_IN_ARGTYPE.search(value)
+    if bad is not None:
+        raise NameRefused(
+            f'argument type "{printable(value)}" contains forbidden character {bad.group()!r}'
+        )
+    size = len(value.encode("utf-8"))
+    if size > MAX_ARGTYPE_BYTES:
+        raise NameRefused(
+            f'argument type "{printable(value)}" too long: {size} bytes > {MAX_ARGTYPE_BYTES}'
+        )
+
+
+def decode_name(kind: str, raw: bytes) -> str:
+    """Decode a C string from hostile input and apply the policy to it."""
+    try:
+        value = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise NameRefused(f'{kind} name "{printable(raw)}" is not valid UTF-8') from None
+    if kind == "argtype":
+        check_argtype(value)
+    else:
+        check_name(kind, value)
+    return value

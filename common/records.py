@@ -1,0 +1,145 @@
+"""Records the parser child sends for one request: a closed, bounded tagged union.
+
+Every record is a frozen, ``array_like`` msgspec Struct whose first array item
+is an integer tag.  Tags are upstream's ``DIT_*`` numbers (``dof_parsed_info``)
+so a record and its C form in the stash share one number; ``Log`` (which has
+no C form) uses 100.  Tags are never reused; new fields are appended with
+defaults (msgspec's schema-evolution rules).
+
+Schema bounds here are absolute (what any record may carry).  Names are
+checked against the shared name policy in ``__post_init__``, so a record
+that decodes is a record the stash may use: a hostile or broken parser cannot
+smuggle ``../x`` past the host.
+
+The stream grammar for one request (checked by :mod:`common.grammar`):
+
+    ( PROVIDER ( PROBE [ARGS_NATIVE [ARGS_XLAT ARGS_MAP]] TRACEPOINT{ntp} ){nprobes} )* EOF
+  | ERR
+
+``Log`` records may appear anywhere before the end and are not part of it.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Final
+
+import msgspec
+
+from common.names import NameRefused, check_argtype, check_name
+
+DIT_PROVIDER: Final = 0
+DIT_PROBE: Final = 1
+DIT_TRACEPOINT: Final = 2
+DIT_ERR: Final = 3
+DIT_EOF: Final = 4
+DIT_ARGS_NATIVE: Final = 5
+DIT_ARGS_XLAT: Final = 6
+DIT_ARGS_MAP: Final = 7
+LOG_TAG: Final = 100
+
+#: Hard caps on counts a record may carry, whatever the configured limits.
+MAX_NPROBES: Final = 1 << 24
+MAX_NTP: Final = 2 * 0xFFFF  # noffs and nenoffs are u16 each
+MAX_ARGS: Final = 255  # nargc and xargc are u8
+MAX_MESSAGE: Final = 1024  # characters in an ERR or LOG message
+
+U8 = Annotated[int, msgspec.Meta(ge=0, le=255)]
+U64 = Annotated[int, msgspec.Meta(ge=0)]  # msgpack ints never exceed 2**64-1
+# Code-point bounds are only a cheap first cut; byte limits are checked in __post_init__.
+ShortStr = Annotated[str, msgspec.Meta(max_length=255)]
+Message = Annotated[str, msgspec.Meta(max_length=MAX_MESSAGE)]
+ArgTypes = Annotated[list[ShortStr], msgspec.Meta(min_length=1, max_length=MAX_ARGS)]
+
+
+class Record(
+    msgspec.Struct,
+    array_like=True,
+    frozen=True,
+    forbid_unknown_fields=True,
+    tag_field="kind",
+):
+    """Base of every record the parser sends; on the wire the tag is item 0."""
+
+
+def _refuse(err: NameRefused) -> ValueError:
+    # msgspec turns a ValueError from __post_init__ into a ValidationError with a path.
+    return ValueError(str(err))
+
+
+class Provider(Record, tag=DIT_PROVIDER, frozen=True):
+    name: ShortStr
+    nprobes: Annotated[int, msgspec.Meta(ge=0, le=MAX_NPROBES)]
+
+    def __post_init__(self) -> None:
+        try:
+            check_name("provider", self.name)
+        except NameRefused as err:
+            raise _refuse(err) from None
+
+
+class Probe(Record, tag=DIT_PROBE, frozen=True):
+    mod: ShortStr
+    fun: ShortStr
+    prb: ShortStr
+    ntp: Annotated[int, msgspec.Meta(ge=1, le=MAX_NTP)]
+    nargc: U8
+    xargc: U8
+
+    def __post_init__(self) -> None:
+        try:
+            check_name("module", self.mod)
+            check_name("function", self.fun)
+            check_name("probe", self.prb)
+        except NameRefused as err:
+            raise _refuse(err) from None
+        if self.xargc and not self.nargc:
+            raise ValueError("translated arguments without native arguments")
+
+
+class Tracepoint(Record, tag=DIT_TRACEPOINT, frozen=True):
+    addr: U64
+    is_enabled: bool
+
+
+class Err(Record, tag=DIT_ERR, frozen=True):
+    errno: Annotated[int, msgspec.Meta(ge=1, le=4095)]
+    message: Message
+
+
+class Eof(Record, tag=DIT_EOF, frozen=True):
+    pass
+
+
+class _ArgTypes(Record, frozen=True):
+    args: ArgTypes
+
+    def __post_init__(self) -> None:
+        try:
+            for arg in self.args:
+                check_argtype(arg)
+        except NameRefused as err:
+            raise _refuse(err) from None
+
+
+class ArgsNative(_ArgTypes, tag=DIT_ARGS_NATIVE, frozen=True):
+    pass
+
+
+class ArgsXlat(_ArgTypes, tag=DIT_ARGS_XLAT, frozen=True):
+    pass
+
+
+class ArgsMap(Record, tag=DIT_ARGS_MAP, frozen=True):
+    map: Annotated[list[U8], msgspec.Meta(min_length=1, max_length=MAX_ARGS)]
+
+
+class Log(Record, tag=LOG_TAG, frozen=True):
+    """A log line from the parser child, which never logs by itself."""
+
+    level: Annotated[int, msgspec.Meta(ge=0, le=50)]  # logging.DEBUG .. logging.CRITICAL
+    message: Message
+
+
+ParserRecord = Provider | Probe | ArgsNative | ArgsXlat | ArgsMap | Tracepoint | Err | Eof | Log
+#: The records that make up a parse result (everything but ``Log``).
+ResultRecord = Provider | Probe | ArgsNative | ArgsXlat | ArgsMap | Tracepoint | Err | Eof

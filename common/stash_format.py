@@ -1,0 +1,242 @@
+"""The C byte layout of upstream's ``dof_parsed_t`` records, as stored in stash files.
+
+Facts we rely on (``libcommon/usdt_parser.h``, ``DOF_PARSED_VERSION 3``, x86_64;
+``shared/reference/upstream-dtprobed.md`` §3.1 and §4.4):
+
+* a record is ``u64 size; u32 type; 4 zero bytes; union …`` and records are
+  packed back to back with no alignment; ``size`` is the exact record length;
+* PROVIDER = ``u64 nprobes`` + name + NUL (head 24);
+* PROBE = ``u64 ntp, nargc, xargc`` + ``mod\\0fun\\0prb\\0`` (head 40);
+* TRACEPOINT from DOF = ``u64 addr, u32 is_enabled`` then zeros up to
+  ``sizeof(dof_parsed_t)`` = 48 (the empty ``args`` string included);
+* ARGS_NATIVE / ARGS_XLAT = the strings, each with its NUL (head 16);
+  ARGS_MAP = ``xargc`` bytes (head 16); ERR = ``int err_no`` + message + NUL
+  (head 20); EOF = 16 bytes, size and type only (never written to files);
+* a per-probe stash file is ``u64 DOF_PARSED_VERSION`` followed by the
+  PROVIDER record (``nprobes`` of the whole provider), the PROBE record,
+  ``[ARGS_NATIVE [ARGS_XLAT ARGS_MAP]]`` and ``ntp`` TRACEPOINT records.
+
+Bump ``DOF_PARSED_VERSION`` only together with upstream: the consumer accepts
+files whose version equals its own exactly.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from typing import Final
+
+from common.errors import StashFormatError
+from common.records import (
+    DIT_ARGS_MAP,
+    DIT_ARGS_NATIVE,
+    DIT_ARGS_XLAT,
+    DIT_EOF,
+    DIT_ERR,
+    DIT_PROBE,
+    DIT_PROVIDER,
+    DIT_TRACEPOINT,
+    ArgsMap,
+    ArgsNative,
+    ArgsXlat,
+    Eof,
+    Err,
+    Probe,
+    Provider,
+    ResultRecord,
+    Tracepoint,
+)
+
+DOF_PARSED_VERSION: Final = 3
+
+VERSION: Final = struct.Struct("<Q")
+_HEAD: Final = struct.Struct("<QI4x")  # size, type, padding
+_PROVIDER: Final = struct.Struct("<QI4xQ")
+_PROBE: Final = struct.Struct("<QI4xQQQ")
+_TRACEPOINT: Final = struct.Struct("<QI4xQI")
+_ERR: Final = struct.Struct("<QI4xi")
+
+SIZEOF_DOF_PARSED: Final = 48
+HEADSZ: Final = {
+    DIT_PROVIDER: 24,
+    DIT_PROBE: 40,
+    DIT_TRACEPOINT: 28,
+    DIT_ERR: 20,
+    DIT_EOF: 16,
+    DIT_ARGS_NATIVE: 16,
+    DIT_ARGS_XLAT: 16,
+    DIT_ARGS_MAP: 16,
+}
+_TRACEPOINT_PAD: Final = bytes(SIZEOF_DOF_PARSED - 28)
+
+VERSION_BYTES: Final = VERSION.pack(DOF_PARSED_VERSION)
+
+
+def _strings(values: Sequence[str]) -> bytes:
+    return b"".join(v.encode("utf-8") + b"\0" for v in values)
+
+
+def encode_record(rec: ResultRecord) -> bytes:
+    """The exact bytes upstream's parser would emit for *rec*."""
+    match rec:
+        case Provider(name=name, nprobes=nprobes):
+            tail = name.encode("utf-8") + b"\0"
+            return _PROVIDER.pack(24 + len(tail), DIT_PROVIDER, nprobes) + tail
+        case Probe(mod=mod, fun=fun, prb=prb, ntp=ntp, nargc=nargc, xargc=xargc):
+            tail = _strings((mod, fun, prb))
+            return _PROBE.pack(40 + len(tail), DIT_PROBE, ntp, nargc, xargc) + tail
+        case Tracepoint(addr=addr, is_enabled=is_enabled):
+            head = _TRACEPOINT.pack(SIZEOF_DOF_PARSED, DIT_TRACEPOINT, addr, int(is_enabled))
+            return head + _TRACEPOINT_PAD
+        case ArgsNative(args=args) | ArgsXlat(args=args):
+            tail = _strings(args)
+            kind = DIT_ARGS_NATIVE if isinstance(rec, ArgsNative) else DIT_ARGS_XLAT
+            return _HEAD.pack(16 + len(tail), kind) + tail
+        case ArgsMap(map=argmap):
+            return _HEAD.pack(16 + len(argmap), DIT_ARGS_MAP) + bytes(argmap)
+        case Err(errno=errno, message=message):
+            tail = message.encode("utf-8") + b"\0"
+            return _ERR.pack(20 + len(tail), DIT_ERR, errno) + tail
+        case Eof():
+            return _HEAD.pack(16, DIT_EOF)
+    raise TypeError(f"not a parser result record: {rec!r}")
+
+
+def encode_probe_file(
+    provider: Provider,
+    probe: Probe,
+    args: Sequence[ArgsNative | ArgsXlat | ArgsMap],
+    tracepoints: Sequence[Tracepoint],
+) -> bytes:
+    """One ``parsed/$prv:$mod:$fun:$prb`` file, byte for byte."""
+    parts = [VERSION_BYTES, encode_record(provider), encode_record(probe)]
+    parts.extend(encode_record(a) for a in args)
+    parts.extend(encode_record(t) for t in tracepoints)
+    return b"".join(parts)
+
+
+def _cstrings(payload: bytes, count: int, what: str) -> list[str]:
+    parts = payload.split(b"\0")
+    if count and (len(parts) < count + 1):
+        raise StashFormatError(f"{what}: expected {count} NUL-terminated strings")
+    try:
+        return [p.decode("utf-8") for p in parts[:count]]
+    except UnicodeDecodeError as err:
+        raise StashFormatError(f"{what}: string is not UTF-8") from err
+
+
+def decode_records(data: bytes | memoryview) -> list[ResultRecord]:
+    """Split packed C records, with the newest consumer's per-record checks."""
+    view = memoryview(data)
+    out: list[ResultRecord] = []
+    off = 0
+    while off < len(view):
+        remaining = len(view) - off
+        if remaining < 16:
+            raise StashFormatError(f"record at {off}: {remaining} bytes left, header needs 16")
+        size, kind = _HEAD.unpack_from(view, off)
+        head = HEADSZ.get(kind)
+        if head is None:
+            raise StashFormatError(f"record at {off}: unknown type {kind}")
+        minimum = (
+            16 if kind in (DIT_EOF, DIT_ARGS_NATIVE, DIT_ARGS_XLAT, DIT_ARGS_MAP) else head + 1
+        )
+        if size < minimum or size > remaining:
+            raise StashFormatError(f"record at {off}: size {size} invalid ({remaining} bytes left)")
+        rec = bytes(view[off : off + size])
+        payload = rec[head:]
+        try:
+            out.append(_decode_one(kind, rec, payload))
+        except (ValueError, TypeError) as err:
+            raise StashFormatError(f"record at {off}: {err}") from err
+        off += size
+    return out
+
+
+def _decode_one(kind: int, rec: bytes, payload: bytes) -> ResultRecord:
+    if kind == DIT_PROVIDER:
+        (nprobes,) = struct.unpack_from("<Q", rec, 16)
+        (name,) = _cstrings(payload, 1, "provider name")
+        return Provider(name=name, nprobes=nprobes)
+    if kind == DIT_PROBE:
+        ntp, nargc, xargc = struct.unpack_from("<QQQ", rec, 16)
+        if nargc > 255 or xargc > 255:
+            raise ValueError(f"argument counts {nargc}/{xargc} above 255")
+        mod, fun, prb = _cstrings(payload, 3, "probe names")
+        return Probe(mod=mod, fun=fun, prb=prb, ntp=ntp, nargc=nargc, xargc=xargc)
+    if kind == DIT_TRACEPOINT:
+        addr, is_enabled = struct.unpack_from("<QI", rec, 16)
+        if payload[:1] not in (b"", b"\0"):
+            raise ValueError("tracepoint argument strings are not supported for DOF")
+        return Tracepoint(addr=addr, is_enabled=bool(is_enabled))
+    if kind in (DIT_ARGS_NATIVE, DIT_ARGS_XLAT):
+        count = payload.count(b"\0")
+        if payload and not payload.endswith(b"\0"):
+            raise ValueError("argument types not NUL-terminated")
+        args = _cstrings(payload, count, "argument types")
+        return ArgsNative(args=args) if kind == DIT_ARGS_NATIVE else ArgsXlat(args=args)
+    if kind == DIT_ARGS_MAP:
+        return ArgsMap(map=list(payload))
+    if kind == DIT_ERR:
+        (errno,) = struct.unpack_from("<i", rec, 16)
+        (message,) = _cstrings(payload, 1, "error message")
+        return Err(errno=errno, message=message)
+    return Eof()
+
+
+class ProbeFile:
+    """A decoded per-probe stash file."""
+
+    __slots__ = ("args", "probe", "provider", "tracepoints")
+
+    def __init__(
+        self,
+        provider: Provider,
+        probe: Probe,
+        args: list[ArgsNative | ArgsXlat | ArgsMap],
+        tracepoints: list[Tracepoint],
+    ) -> None:
+        self.provider = provider
+        self.probe = probe
+        self.args = args
+        self.tracepoints = tracepoints
+
+
+def decode_probe_file(data: bytes) -> ProbeFile:
+    """Parse a per-probe file with every check the newest ``dtrace`` consumer makes."""
+    if len(data) < VERSION.size:
+        raise StashFormatError(f"file of {len(data)} bytes has no version word")
+    (version,) = VERSION.unpack_from(data)
+    if version != DOF_PARSED_VERSION:
+        raise StashFormatError(f"parsed version {version}, expected {DOF_PARSED_VERSION}")
+    records = decode_records(memoryview(data)[VERSION.size :])
+    if len(records) < 2:
+        raise StashFormatError("file lacks its PROVIDER and PROBE records")
+    provider, probe, *rest = records
+    if not isinstance(provider, Provider):
+        raise StashFormatError("first record is not PROVIDER")
+    if not isinstance(probe, Probe):
+        raise StashFormatError("second record is not PROBE")
+    args: list[ArgsNative | ArgsXlat | ArgsMap] = []
+    pos = 0
+    if probe.nargc:
+        native = rest[pos] if pos < len(rest) else None
+        if not isinstance(native, ArgsNative) or len(native.args) != probe.nargc:
+            raise StashFormatError(f"expected ARGS_NATIVE with {probe.nargc} types")
+        args.append(native)
+        pos += 1
+    if probe.xargc:
+        xlat = rest[pos] if pos < len(rest) else None
+        amap = rest[pos + 1] if pos + 1 < len(rest) else None
+        if not isinstance(xlat, ArgsXlat) or len(xlat.args) != probe.xargc:
+            raise StashFormatError(f"expected ARGS_XLAT with {probe.xargc} types")
+        if not isinstance(amap, ArgsMap) or len(amap.map) < probe.xargc:
+            raise StashFormatError(f"expected ARGS_MAP with {probe.xargc} entries")
+        if any(i >= probe.nargc for i in amap.map[: probe.xargc]):
+            raise StashFormatError(f"ARGS_MAP entry not below nargc {probe.nargc}")
+        args += [xlat, amap]
+        pos += 2
+    tracepoints = rest[pos:]
+    if len(tracepoints) != probe.ntp or not all(isinstance(t, Tracepoint) for t in tracepoints):
+        raise StashFormatError(f"expected exactly {probe.ntp} TRACEPOINT records")
+    return ProbeFile(provider, probe, args, tracepoints)  # type: ignore[arg-type]

@@ -1,0 +1,1 @@
+"""dtprobed: the receiver and supervisor, and the stash writer."""

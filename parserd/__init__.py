@@ -1,0 +1,1 @@
+"""The sandboxed DOF parser child (see parserd.child)."""
