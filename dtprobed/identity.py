@@ -1,0 +1,309 @@
+"""Who is calling: thread → process, start time, mappings, exec identity, tracepoint check.
+
+The device layer hands us the *thread* id the kernel put in
+``fuse_in_header.pid``; everything else is read from ``/proc``, about that
+caller only.  Nothing a client sends names a process or a path.
+
+Facts we rely on (proc(5), ``fs/proc/array.c``, ``fs/proc/task_mmu.c``):
+
+* ``/proc/TID`` resolves for any thread id of our pid namespace, not only for
+  thread-group leaders (threads are hidden from ``readdir`` of ``/proc`` but
+  reachable by name); its ``status`` has the ``Tgid:`` line.
+* FUSE reports 0 as the pid of a caller outside the daemon's pid namespace.
+* ``/proc/PID/stat``: field 2 is ``(comm)`` and comm may hold spaces and
+  parentheses, so fields are counted after the *last* ``)``; field 22 is the
+  start time in clock ticks since boot — with the pid it names one process
+  for the life of the system (a reused pid gets a later start time).
+* ``/proc/PID/maps`` lines are ``start-end perms offset MM:mm inode path``,
+  addresses and device numbers in hex, the path escaped (``\\n`` → ``\\012``)
+  and suffixed `` (deleted)`` for an unlinked file.  The device is the
+  kernel's (major, minor) pair; the stash names it in glibc ``makedev``
+  encoding, as upstream's libproc does.  It is *not* ``stat().st_dev`` on
+  overlayfs (the mapping shows the lower/upper inode), which is why we never
+  stat the path.  Anonymous memory has inode 0.
+* ``/proc/PID/auxv`` holds the ELF auxiliary vector as (type, value) pairs
+  of the process's word size, ending with ``AT_NULL``.  ``AT_PHDR`` is the
+  main executable's program headers (inside its first mapping); ``AT_RANDOM``
+  is the address of 16 random bytes on the initial stack.  Both change on
+  every ``execve`` when ASLR is on — that is how an exec of the *same*
+  binary (same start time, same executable inode) is told apart.  With ASLR
+  off (``randomize_va_space=0`` or ``setarch -R``) the token repeats and such
+  an exec goes unnoticed until the process exits.
+* A pidfd refers to one process, not a pid number: once open, a pid reuse
+  can't fool it, and it polls readable when that process exits.
+
+Every read can race with the caller's death; any ``OSError`` from ``/proc``
+becomes :class:`RequestRejected` (EINVAL, as upstream answers every failed
+ADDDOF), never a crash.
+"""
+
+from __future__ import annotations
+
+import bisect
+import errno
+import os
+import select
+import struct
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Final
+
+from common.errors import RequestRejected
+
+assert sys.platform == "linux"
+
+AT_NULL: Final = 0
+AT_PHDR: Final = 3
+AT_RANDOM: Final = 25
+
+#: A /proc file larger than this is not one we asked for (maps of 65530
+#: mappings with long paths stays well below).
+_MAX_PROC_READ: Final = 64 << 20
+_STAT_START_TIME_FIELD: Final = 22
+_DELETED: Final = " (deleted)"
+
+
+def glibc_makedev(major: int, minor: int) -> int:
+    """``makedev(major, minor)`` exactly as glibc encodes it (reference §4.1)."""
+    return (
+        ((major & 0xFFF) << 8) | (minor & 0xFF) | ((minor & ~0xFF) << 12) | ((major & ~0xFFF) << 32)
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Mapping:
+    """One line of ``/proc/PID/maps``; ``dev`` in glibc ``makedev`` encoding."""
+
+    start: int
+    end: int
+    perms: str
+    offset: int
+    dev: int
+    ino: int
+    path: str
+
+    @property
+    def executable(self) -> bool:
+        return len(self.perms) > 2 and self.perms[2] == "x"
+
+    @property
+    def file_backed(self) -> bool:
+        """A file's pages (inode ≠ 0); ``[heap]``, ``[stack]``, anonymous memory are not."""
+        return self.ino != 0 and not self.path.startswith("[")
+
+    def __contains__(self, addr: object) -> bool:
+        return isinstance(addr, int) and self.start <= addr < self.end
+
+
+class AddressSpace:
+    """The caller's mappings, sorted, with O(log n) lookup by address."""
+
+    def __init__(self, mappings: list[Mapping]) -> None:
+        self.mappings = sorted(mappings, key=lambda m: m.start)
+        self._starts = [m.start for m in self.mappings]
+
+    def find(self, addr: int) -> Mapping | None:
+        i = bisect.bisect_right(self._starts, addr) - 1
+        if i >= 0 and addr in self.mappings[i]:
+            return self.mappings[i]
+        return None
+
+    def check_tracepoints(self, addrs: Iterable[int]) -> None:
+        """Every address must lie in an executable, file-backed mapping (design.md).
+
+        A deleted file is fine (libusdt maps its probe code from an unlinked
+        temporary file).  Raises :class:`RequestRejected` (EINVAL) naming the
+        first address that fails.
+        """
+        last: Mapping | None = None
+        for addr in addrs:
+            if last is not None and addr in last:
+                continue  # tracepoints cluster in one text mapping
+            m = self.find(addr)
+            if m is None:
+                raise RequestRejected(errno.EINVAL, f"tracepoint {addr:#x} is not mapped")
+            if not (m.executable and m.file_backed):
+                what = "not executable" if not m.executable else "not file-backed"
+                where = m.path or "anonymous memory"
+                raise RequestRejected(
+                    errno.EINVAL,
+                    f"tracepoint {addr:#x} lies in a mapping that is {what} "
+                    f"({m.start:#x}-{m.end:#x} {m.perms} {where})",
+                )
+            last = m
+
+
+def parse_maps(text: bytes) -> list[Mapping]:
+    """Parse ``/proc/PID/maps``; raises ``ValueError`` on a line that doesn't fit."""
+    out: list[Mapping] = []
+    for line in text.splitlines():
+        parts = line.split(None, 5)
+        if len(parts) < 5:
+            raise ValueError(f"short maps line {line[:80]!r}")
+        lo, _, hi = parts[0].partition(b"-")
+        major, _, minor = parts[3].partition(b":")
+        path = parts[5].decode("utf-8", "surrogateescape") if len(parts) > 5 else ""
+        out.append(
+            Mapping(
+                start=int(lo, 16),
+                end=int(hi, 16),
+                perms=parts[1].decode("ascii"),
+                offset=int(parts[2], 16),
+                dev=glibc_makedev(int(major, 16), int(minor, 16)),
+                ino=int(parts[4]),
+                path=path,
+            )
+        )
+    return out
+
+
+def parse_start_time(stat: bytes) -> int:
+    """Field 22 of ``/proc/PID/stat``, counting after the last ``)`` (comm may hold any byte)."""
+    close = stat.rfind(b")")
+    if close < 0:
+        raise ValueError("stat without ')'")
+    fields = stat[close + 1 :].split()
+    # fields[0] is field 3 (state)
+    index = _STAT_START_TIME_FIELD - 3
+    if len(fields) <= index:
+        raise ValueError("stat too short")
+    return int(fields[index])
+
+
+def parse_auxv(data: bytes) -> dict[int, int]:
+    """Decode an auxiliary vector; 64-bit words, or 32-bit for a compat process."""
+    for fmt in ("=QQ", "=II"):
+        size = struct.calcsize(fmt)
+        if len(data) % size:
+            continue
+        entries = [pair for pair in struct.iter_unpack(fmt, data)]
+        if entries and entries[-1] == (AT_NULL, 0) and all(t < 4096 for t, _ in entries):
+            return {t: v for t, v in entries if t != AT_NULL}
+    raise ValueError("unrecognised auxv")
+
+
+def _read_proc(path: str) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks: list[bytes] = []
+        total = 0
+        while True:
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                return b"".join(chunks)
+            total += len(chunk)
+            if total > _MAX_PROC_READ:
+                raise OSError(errno.EFBIG, f"{path} larger than {_MAX_PROC_READ} bytes")
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+
+
+def _vanished(pid: int, err: OSError | ValueError) -> RequestRejected:
+    return RequestRejected(errno.EINVAL, f"cannot read process {pid} (process dead?): {err}")
+
+
+def tgid_of(tid: int) -> int:
+    """The process (thread group) of thread *tid*; 0 means outside our pid namespace."""
+    if tid <= 0:
+        raise RequestRejected(errno.EINVAL, "caller is outside the daemon's pid namespace")
+    try:
+        status = _read_proc(f"/proc/{tid}/status")
+    except OSError as err:
+        raise _vanished(tid, err) from err
+    for line in status.splitlines():
+        if line.startswith(b"Tgid:"):
+            return int(line.split()[1])
+    raise RequestRejected(errno.EINVAL, f"no Tgid in /proc/{tid}/status")
+
+
+@dataclass
+class Caller:
+    """One identified caller.  Owns ``pidfd`` until :meth:`take_pidfd` or :meth:`close`."""
+
+    pid: int
+    start_time: int
+    dev: int  # DOF mapping; 0 for anonymous memory
+    ino: int  # DOF mapping's inode; dofhp_dof for anonymous memory
+    exec_dev: int
+    exec_ino: int
+    exec_token: str
+    space: AddressSpace
+    pidfd: int = -1
+
+    def take_pidfd(self) -> int:
+        """Hand the pidfd over to the caller of this method (it must close it)."""
+        fd, self.pidfd = self.pidfd, -1
+        return fd
+
+    def close(self) -> None:
+        fd, self.pidfd = self.pidfd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def still_alive(self) -> bool:
+        """True while the process we read is running (its pidfd is not yet readable)."""
+        if self.pidfd < 0:
+            return False
+        ready, _, _ = select.select([self.pidfd], [], [], 0)
+        return not ready
+
+
+def _exec_mapping(pid: int, space: AddressSpace, auxv: dict[int, int]) -> Mapping | None:
+    phdr = auxv.get(AT_PHDR)
+    if phdr:
+        m = space.find(phdr)
+        if m is not None and m.file_backed:
+            return m
+    # Fallback: the first mapping of /proc/PID/exe's path.
+    try:
+        exe = os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return None
+    for m in space.mappings:
+        if m.file_backed and m.path in (exe, exe + _DELETED):
+            return m
+    return None
+
+
+def identify(tid: int, dof_addr: int) -> Caller:
+    """Identify the caller of one ADDDOF whose ``dofhp_dof`` is *dof_addr*.
+
+    Opens a pidfd on the process first, so the result is known to describe
+    the process that is still blocked in its ioctl (checked again at the end).
+    """
+    pid = tgid_of(tid)
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError as err:
+        raise _vanished(pid, err) from err
+    handed_over = False
+    try:
+        start_time = parse_start_time(_read_proc(f"/proc/{pid}/stat"))
+        space = AddressSpace(parse_maps(_read_proc(f"/proc/{pid}/maps")))
+        try:
+            auxv = parse_auxv(_read_proc(f"/proc/{pid}/auxv"))
+        except ValueError:
+            auxv = {}
+        dof_map = space.find(dof_addr)
+        if dof_map is None:
+            raise RequestRejected(errno.EINVAL, f"DOF address {dof_addr:#x} is not mapped")
+        if dof_map.file_backed:
+            dev, ino = dof_map.dev, dof_map.ino
+        else:
+            dev, ino = 0, dof_addr  # stash key 0-<dofhp_dof>, private to this process
+        exe = _exec_mapping(pid, space, auxv)
+        exec_dev, exec_ino = (exe.dev, exe.ino) if exe is not None else (0, 0)
+        random = auxv.get(AT_RANDOM)
+        token = f"at_random:{random:x}" if random else ""
+        caller = Caller(pid, start_time, dev, ino, exec_dev, exec_ino, token, space, pidfd)
+        if not caller.still_alive():
+            raise RequestRejected(errno.EINVAL, f"process {pid} exited during registration")
+        handed_over = True
+        return caller
+    except (OSError, ValueError) as err:
+        raise _vanished(pid, err) from err
+    finally:
+        if not handed_over:
+            os.close(pidfd)

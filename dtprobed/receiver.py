@@ -1,0 +1,288 @@
+"""The ioctl logic: one helper request → identity → parse → tracepoint check → stash.
+
+The device layer (FUSE file or CUSE) decodes requests and hands each one to
+:meth:`Receiver.handle` together with a ``reply`` callable; this module sees
+decoded requests, never device bytes, and is the only place where exceptions
+become a negative errno for a client:
+
+* ADDDOF: every refusal answers ``-EINVAL``, as upstream does (the specific
+  errno and reason go to the log);
+* REMOVE: ``0`` (also for an unknown generation), ``-EINVAL`` when refused;
+* anything that is not a :class:`~common.errors.DtprobedError` is our own bug:
+  its traceback is logged and the client gets ``-EIO``.
+
+Order of an ADDDOF (design.md, "What a refused DOF leaves behind: nothing"):
+resolve the calling thread to its process and open a pidfd on it; read its
+start time, mappings and auxv; parse the DOF in the sandboxed parser
+(whose output is validated by ``ParserChild``); check every tracepoint lies in
+an executable, file-backed mapping of the caller; only then send the
+registration to the stash writer, which commits it all or nothing (and prunes
+the process's older generations itself when it sees an exec).  On success
+the process is watched through its pidfd and pruned as soon as it exits.
+
+Concurrency (design.md "Scale": a huge DOF must not stall every other
+registration).  Every USDT program blocks in its ioctl until we answer, so
+the device loop never waits for a request: it queues the work and goes on
+reading.  Work is routed by DOF size to one of two lanes, each with its own
+sandboxed parser child and its own worker threads:
+
+* the *small* lane (DOF < 64 KiB: every ordinary ``dtrace -G`` object) has
+  :data:`SMALL_WORKERS` threads sharing one parser, so the /proc reads of
+  one request overlap the parse and stash write of another;
+* the *large* lane has one thread and its own parser, so a 20000-probe DOF
+  parses while small registrations keep flowing through the small lane.
+
+The stash writer is one process (the only writer of the state directory);
+requests of both lanes meet there, one command at a time, so a very large
+commit still delays small ones by the time the writer spends on it — measured
+in ``bench/bench_receiver.py``.  Queued work is bounded
+(:data:`MAX_QUEUED_BYTES`), so a flood of large DOF is refused instead of
+exhausting memory.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import enum
+import errno
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Final, Protocol
+
+from common.dof_abi import DOF_HELPER
+from common.errors import ChildFailed, DtprobedError, RequestRejected, StashError
+from common.grammar import ParsedProbe
+from common.stash_protocol import Registration
+from dtprobed.identity import Caller, identify, tgid_of
+from dtprobed.lifecycle import ExitWatcher
+
+log = logging.getLogger("dtprobed")
+
+#: DOF below this size goes to the small lane (one CUSE chunk; every ordinary object).
+SMALL_DOF: Final = 64 * 1024
+SMALL_WORKERS: Final = 3
+#: Bytes of DOF queued or in flight across both lanes before new requests are refused.
+MAX_QUEUED_BYTES: Final = 1 << 30
+#: Consecutive stash-writer failures after which the daemon gives up (exit 2).
+WRITER_FAILURES_FATAL: Final = 5
+
+Reply = Callable[[int], None]
+
+
+class RequestKind(enum.Enum):
+    ADDDOF = "ADDDOF"
+    REMOVE = "REMOVE"
+
+
+class HelperRequestLike(Protocol):
+    """What the device layer hands over (``dtprobed.device.HelperRequest``)."""
+
+    @property
+    def tid(self) -> int: ...
+    @property
+    def helper(self) -> bytes: ...
+    @property
+    def dof(self) -> bytes: ...
+    @property
+    def gen(self) -> int: ...
+
+
+class Parser(Protocol):
+    def parse(self, helper: bytes, dof: bytes) -> list[ParsedProbe]: ...
+
+
+class Writer(Protocol):
+    def register(self, reg: Registration, probes: list[ParsedProbe]) -> int: ...
+    def remove(self, pid: int, gen: int) -> None: ...
+    def remove_pid(self, pid: int) -> None: ...
+
+
+def _module_name(helper: bytes) -> str:
+    raw: bytes = DOF_HELPER.unpack_from(helper).mod
+    return raw.split(b"\0", 1)[0].decode("utf-8", "backslashreplace")
+
+
+class Receiver:
+    """Drives helper requests through the parsers and the stash writer.
+
+    *on_fatal(status, reason)* is called (once) when the daemon can no longer
+    serve — the stash writer keeps failing — and should make the main loop
+    exit with *status*.
+    """
+
+    def __init__(
+        self,
+        *,
+        small_parser: Parser,
+        large_parser: Parser,
+        writer: Writer,
+        watcher: ExitWatcher,
+        on_fatal: Callable[[int, str], None],
+    ) -> None:
+        self._small_parser = small_parser
+        self._large_parser = large_parser
+        self._writer = writer
+        self._watcher = watcher
+        self._on_fatal = on_fatal
+        self._small = concurrent.futures.ThreadPoolExecutor(
+            SMALL_WORKERS, thread_name_prefix="dtprobed-small"
+        )
+        self._large = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dtprobed-large")
+        self._lock = threading.Lock()
+        self._queued_bytes = 0
+        self._writer_failures = 0
+        self._closed = False
+
+    # --- entry point from the device layer (must not block) --------------------------
+
+    def handle(self, request: HelperRequestLike, reply: Reply, kind: RequestKind) -> None:
+        """Queue *request*; *reply* is called exactly once, from a worker thread."""
+        size = len(request.dof) if kind is RequestKind.ADDDOF else 0
+        with self._lock:
+            if self._closed:
+                refused = "the daemon is shutting down"
+            elif self._queued_bytes + size > MAX_QUEUED_BYTES:
+                refused = f"{self._queued_bytes} bytes of DOF already queued"
+            else:
+                refused = ""
+                self._queued_bytes += size
+        if refused:
+            log.warning("%d: dtprobed: request refused: %s", request.tid, refused)
+            _safe_reply(reply, -errno.EINVAL)
+            return
+        lane = self._large if size >= SMALL_DOF else self._small
+        try:
+            lane.submit(self._run, request, reply, kind, size)
+        except RuntimeError:  # executor shut down between the check and here
+            self._release(size)
+            _safe_reply(reply, -errno.EINVAL)
+
+    def _release(self, size: int) -> None:
+        with self._lock:
+            self._queued_bytes -= size
+
+    def _run(self, request: HelperRequestLike, reply: Reply, kind: RequestKind, size: int) -> None:
+        try:
+            if kind is RequestKind.ADDDOF:
+                result = self._adddof(request, size)
+            else:
+                result = self._remove(request)
+        except RequestRejected as err:
+            # The client's fault: the parser's (or our check's) message, at WARNING.
+            log.warning("%d: dtprobed: %s", request.tid, err.reason)
+            result = -errno.EINVAL
+        except ChildFailed as err:
+            log.error("%d: dtprobed: request failed, child broke: %s", request.tid, err)
+            result = -errno.EINVAL
+        except StashError as err:
+            log.error("%d: dtprobed: I/O error stashing DOF: %s", request.tid, err)
+            result = -errno.EINVAL
+        except DtprobedError as err:
+            log.error("%d: dtprobed: %s: %s", request.tid, type(err).__name__, err)
+            result = -errno.EINVAL
+        except Exception:
+            log.exception("%d: dtprobed: internal error (a bug)", request.tid)
+            result = -errno.EIO
+        finally:
+            self._release(size)
+        _safe_reply(reply, result)
+
+    # --- ADDDOF -------------------------------------------------------------------
+
+    def _adddof(self, request: HelperRequestLike, size: int) -> int:
+        started = time.monotonic()
+        helper = request.helper
+        if len(helper) != DOF_HELPER.size:
+            raise RequestRejected(errno.EINVAL, f"helper size incorrect: {len(helper)} bytes")
+        dof_addr: int = DOF_HELPER.unpack_from(helper).dof
+        caller = identify(request.tid, dof_addr)
+        try:
+            self._watcher.settle(caller.pid)
+            parser = self._large_parser if size >= SMALL_DOF else self._small_parser
+            probes = parser.parse(helper, request.dof)
+            caller.space.check_tracepoints(tp.addr for probe in probes for tp in probe.tracepoints)
+            if not caller.still_alive():
+                raise RequestRejected(errno.EINVAL, f"process {caller.pid} exited")
+            gen = self._register(caller, helper, request.dof, probes)
+            self._watcher.watch(caller.pid, caller.take_pidfd())
+        finally:
+            caller.close()
+        log.info(
+            "%d: registered generation %d: module %s, %s, %d probes, %d bytes of DOF (%.1f ms)",
+            caller.pid,
+            gen,
+            _module_name(helper),
+            f"{caller.dev}-{caller.ino}",
+            len(probes),
+            size,
+            (time.monotonic() - started) * 1000,
+        )
+        return gen
+
+    def _register(
+        self, caller: Caller, helper: bytes, dof: bytes, probes: list[ParsedProbe]
+    ) -> int:
+        reg = Registration(
+            pid=caller.pid,
+            start_time=caller.start_time,
+            dev=caller.dev,
+            ino=caller.ino,
+            exec_dev=caller.exec_dev,
+            exec_ino=caller.exec_ino,
+            exec_token=caller.exec_token,
+            helper=helper,
+            dof=dof,
+        )
+        return self._writer_call(lambda: self._writer.register(reg, probes))
+
+    def _writer_call(self, call: Callable[[], int]) -> int:
+        try:
+            result = call()
+        except ChildFailed as err:
+            with self._lock:
+                self._writer_failures += 1
+                failures = self._writer_failures
+            if failures >= WRITER_FAILURES_FATAL:
+                self._on_fatal(2, f"the stash writer failed {failures} times in a row: {err}")
+            raise
+        with self._lock:
+            self._writer_failures = 0
+        return result
+
+    # --- REMOVE -------------------------------------------------------------------
+
+    def _remove(self, request: HelperRequestLike) -> int:
+        pid = tgid_of(request.tid)
+        self._writer_call(lambda: _done(self._writer.remove, pid, request.gen))
+        log.info("%d: removed generation %d", pid, request.gen)
+        return 0
+
+    # --- exits --------------------------------------------------------------------
+
+    def prune_exited(self, pid: int) -> None:
+        """``ExitWatcher`` callback: drop everything *pid* registered."""
+        started = time.monotonic()
+        self._writer_call(lambda: _done(self._writer.remove_pid, pid))
+        log.info("%d: pruned: process exited (%.1f ms)", pid, (time.monotonic() - started) * 1000)
+
+    def close(self) -> None:
+        """Refuse new requests and finish (answer) the queued ones."""
+        with self._lock:
+            self._closed = True
+        self._small.shutdown(wait=True)
+        self._large.shutdown(wait=True)
+
+
+def _done(call: Callable[..., None], *args: int) -> int:
+    call(*args)
+    return 0
+
+
+def _safe_reply(reply: Reply, result: int) -> None:
+    try:
+        reply(result)
+    except Exception:
+        # The device is going away or the request was interrupted: nothing to tell.
+        log.debug("reply %d could not be sent", result, exc_info=True)
