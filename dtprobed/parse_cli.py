@@ -1,0 +1,225 @@
+"""``dtprobed-parse DOF [--helper DH] [--json]``: run the sandboxed parser on a DOF file.
+
+A user's tool for looking inside DOF, and the parser's command-line test
+driver.  It starts the same sandboxed child the daemon uses (through
+:class:`dtprobed.parser_client.ParserChild`, so every record is checked
+against the schema and grammar) and prints the records of the answer:
+
+* ``--json``: one compact JSON object per line, keys in the order of
+  ``design.md`` (``{"type":"provider","name":S,"nprobes":N}`` …
+  ``{"type":"eof"}``), strings as UTF-8;
+* otherwise one readable line per record.
+
+Exit status: 0 the DOF was accepted (its records, then one ``eof`` line);
+1 the parser rejected it (exactly one ``err`` line); 2 usage error; 3 the
+parser child died, timed out or was killed by its sandbox (message on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import logging
+import os
+import sys
+from typing import Any, Final
+
+import msgspec
+
+from common.dof_abi import DOF_HELPER
+from common.errors import ChildFailed
+from common.limits import ParseLimits
+from common.names import printable
+from common.records import (
+    ArgsMap,
+    ArgsNative,
+    ArgsXlat,
+    Eof,
+    Err,
+    Probe,
+    Provider,
+    ResultRecord,
+    Tracepoint,
+)
+from dtprobed.parser_client import ParserChild, size_error
+
+EXIT_ACCEPTED: Final = 0
+EXIT_REJECTED: Final = 1
+EXIT_USAGE: Final = 2
+EXIT_CHILD_FAILED: Final = 3
+DEFAULT_TIMEOUT: Final = 5.0
+
+
+def record_json(rec: ResultRecord) -> dict[str, Any]:
+    """The design.md JSON shape of *rec* (dict order is the key order)."""
+    match rec:
+        case Provider():
+            return {"type": "provider", "name": rec.name, "nprobes": rec.nprobes}
+        case Probe():
+            return {
+                "type": "probe",
+                "mod": rec.mod,
+                "fun": rec.fun,
+                "prb": rec.prb,
+                "ntp": rec.ntp,
+                "nargc": rec.nargc,
+                "xargc": rec.xargc,
+            }
+        case ArgsNative():
+            return {"type": "args_native", "args": list(rec.args)}
+        case ArgsXlat():
+            return {"type": "args_xlat", "args": list(rec.args)}
+        case ArgsMap():
+            return {"type": "args_map", "map": list(rec.map)}
+        case Tracepoint():
+            return {"type": "tracepoint", "addr": rec.addr, "is_enabled": rec.is_enabled}
+        case Err():
+            return {"type": "err", "errno": rec.errno, "message": rec.message}
+        case Eof():
+            return {"type": "eof"}
+    raise TypeError(f"not a result record: {rec!r}")
+
+
+def record_text(rec: ResultRecord) -> str:
+    """One readable line; names escaped, since they came from untrusted DOF."""
+    match rec:
+        case Provider():
+            return f"provider {printable(rec.name)} nprobes={rec.nprobes}"
+        case Probe():
+            spec = ":".join(printable(s) for s in (rec.mod, rec.fun, rec.prb))
+            return f"  probe {spec} ntp={rec.ntp} nargc={rec.nargc} xargc={rec.xargc}"
+        case ArgsNative():
+            return "    args_native (" + ", ".join(printable(a) for a in rec.args) + ")"
+        case ArgsXlat():
+            return "    args_xlat (" + ", ".join(printable(a) for a in rec.args) + ")"
+        case ArgsMap():
+            return "    args_map [" + ", ".join(str(i) for i in rec.map) + "]"
+        case Tracepoint():
+            return f"    tracepoint {rec.addr:#x}" + (" is-enabled" if rec.is_enabled else "")
+        case Err():
+            name = errno.errorcode.get(rec.errno, str(rec.errno))
+            return f"err {name} ({rec.errno}): {printable(rec.message)}"
+        case Eof():
+            return "eof"
+    raise TypeError(f"not a result record: {rec!r}")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: must be at least 1")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text}: must be positive")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    defaults = ParseLimits()
+    p = argparse.ArgumentParser(
+        prog="dtprobed-parse",
+        description="Run the sandboxed DOF parser on a file and print its records.",
+        epilog="Exit status: 0 accepted, 1 rejected, 2 usage error, 3 the parser child failed.",
+    )
+    p.add_argument("dof", metavar="DOF", help="file holding the DOF (dofh_loadsz bytes)")
+    p.add_argument(
+        "--helper",
+        metavar="DH",
+        help="file holding the 80-byte dof_helper_t (default: module a.out, addr 0, dof 0)",
+    )
+    p.add_argument("--json", action="store_true", help="one JSON object per record and line")
+    p.add_argument(
+        "-t",
+        "--timeout",
+        type=_seconds,
+        default=DEFAULT_TIMEOUT,
+        help="seconds the parser child may take (default %(default)s)",
+    )
+    p.add_argument(
+        "--no-sandbox", action="store_true", help="run the parser without its seccomp filter"
+    )
+    p.add_argument("-d", "--debug", action="store_true", help="show the child's log lines")
+    for name in ("max_dof_size", "max_providers", "max_probes", "max_tracepoints"):
+        p.add_argument(
+            "--" + name.replace("_", "-"),
+            type=_positive,
+            default=getattr(defaults, name),
+            metavar="N",
+            help="default %(default)s",
+        )
+    return p
+
+
+def _read_file(parser: argparse.ArgumentParser, path: str, limit: int) -> tuple[bytes, int]:
+    """At most *limit* bytes, and the file's whole size (never read past the limit)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+            size = len(data) if len(data) <= limit else os.fstat(f.fileno()).st_size
+    except OSError as err:
+        parser.error(f"cannot read {path}: {err.strerror}")
+    return data[:limit], size
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        limits = msgspec.convert(
+            {
+                name: getattr(args, name)
+                for name in ("max_dof_size", "max_providers", "max_probes", "max_tracepoints")
+            },
+            ParseLimits,
+        )
+    except msgspec.ValidationError as err:
+        parser.error(str(err))
+    dof, dof_size = _read_file(parser, args.dof, limits.max_dof_size)
+    if args.helper is None:
+        helper = DOF_HELPER.pack(b"a.out", 0, 0)
+    else:
+        helper, helper_size = _read_file(parser, args.helper, DOF_HELPER.size)
+        if helper_size != DOF_HELPER.size:
+            parser.error(f"{args.helper}: a dof_helper_t is {DOF_HELPER.size} bytes")
+    # The child's own log lines (Log records) show with -d; failures are reported once, below.
+    logging.basicConfig(format="dtprobed-parse: %(message)s")
+    log = logging.getLogger("dtprobed-parse")
+    log.setLevel(logging.DEBUG if args.debug else logging.CRITICAL)
+    too_big = size_error(dof_size, limits)
+    if too_big is not None:
+        records: list[ResultRecord] = [too_big]  # the same Err the host sends without asking
+    else:
+        child = ParserChild(
+            limits=limits, timeout=args.timeout, sandbox=not args.no_sandbox, log=log
+        )
+        try:
+            records = child.parse_records(helper, dof)
+        except ChildFailed as err:
+            print(f"dtprobed-parse: {err}", file=sys.stderr)
+            return EXIT_CHILD_FAILED
+        finally:
+            child.stop()
+    out = sys.stdout.buffer
+    for rec in records:
+        if args.json:
+            line = json.dumps(record_json(rec), ensure_ascii=False, separators=(",", ":"))
+        else:
+            line = record_text(rec)
+        out.write(line.encode("utf-8") + b"\n")
+    out.flush()
+    return EXIT_REJECTED if isinstance(records[-1], Err) else EXIT_ACCEPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
