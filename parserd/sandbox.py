@@ -94,6 +94,9 @@ def build_filter(debug: DebugMode = DebugMode.OFF) -> pyseccomp.SyscallFilter:
         DebugMode.LOG: pyseccomp.LOG,
     }[debug]
     flt = pyseccomp.SyscallFilter(default)
+    # A syscall made through another ABI (int 0x80 on x86_64) kills the process too,
+    # not just the thread (libseccomp's default for a foreign arch is KILL_THREAD).
+    flt.set_attr(pyseccomp.Attr.ACT_BADARCH, pyseccomp.KILL_PROCESS)
     for rule in rules(debug):
         flt.add_rule(pyseccomp.ALLOW, rule.syscall, *(_seccomp_arg(p) for p in rule.pins))
     return flt
