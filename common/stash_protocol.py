@@ -1,0 +1,192 @@
+"""Commands the daemon sends to the stash writer child, and its replies.
+
+One command is one frame (:mod:`common.framing`) on the writer's stdin; the
+writer answers each with exactly one reply frame on its stdout, in order.
+Every type is a frozen, ``array_like``, ``forbid_unknown_fields`` msgspec
+Struct with an integer tag as item 0; tags are never reused.  The writer
+treats every command as hostile: schema bounds here, then the record grammar
+(:mod:`common.grammar`), the name policy and its quotas before any write.
+
+Probe data travels as the record stream the parser produced (``PROVIDER,
+PROBE, …, EOF``), not as pre-grouped probes, so the writer re-checks exactly
+what the parser's host checked.  See ``docs/protocol.md``, "Stash writer
+protocol".
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Final
+
+import msgspec
+
+from common.dof_abi import DOF_HELPER, DOF_MAXSZ
+from common.records import ResultRecord
+
+U64 = Annotated[int, msgspec.Meta(ge=0)]
+Pid = Annotated[int, msgspec.Meta(ge=1, le=(1 << 22))]  # PID_MAX_LIMIT is 4194304
+Gen = Annotated[int, msgspec.Meta(ge=0, le=(1 << 31) - 1)]
+Helper = Annotated[bytes, msgspec.Meta(min_length=DOF_HELPER.size, max_length=DOF_HELPER.size)]
+Dof = Annotated[bytes, msgspec.Meta(min_length=1, max_length=DOF_MAXSZ)]
+ExecToken = Annotated[str, msgspec.Meta(max_length=64, pattern=r"^[0-9A-Za-z_.:-]*$")]
+Message = Annotated[str, msgspec.Meta(max_length=4096)]
+Count = Annotated[int, msgspec.Meta(ge=1, le=1 << 24)]
+
+#: Most records one command may carry (one PROVIDER/PROBE/ARGS/TRACEPOINT each).
+MAX_RECORDS: Final = 1 << 22
+Records = Annotated[list[ResultRecord], msgspec.Meta(max_length=MAX_RECORDS)]
+
+#: Largest command frame: a whole DOF, its records, and msgpack overhead.
+MAX_COMMAND_FRAME: Final = DOF_MAXSZ + (64 << 20)
+#: DOF bytes one reparse-scan reply carries before it stops (one item always fits).
+REPLY_BUDGET: Final = 32 << 20
+#: Largest reply frame (a reparse scan carries raw DOF back).
+MAX_REPLY_FRAME: Final = DOF_MAXSZ + REPLY_BUDGET + (1 << 20)
+
+DEFAULT_MAX_GENERATIONS: Final = 1024
+DEFAULT_MAX_PROBES_PER_PID: Final = 65536
+DEFAULT_MAX_PROBES_TOTAL: Final = 1 << 20
+
+
+class _Msg(msgspec.Struct, array_like=True, frozen=True, forbid_unknown_fields=True):
+    pass
+
+
+class StashQuotas(_Msg, frozen=True):
+    """Caps that keep one process (or all of them) from filling the stash.
+
+    Exceeding one fails the registration with ``EDQUOT`` and writes nothing.
+    """
+
+    max_generations: Count = DEFAULT_MAX_GENERATIONS  # live generations per process
+    max_probes_per_pid: Count = DEFAULT_MAX_PROBES_PER_PID
+    max_probes_total: Count = DEFAULT_MAX_PROBES_TOTAL
+
+
+class Registration(_Msg, frozen=True):
+    """One ADDDOF as the receiver identified it.
+
+    ``start_time`` is field 22 of ``/proc/PID/stat`` (clock ticks); ``dev`` is
+    already in glibc ``makedev`` encoding; ``dev == 0`` with ``ino ==
+    dofhp_dof`` means DOF in anonymous memory (never shared).  ``exec_token``
+    changes when the process execs, even into the same binary (a heuristic:
+    e.g. the AT_RANDOM address; empty when unknown).
+    """
+
+    pid: Pid
+    start_time: U64
+    dev: U64
+    ino: U64
+    exec_dev: U64
+    exec_ino: U64
+    exec_token: ExecToken
+    helper: Helper
+    dof: Dof
+
+
+class ReparseItem(_Msg, frozen=True):
+    """One mapping whose parsed files must be (re)written.
+
+    ``dir_ino`` is the inode of ``dof-pid/$pid/$dev-$ino`` when scanned: the
+    writer refuses (``ESTALE``) to write results into a directory that was
+    replaced since.  ``dof`` is the DOF without the 8-byte base prefix (a raw
+    file from an older daemon has none; ``legacy_raw`` then says so).
+    """
+
+    pid: Pid
+    dev: U64
+    ino: U64
+    dir_ino: U64
+    helper: Helper
+    dof: Dof
+    legacy_raw: bool = False
+
+
+class Command(
+    msgspec.Struct, array_like=True, frozen=True, forbid_unknown_fields=True, tag_field="op"
+):
+    """Base of the writer's commands; on the wire the tag is item 0."""
+
+
+class Register(Command, tag=1, frozen=True):
+    """add + write-parsed, all or nothing; replies :class:`Generation`."""
+
+    reg: Registration
+    records: Records
+
+
+class Remove(Command, tag=2, frozen=True):
+    """DTRACEHIOC_REMOVE: an unknown generation is not an error; replies :class:`Done`."""
+
+    pid: Pid
+    gen: Gen
+
+
+class RemovePid(Command, tag=3, frozen=True):
+    pid: Pid
+
+
+class PruneDead(Command, tag=4, frozen=True):
+    """Replies :class:`Pids` with the processes pruned."""
+
+
+class ReparseScan(Command, tag=5, frozen=True):
+    """Replies :class:`Items`: outdated or missing ``parsed/version`` (or all when forced).
+
+    The candidates are sorted by (pid, dev, ino); one reply holds those from
+    index ``offset`` on that fit :data:`REPLY_BUDGET` bytes of DOF (at least
+    one), and ``Items.next_offset`` says where to continue (None: finished).
+    """
+
+    force: bool
+    offset: Annotated[int, msgspec.Meta(ge=0, le=1 << 22)] = 0
+
+
+class WriteReparsed(Command, tag=6, frozen=True):
+    """``records`` None: the reparse failed; the mapping is left without parsed files."""
+
+    item: ReparseItem
+    records: Records | None
+
+
+class Verify(Command, tag=7, frozen=True):
+    """Replies :class:`Problems` (empty = consistent)."""
+
+
+StashCommand = Register | Remove | RemovePid | PruneDead | ReparseScan | WriteReparsed | Verify
+
+
+class Reply(
+    msgspec.Struct, array_like=True, frozen=True, forbid_unknown_fields=True, tag_field="kind"
+):
+    """Base of the writer's replies."""
+
+
+class Generation(Reply, tag=1, frozen=True):
+    gen: Gen
+
+
+class Done(Reply, tag=2, frozen=True):
+    pass
+
+
+class Pids(Reply, tag=3, frozen=True):
+    pids: Annotated[list[Pid], msgspec.Meta(max_length=1 << 22)]
+
+
+class Items(Reply, tag=4, frozen=True):
+    items: Annotated[list[ReparseItem], msgspec.Meta(max_length=1 << 20)]
+    next_offset: Annotated[int, msgspec.Meta(ge=0, le=1 << 22)] | None = None
+
+
+class Problems(Reply, tag=5, frozen=True):
+    problems: Annotated[list[Message], msgspec.Meta(max_length=1 << 16)]
+
+
+class Failure(Reply, tag=6, frozen=True):
+    """The command failed; nothing it would have written is left behind."""
+
+    errno: Annotated[int, msgspec.Meta(ge=1, le=4095)]
+    message: Message
+
+
+StashReply = Generation | Done | Pids | Items | Problems | Failure

@@ -1,0 +1,1419 @@
+"""The DOF stash: the daemon's only state, and its contract with the ``dtrace`` consumer.
+
+Why: ``dtrace`` finds USDT probes of running processes by globbing files
+under the state directory (default ``/run/dtrace``); the daemon needs the raw
+DOF again to reparse after an upgrade and to remove a process's probes when
+it exits, execs or sends DTRACEHIOC_REMOVE.  The layout and the bytes are
+upstream's newest (``DOF_PARSED_VERSION 3``, raw files with the 8-byte base
+prefix), so the real consumer reads this stash and upstream's dtprobed and
+ours can take over each other's state directory.
+
+Layout (``$dev`` is glibc ``makedev`` encoding, ``$dev-$ino`` is ``%ju-%ju``;
+``$dev-$ino`` = ``0-<dofhp_dof>`` for DOF in anonymous memory)::
+
+  stash/dof/$dev-$ino
+      raw block: u64 base (0 for DOF) + the DOF bytes.  Shared, by hard link,
+      among registrations of the same mapping whose bytes are *identical*;
+      unlinked when its link count drops to 1.  Never for anonymous DOF.
+  stash/dof-pid/$pid/
+      one directory per registered process; xattrs
+      ``trusted.dtprobed.start_time`` (decimal clock ticks, /proc/PID/stat
+      field 22) and ``trusted.dtprobed.exec_token`` keep our extra identity
+      state out of upstream's file layout.  Removed with its last generation.
+  stash/dof-pid/$pid/next-gen
+      sparse file; its size is the next generation number (generations
+      start at 0 when the directory is created).
+  stash/dof-pid/$pid/exec-mapping
+      ``"$dev-$ino\\0"`` of the main executable; differs → the process exec'd.
+  stash/dof-pid/$pid/$gen -> $dev-$ino
+      relative symlink, one per ADDDOF.  **The commit point**: a mapping
+      directory that no generation points at is an interrupted operation and
+      is rolled back at start-up.  Several generations may point at one
+      mapping (the same mapping registered twice); the directory goes with
+      the last of them.
+  stash/dof-pid/$pid/$dev-$ino/raw
+      hard link to stash/dof/$dev-$ino (link count > 1), or — when this
+      registration's bytes differ from the shared file, or the DOF is
+      anonymous — a private file of the same format (link count 1).
+  stash/dof-pid/$pid/$dev-$ino/dh
+      the 80-byte ``dof_helper_t`` as received.
+  stash/dof-pid/$pid/$dev-$ino/parsed/version
+      u64 ``DOF_PARSED_VERSION``; written *last*, so a mapping without it
+      has no (or partial) parsed files and is reparsed at start-up.
+  stash/dof-pid/$pid/$dev-$ino/parsed/$prv:$mod:$fun:$prb
+      one per probe (provider name without pid): u64 version, PROVIDER,
+      PROBE, [ARGS_NATIVE [ARGS_XLAT ARGS_MAP]], ntp × TRACEPOINT in the C
+      layout of :mod:`common.stash_format`.  Created as an ``O_TMPFILE`` and
+      linked into place complete, so no half-written file is ever visible.
+  probes/$pid/$prv$pid/$mod/$fun/$prb
+      hard link to one parsed file of that process (the first mapping that
+      provided the probe; on its removal another mapping's file takes over).
+
+Directories are 0755 and files 0644 whatever the umask.  Only the stash
+writer process changes this tree, holding an exclusive ``flock`` on the state
+directory; readers (``dtprobed-stash``) take a shared one.
+
+Version word: ``DOF_PARSED_VERSION`` (:mod:`common.stash_format`) changes only
+together with upstream's; every parsed file and ``parsed/version`` carry it,
+and mappings whose ``parsed/version`` differs are reparsed at start-up.
+
+Facts we rely on:
+
+* ``open(dir, O_TMPFILE)`` then ``linkat("/proc/self/fd/N", …,
+  AT_SYMLINK_FOLLOW)`` gives a file a name only when it is complete (tmpfs
+  and ext4 support O_TMPFILE; the writer runs as root with /proc mounted).
+* ``link()`` and ``symlink()`` never replace an existing name (``EEXIST``),
+  so they are our ``O_EXCL`` for names.
+* ``flock`` needs an fd opened for reading, not ``O_PATH``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import re
+import shutil
+import stat
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Final
+
+from common.dof_abi import DOF_HELPER, DOF_MAG_STRING, DOF_MAXSZ
+from common.errors import ProtocolError, StashError, StashFormatError
+from common.grammar import ParsedProbe, check_stream
+from common.names import NameRefused, check_probespec, printable
+from common.records import ResultRecord
+from common.stash_format import (
+    DOF_PARSED_VERSION,
+    VERSION,
+    VERSION_BYTES,
+    decode_probe_file,
+    encode_probe_file,
+)
+from common.stash_protocol import REPLY_BUDGET, Registration, ReparseItem, StashQuotas
+from dtprobed.dirfd import DirFd
+
+log = logging.getLogger("dtprobed.stash")
+
+DIR_MODE: Final = 0o755
+FILE_MODE: Final = 0o644
+RAW_PREFIX: Final = bytes(8)  # u64 base = 0: block 0 of a DOF registration
+HELPER_SIZE: Final = DOF_HELPER.size
+XATTR_START_TIME: Final = "trusted.dtprobed.start_time"
+XATTR_EXEC_TOKEN: Final = "trusted.dtprobed.exec_token"
+MAX_EXEC_MAPPING: Final = 64
+
+_KEY_RE: Final = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
+_NUM_RE: Final = re.compile(r"0|[1-9][0-9]{0,9}")
+_OPEN_FILE: Final = os.O_CLOEXEC | os.O_NOFOLLOW
+
+#: Every name the tree may hold, relative to the state directory: the same
+#: patterns as the docstring, used by ``verify`` to find what is not ours.
+LAYOUT: Final[tuple[tuple[str, str, str], ...]] = (
+    ("stash", "dir", "private to the daemon"),
+    ("stash/dof", "dir", "shared raw blocks"),
+    ("stash/dof/$dev-$ino", "file", "u64 base + DOF; hard-linked"),
+    ("stash/dof-pid", "dir", "per-process state"),
+    ("stash/dof-pid/$pid", "dir", "one process; xattrs start_time, exec_token"),
+    ("stash/dof-pid/$pid/next-gen", "file", "sparse; size = next generation"),
+    ("stash/dof-pid/$pid/exec-mapping", "file", '"$dev-$ino\\0"'),
+    ("stash/dof-pid/$pid/$gen", "symlink", "-> $dev-$ino; the commit point"),
+    ("stash/dof-pid/$pid/$dev-$ino", "dir", "one mapping"),
+    ("stash/dof-pid/$pid/$dev-$ino/raw", "file", "link to stash/dof/$dev-$ino or private"),
+    ("stash/dof-pid/$pid/$dev-$ino/dh", "file", "80-byte dof_helper_t"),
+    ("stash/dof-pid/$pid/$dev-$ino/parsed", "dir", "parsed records"),
+    ("stash/dof-pid/$pid/$dev-$ino/parsed/version", "file", "u64 DOF_PARSED_VERSION"),
+    ("stash/dof-pid/$pid/$dev-$ino/parsed/$prv:$mod:$fun:$prb", "file", "one probe"),
+    ("probes", "dir", "what the consumer globs"),
+    ("probes/$pid/$prv$pid/$mod/$fun/$prb", "file", "link to a parsed file"),
+)
+
+
+def mapping_key(dev: int, ino: int) -> str:
+    return f"{dev}-{ino}"
+
+
+def split_key(name: str) -> tuple[int, int] | None:
+    """Upstream's strict ``split_dof_name``: two unsigned decimals joined by '-'."""
+    if not _KEY_RE.fullmatch(name):
+        return None
+    dev, ino = (int(x) for x in name.split("-"))
+    if dev >= 1 << 64 or ino >= 1 << 64:
+        return None
+    return dev, ino
+
+
+def is_number(name: str) -> bool:
+    return _NUM_RE.fullmatch(name) is not None
+
+
+def split_spec(name: str) -> tuple[str, str, str, str] | None:
+    """``prv:mod:fun:prb`` → its parts, or None when the name breaks the policy."""
+    parts = name.split(":")
+    if len(parts) != 4:
+        return None
+    prv, mod, fun, prb = parts
+    try:
+        check_probespec(prv, mod, fun, prb)
+    except NameRefused:
+        return None
+    return prv, mod, fun, prb
+
+
+def proc_start_time(pid: int) -> int | None:
+    """Field 22 of /proc/PID/stat, or None when the process does not exist."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read(4096)
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    # comm (field 2) may contain spaces and ')'; fields after the last ')' start at 3.
+    fields = data[data.rfind(b")") + 2 :].split()
+    return int(fields[22 - 3])
+
+
+def read_small(dir_fd: int, name: str, limit: int) -> bytes:
+    """Read a regular file of at most *limit* bytes; anything else is refused, not followed."""
+    fd = os.open(name, os.O_RDONLY | _OPEN_FILE | os.O_NONBLOCK, dir_fd=dir_fd)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, f"{name} is not a regular file")
+        if st.st_size > limit:
+            raise OSError(errno.EFBIG, f"{name} is {st.st_size} bytes, more than {limit}")
+        return _read_all(fd, st.st_size)
+    finally:
+        os.close(fd)
+
+
+def _read_all(fd: int, size: int) -> bytes:
+    chunks = []
+    left = size
+    while left > 0:
+        chunk = os.read(fd, min(left, 1 << 24))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def _unlink_quiet(dir_fd: int, name: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(name, dir_fd=dir_fd)
+
+
+def _rmdir_quiet(dir_fd: int, name: str) -> None:
+    with contextlib.suppress(FileNotFoundError, OSError):
+        os.rmdir(name, dir_fd=dir_fd)
+
+
+def _remove_tree(dir_fd: int, name: str) -> None:
+    """Remove *name* (file, link or whole directory) without following any symlink."""
+    try:
+        st = os.lstat(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        # shutil.rmtree with dir_fd is the symlink-attack-resistant variant (fd based)
+        shutil.rmtree(name, dir_fd=dir_fd)
+    else:
+        os.unlink(name, dir_fd=dir_fd)
+
+
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+@dataclass
+class _PidEntry:
+    """What the writer remembers of one process (rebuilt from the tree at start-up)."""
+
+    gens: dict[int, str] = field(default_factory=dict)
+    nprobes: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def probes(self) -> int:
+        return sum(self.nprobes.values())
+
+
+class Stash:
+    """The on-disk operations; one instance per writer process.
+
+    Every public method takes the exclusive lock, validates its input before
+    the first change, and either completes or undoes exactly what it created.
+    """
+
+    def __init__(
+        self,
+        state_dir: str,
+        quotas: StashQuotas | None = None,
+        *,
+        recover: bool = True,
+    ) -> None:
+        self.quotas = quotas if quotas is not None else StashQuotas()
+        self._fix_modes = (_current_umask() & DIR_MODE) != 0
+        self._fds = contextlib.ExitStack()
+        self._index: dict[int, _PidEntry] = {}
+        self._total = 0
+        try:
+            os.makedirs(state_dir, DIR_MODE, exist_ok=True)
+            # the one absolute path: everything else is relative to these fds
+            self.root = self._fds.enter_context(DirFd(None, state_dir, readable=True))
+            with self.locked():
+                stash = self._fds.enter_context(self._mkdir_open(self.root.fd, "stash"))
+                self.dof = self._fds.enter_context(self._mkdir_open(stash.fd, "dof", readable=True))
+                self.dofpid = self._fds.enter_context(
+                    self._mkdir_open(stash.fd, "dof-pid", readable=True)
+                )
+                self.probes = self._fds.enter_context(
+                    self._mkdir_open(self.root.fd, "probes", readable=True)
+                )
+                if recover:
+                    self._recover()
+                self._rebuild_index()
+        except BaseException:
+            self._fds.close()
+            raise
+
+    def close(self) -> None:
+        self._fds.close()
+
+    # ------------------------------------------------------------------ locking
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Exclusive flock on the state directory while the tree changes."""
+        fcntl.flock(self.root.fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self.root.fd, fcntl.LOCK_UN)
+
+    # ------------------------------------------------------------ small pieces
+
+    def _mkdir_open(self, parent: int, name: str, *, readable: bool = False) -> DirFd:
+        try:
+            os.mkdir(name, DIR_MODE, dir_fd=parent)
+        except FileExistsError:
+            return DirFd(parent, name, readable=readable)
+        if self._fix_modes:
+            os.chmod(name, DIR_MODE, dir_fd=parent, follow_symlinks=False)
+        return DirFd(parent, name, readable=readable)
+
+    def _mkdir_new(self, parent: int, name: str) -> None:
+        os.mkdir(name, DIR_MODE, dir_fd=parent)
+        if self._fix_modes:
+            os.chmod(name, DIR_MODE, dir_fd=parent, follow_symlinks=False)
+
+    def _tmpfile(self, dir_fd: int, data: bytes) -> int:
+        """An anonymous complete file in *dir_fd*; the caller links it and closes it."""
+        fd = os.open(".", os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, FILE_MODE, dir_fd=dir_fd)
+        try:
+            _write_all(fd, data)
+            if self._fix_modes:
+                os.fchmod(fd, FILE_MODE)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    @staticmethod
+    def _link_fd(fd: int, dir_fd: int, name: str) -> None:
+        os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=dir_fd, follow_symlinks=True)
+
+    def _write_file(self, dir_fd: int, name: str, data: bytes) -> None:
+        """Create *name* complete in one step; ``EEXIST`` if the name is taken."""
+        fd = self._tmpfile(dir_fd, data)
+        try:
+            self._link_fd(fd, dir_fd, name)
+        finally:
+            os.close(fd)
+
+    # ------------------------------------------------------------ index
+
+    def _rebuild_index(self) -> None:
+        self._index.clear()
+        for pid in self._pids():
+            self._index[pid] = self._scan_pid(pid)
+        self._total = sum(e.probes for e in self._index.values())
+
+    def _pids(self) -> list[int]:
+        out = []
+        for entry in os.scandir(self.dofpid.fd):
+            if is_number(entry.name) and entry.is_dir(follow_symlinks=False):
+                out.append(int(entry.name))
+        return sorted(out)
+
+    def _scan_pid(self, pid: int) -> _PidEntry:
+        entry = _PidEntry()
+        with DirFd(self.dofpid.fd, str(pid), readable=True) as pdir:
+            for item in os.scandir(pdir.fd):
+                if is_number(item.name) and item.is_symlink():
+                    target = os.readlink(item.name, dir_fd=pdir.fd)
+                    if split_key(target) is not None:
+                        entry.gens[int(item.name)] = target
+            for key in set(entry.gens.values()):
+                try:
+                    with DirFd(pdir.fd, key) as mdir, DirFd(mdir.fd, "parsed", readable=True) as pd:
+                        names = os.listdir(pd.fd)
+                except OSError:
+                    names = []
+                entry.nprobes[key] = sum(1 for n in names if n != "version")
+        return entry
+
+    # ------------------------------------------------------------ validation
+
+    def check_records(self, records: Sequence[ResultRecord], op: str) -> list[ParsedProbe]:
+        """The whole record stream, before any write: grammar, names, counts."""
+        try:
+            checker = check_stream(
+                list(records), max_probes=self.quotas.max_probes_per_pid, max_tracepoints=None
+            )
+        except ProtocolError as err:
+            raise StashError(op, "records", errno.EINVAL, f"bad record stream: {err}") from err
+        if checker.error is not None:
+            raise StashError(
+                op, "records", errno.EINVAL, f"record stream is a parser error: {checker.error}"
+            )
+        return checker.probes
+
+    def _check_registration(self, reg: Registration) -> None:
+        if len(reg.helper) != HELPER_SIZE:
+            raise StashError("add", "dh", errno.EINVAL, f"helper is {len(reg.helper)} bytes")
+        if not 0 < len(reg.dof) <= DOF_MAXSZ:
+            raise StashError("add", "raw", errno.E2BIG, f"DOF of {len(reg.dof)} bytes")
+
+    def _quota_error(self, what: str, value: int, limit: int) -> StashError:
+        return StashError(
+            "add", what, errno.EDQUOT, f"quota exceeded: {what} would be {value}, limit {limit}"
+        )
+
+    # ------------------------------------------------------------ identity
+
+    def _stored_identity(self, pid: int) -> tuple[int | None, str | None, str | None] | None:
+        """(start_time, exec_token, exec-mapping) of dof-pid/$pid, or None if absent."""
+        try:
+            pdir = DirFd(self.dofpid.fd, str(pid), readable=True)
+        except FileNotFoundError:
+            return None
+        with pdir:
+            start = self._getxattr(pdir.fd, XATTR_START_TIME)
+            token = self._getxattr(pdir.fd, XATTR_EXEC_TOKEN)
+            try:
+                raw = read_small(pdir.fd, "exec-mapping", MAX_EXEC_MAPPING)
+                mapping: str | None = raw[:-1].decode() if raw.endswith(b"\0") else raw.decode()
+            except (OSError, UnicodeError):
+                mapping = None
+        start_time = int(start) if start is not None and start.isdigit() else None
+        return start_time, token, mapping
+
+    @staticmethod
+    def _getxattr(fd: int, name: str) -> str | None:
+        try:
+            return os.getxattr(fd, name).decode("ascii", "replace")
+        except OSError:
+            return None
+
+    def _is_other_process(self, reg: Registration) -> str | None:
+        """Why the stored dof-pid/$pid belongs to an earlier process or image (None: same)."""
+        stored = self._stored_identity(reg.pid)
+        if stored is None:
+            return None
+        start, token, mapping = stored
+        if start is not None and start != reg.start_time:
+            return "pid reused (start time changed)"
+        if mapping is not None and mapping != mapping_key(reg.exec_dev, reg.exec_ino):
+            return "exec() detected (executable changed)"
+        if token is not None and reg.exec_token and token != reg.exec_token:
+            return "exec() detected (exec token changed)"
+        return None
+
+    # ------------------------------------------------------------ register
+
+    def register(self, reg: Registration, records: Sequence[ResultRecord]) -> int:
+        """add + write-parsed as one all-or-nothing operation; returns the generation."""
+        self._check_registration(reg)
+        probes = self.check_records(records, "add")
+        with self.locked():
+            return self._register(reg, probes)
+
+    def register_probes(self, reg: Registration, probes: list[ParsedProbe]) -> int:
+        """As :meth:`register`, for probes already grouped (and checked) by the caller."""
+        self._check_registration(reg)
+        with self.locked():
+            return self._register(reg, probes)
+
+    def _register(self, reg: Registration, probes: list[ParsedProbe]) -> int:
+        pid, key = reg.pid, mapping_key(reg.dev, reg.ino)
+        stale = self._is_other_process(reg)
+        entry = _PidEntry() if stale else self._index.get(pid, _PidEntry())
+        # quotas, against the state after a pending exec/reuse prune, before any change
+        new_probes = 0 if key in entry.nprobes else len(probes)
+        gens = len(entry.gens) + 1
+        if gens > self.quotas.max_generations:
+            raise self._quota_error(
+                "generations of this process", gens, self.quotas.max_generations
+            )
+        per_pid = entry.probes + new_probes
+        if per_pid > self.quotas.max_probes_per_pid:
+            raise self._quota_error(
+                "probes of this process", per_pid, self.quotas.max_probes_per_pid
+            )
+        old = self._index.get(pid, _PidEntry()).probes if stale else 0
+        total = self._total - old + new_probes
+        if total > self.quotas.max_probes_total:
+            raise self._quota_error("probes in the stash", total, self.quotas.max_probes_total)
+        if stale:
+            log.debug("%i: %s, removing old DOF", pid, stale)
+            self._remove_pid(pid)
+        with contextlib.ExitStack() as undo:
+            try:
+                pdir = self._open_pid_dir(reg, undo)
+                undo.callback(pdir.close)
+                if key not in entry.nprobes:
+                    self._add_mapping(pdir, reg, key, probes, undo)
+                gen = self._add_generation(pdir, key, undo)
+            except OSError as err:
+                raise StashError("add", f"PID {pid} mapping {key}", err.errno or errno.EIO) from err
+            undo.pop_all()
+        pdir.close()
+        entry = self._index.setdefault(pid, _PidEntry())
+        entry.gens[gen] = key
+        if key not in entry.nprobes:
+            entry.nprobes[key] = len(probes)
+            self._total += len(probes)
+        return gen
+
+    def _open_pid_dir(self, reg: Registration, undo: contextlib.ExitStack) -> DirFd:
+        name = str(reg.pid)
+        try:
+            self._mkdir_new(self.dofpid.fd, name)
+        except FileExistsError:
+            pdir = DirFd(self.dofpid.fd, name, readable=True)
+            try:
+                self._complete_pid_dir(pdir, reg, undo)
+            except BaseException:
+                pdir.close()
+                raise
+            return pdir
+        undo.callback(_remove_tree, self.dofpid.fd, name)  # created here: goes entirely
+        pdir = DirFd(self.dofpid.fd, name, readable=True)
+        try:
+            os.setxattr(pdir.fd, XATTR_START_TIME, str(reg.start_time).encode())
+            os.setxattr(pdir.fd, XATTR_EXEC_TOKEN, reg.exec_token.encode())
+            self._write_file(pdir.fd, "next-gen", b"")
+            exec_map = mapping_key(reg.exec_dev, reg.exec_ino).encode() + b"\0"
+            self._write_file(pdir.fd, "exec-mapping", exec_map)
+        except BaseException:
+            pdir.close()
+            raise
+        return pdir
+
+    def _complete_pid_dir(self, pdir: DirFd, reg: Registration, undo: contextlib.ExitStack) -> None:
+        """An existing dir of this same process: add what an upstream daemon did not write."""
+        for name, value in (
+            (XATTR_START_TIME, str(reg.start_time)),
+            (XATTR_EXEC_TOKEN, reg.exec_token),
+        ):
+            if self._getxattr(pdir.fd, name) is None:
+                os.setxattr(pdir.fd, name, value.encode())
+                undo.callback(os.removexattr, pdir.fd, name)
+        try:
+            os.lstat("exec-mapping", dir_fd=pdir.fd)
+        except FileNotFoundError:
+            exec_map = mapping_key(reg.exec_dev, reg.exec_ino).encode() + b"\0"
+            self._write_file(pdir.fd, "exec-mapping", exec_map)
+            undo.callback(_unlink_quiet, pdir.fd, "exec-mapping")
+
+    def _add_mapping(
+        self,
+        pdir: DirFd,
+        reg: Registration,
+        key: str,
+        probes: list[ParsedProbe],
+        undo: contextlib.ExitStack,
+    ) -> None:
+        self._mkdir_new(pdir.fd, key)
+        undo.callback(_remove_tree, pdir.fd, key)  # raw, dh, parsed/ go with it
+        with DirFd(pdir.fd, key) as mdir:
+            self._write_raw(mdir, reg, key, undo)
+            self._write_file(mdir.fd, "dh", reg.helper)
+            self._mkdir_new(mdir.fd, "parsed")
+            with DirFd(mdir.fd, "parsed") as parsed:
+                self._write_parsed(reg.pid, parsed, probes, undo, undo_files=False)
+
+    def _write_raw(
+        self, mdir: DirFd, reg: Registration, key: str, undo: contextlib.ExitStack
+    ) -> None:
+        data = RAW_PREFIX + reg.dof
+        if reg.dev == 0:  # anonymous memory: per process, never shared
+            self._write_file(mdir.fd, "raw", data)
+            return
+        try:
+            st = os.lstat(key, dir_fd=self.dof.fd)
+        except FileNotFoundError:
+            self._write_file(self.dof.fd, key, data)
+            undo.callback(_unlink_quiet, self.dof.fd, key)
+            os.link(key, "raw", src_dir_fd=self.dof.fd, dst_dir_fd=mdir.fd, follow_symlinks=False)
+            return
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, f"stash/dof/{key} is not a regular file")
+        if st.st_size == len(data) and read_small(self.dof.fd, key, len(data)) == data:
+            os.link(key, "raw", src_dir_fd=self.dof.fd, dst_dir_fd=mdir.fd, follow_symlinks=False)
+        else:
+            # different bytes (ASLR relocations, or a hostile process): keep our own copy
+            self._write_file(mdir.fd, "raw", data)
+
+    def _write_parsed(
+        self,
+        pid: int,
+        parsed: DirFd,
+        probes: list[ParsedProbe],
+        undo: contextlib.ExitStack,
+        *,
+        undo_files: bool,
+    ) -> None:
+        """One file per probe plus its probes/ link, then ``version`` last.
+
+        The undo callback removes the probes/ links and directories this call
+        created and, with *undo_files* (the caller keeps *parsed* open until
+        its undo stack has run), the parsed files; nothing else.  It reopens
+        the probes/ directories by name (O_NOFOLLOW), since it may run after
+        this call's directory fds are closed.
+        """
+        spid = str(pid)
+        created_files: list[str] = []
+        created_links: list[tuple[str, ...]] = []
+        created_dirs: list[tuple[str, ...]] = []
+        dirs: dict[tuple[str, ...], DirFd] = {}
+
+        def unwind() -> None:
+            for path in reversed(created_links):
+                with contextlib.suppress(OSError), self._open_probes_dir(path[:-1]) as d:
+                    os.unlink(path[-1], dir_fd=d.fd)
+            if undo_files:
+                for name in reversed(created_files):
+                    _unlink_quiet(parsed.fd, name)
+            for path in reversed(created_dirs):
+                self._rmdir_probes(path)
+
+        def subdir(path: tuple[str, ...]) -> DirFd:
+            found = dirs.get(path)
+            if found is not None:
+                return found
+            parent = self.probes if len(path) == 1 else subdir(path[:-1])
+            try:
+                self._mkdir_new(parent.fd, path[-1])
+                created_dirs.append(path)
+            except FileExistsError:
+                pass
+            made = dirs[path] = DirFd(parent.fd, path[-1])
+            return made
+
+        undo.callback(unwind)
+        try:
+            for probe in probes:
+                prv, prb = probe.provider.name, probe.probe.prb
+                dir_path = (spid, f"{prv}{spid}", probe.probe.mod, probe.probe.fun)
+                fun_dir = subdir(dir_path)
+                data = encode_probe_file(probe.provider, probe.probe, probe.args, probe.tracepoints)
+                fd = self._tmpfile(parsed.fd, data)
+                try:
+                    self._link_fd(fd, parsed.fd, probe.spec)
+                    created_files.append(probe.spec)
+                    try:
+                        self._link_fd(fd, fun_dir.fd, prb)
+                        created_links.append((*dir_path, prb))
+                    except FileExistsError:
+                        # another mapping of this process has the same probe: it stays bound there
+                        st = os.lstat(prb, dir_fd=fun_dir.fd)
+                        if not stat.S_ISREG(st.st_mode):
+                            raise OSError(
+                                errno.EINVAL, f"probes entry {printable(prb)} is not a file"
+                            ) from None
+                finally:
+                    os.close(fd)
+            self._write_file(parsed.fd, "version", VERSION_BYTES)
+            created_files.append("version")
+        finally:
+            for d in dirs.values():
+                d.close()
+
+    def _rmdir_probes(self, path: tuple[str, ...]) -> bool:
+        """rmdir probes/<path…> if empty; False if it is not (or cannot be) removed."""
+        try:
+            if len(path) == 1:
+                os.rmdir(path[0], dir_fd=self.probes.fd)
+            else:
+                with self._open_probes_dir(path[:-1]) as d:
+                    os.rmdir(path[-1], dir_fd=d.fd)
+        except OSError:
+            return False
+        return True
+
+    def _open_probes_dir(self, path: tuple[str, ...]) -> DirFd:
+        """probes/<path…>, each component opened O_NOFOLLOW|O_DIRECTORY."""
+        current = DirFd(self.probes.fd, path[0])
+        try:
+            for comp in path[1:]:
+                nxt = DirFd(current.fd, comp)
+                current.close()
+                current = nxt
+        except BaseException:
+            current.close()
+            raise
+        return current
+
+    def _add_generation(self, pdir: DirFd, key: str, undo: contextlib.ExitStack) -> int:
+        fd = os.open("next-gen", os.O_RDWR | _OPEN_FILE, dir_fd=pdir.fd)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise OSError(errno.EINVAL, "next-gen is not a regular file")
+            gen = st.st_size
+            if gen >= (1 << 31) - 1:
+                raise OSError(errno.EOVERFLOW, "generation numbers exhausted")
+            # A crash between these two steps leaks a number, never reuses one.
+            os.ftruncate(fd, gen + 1)
+            try:
+                os.symlink(key, str(gen), dir_fd=pdir.fd)  # the commit point
+            except BaseException:
+                os.ftruncate(fd, gen)
+                raise
+        finally:
+            os.close(fd)
+        return gen
+
+    # ------------------------------------------------------------ removal
+
+    def remove(self, pid: int, gen: int) -> None:
+        """DTRACEHIOC_REMOVE; an unknown pid or generation is success (upstream)."""
+        with self.locked():
+            self._remove(pid, gen)
+
+    def _remove(self, pid: int, gen: int) -> None:
+        try:
+            pdir = DirFd(self.dofpid.fd, str(pid), readable=True)
+        except FileNotFoundError:
+            return
+        except OSError as err:
+            raise StashError("remove", f"PID {pid}", err.errno or errno.EIO) from err
+        with pdir:
+            try:
+                st = os.lstat(str(gen), dir_fd=pdir.fd)
+            except FileNotFoundError:
+                return
+            if not stat.S_ISLNK(st.st_mode):
+                raise StashError(
+                    "remove", f"PID {pid} generation {gen}", errno.EINVAL, "not a symlink"
+                )
+            key = os.readlink(str(gen), dir_fd=pdir.fd)
+            os.unlink(
+                str(gen), dir_fd=pdir.fd
+            )  # un-commit first: the rest is rolled back if we die
+            gens = self._generations(pdir.fd)
+            entry = self._index.get(pid)
+            if entry is not None:
+                entry.gens.pop(gen, None)
+            if split_key(key) is not None and key not in gens.values():
+                self._remove_mapping(pid, pdir.fd, key)
+                if entry is not None:
+                    self._total -= entry.nprobes.pop(key, 0)
+            if not gens:
+                self._remove_pid(pid)
+
+    @staticmethod
+    def _generations(pid_fd: int) -> dict[int, str]:
+        gens = {}
+        for item in os.scandir(pid_fd):
+            if is_number(item.name) and item.is_symlink():
+                gens[int(item.name)] = os.readlink(item.name, dir_fd=pid_fd)
+        return gens
+
+    def _remove_mapping(self, pid: int, pid_fd: int, key: str) -> None:
+        """Remove one mapping directory, its probes/ links and, if unshared, its raw block."""
+        try:
+            mdir = DirFd(pid_fd, key, readable=True)
+        except FileNotFoundError:
+            mdir = None
+        if mdir is not None:
+            with mdir:
+                self._remove_parsed(pid, pid_fd, mdir.fd, key)
+            _remove_tree(pid_fd, key)
+        self._drop_unused_raw(key)
+
+    def _drop_unused_raw(self, key: str) -> None:
+        try:
+            st = os.lstat(key, dir_fd=self.dof.fd)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink == 1:
+            _remove_tree(self.dof.fd, key)
+
+    def _remove_parsed(self, pid: int, pid_fd: int, map_fd: int, key: str) -> None:
+        """Delete parsed/* of one mapping (version first) and the probes/ links bound to them.
+
+        A probes/ entry bound to this mapping's file is re-bound to the same
+        probe of another mapping of the process, if one has it.
+        """
+        try:
+            parsed = DirFd(map_fd, "parsed", readable=True)
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        except OSError as err:
+            if err.errno != errno.ELOOP:
+                raise
+            _unlink_quiet(map_fd, "parsed")
+            return
+        with parsed:
+            _unlink_quiet(parsed.fd, "version")
+            others = [n for n in os.listdir(pid_fd) if n != key and split_key(n) is not None]
+            spid = str(pid)
+            touched: set[tuple[str, ...]] = set()
+            for item in list(os.scandir(parsed.fd)):
+                parts = split_spec(item.name)
+                if parts is not None and item.is_file(follow_symlinks=False):
+                    self._unbind(pid_fd, spid, parts, item.inode(), others)
+                    touched.add((spid, f"{parts[0]}{spid}", parts[1], parts[2]))
+                _remove_tree(parsed.fd, item.name)
+            for path in sorted(touched):
+                self._prune_empty(path)
+
+    def _unbind(
+        self,
+        pid_fd: int,
+        spid: str,
+        parts: tuple[str, str, str, str],
+        ino: int,
+        others: list[str],
+    ) -> None:
+        prv, mod, fun, prb = parts
+        try:
+            fun_dir = self._open_probes_dir((spid, f"{prv}{spid}", mod, fun))
+        except OSError:
+            return
+        with fun_dir:
+            try:
+                st = os.lstat(prb, dir_fd=fun_dir.fd)
+            except FileNotFoundError:
+                st = None
+            if st is not None and st.st_ino != ino:
+                return  # bound to another mapping's file: leave it
+            if st is not None:
+                os.unlink(prb, dir_fd=fun_dir.fd)
+            spec = ":".join(parts)
+            for other in others:
+                try:
+                    with DirFd(pid_fd, other) as odir, DirFd(odir.fd, "parsed") as oparsed:
+                        os.link(
+                            spec,
+                            prb,
+                            src_dir_fd=oparsed.fd,
+                            dst_dir_fd=fun_dir.fd,
+                            follow_symlinks=False,
+                        )
+                    log.debug("probes entry %s of PID %s re-bound to mapping %s", spec, spid, other)
+                    return
+                except OSError:
+                    continue
+
+    def _prune_empty(self, path: tuple[str, ...]) -> None:
+        """rmdir probes/<path…> and each now-empty parent, stopping at the first non-empty."""
+        for depth in range(len(path), 0, -1):
+            if not self._rmdir_probes(path[:depth]):
+                return
+
+    def remove_pid(self, pid: int) -> None:
+        """Every generation of *pid* (exit, exec, pid reuse)."""
+        with self.locked():
+            self._remove_pid(pid)
+
+    def _remove_pid(self, pid: int) -> None:
+        name = str(pid)
+        entry = self._index.pop(pid, None)
+        if entry is not None:
+            self._total -= entry.probes
+        try:
+            pdir = DirFd(self.dofpid.fd, name, readable=True)
+        except FileNotFoundError:
+            _remove_tree(self.probes.fd, name)
+            return
+        with pdir:
+            # un-commit every generation first; a crash after this is rolled back at start-up
+            keys = set()
+            for item in os.scandir(pdir.fd):
+                if is_number(item.name) and item.is_symlink():
+                    os.unlink(item.name, dir_fd=pdir.fd)
+                elif split_key(item.name) is not None:
+                    keys.add(item.name)
+            _remove_tree(self.probes.fd, name)
+            for key in sorted(keys):
+                _remove_tree(pdir.fd, key)
+                self._drop_unused_raw(key)
+        _remove_tree(self.dofpid.fd, name)
+
+    def prune_dead(self) -> list[int]:
+        """Remove processes that are gone (pid + start time, not kill(pid, 0) alone)."""
+        with self.locked():
+            dead = [pid for pid in self._pids() if not self._alive(pid)]
+            for pid in dead:
+                log.debug("pruning dead/execed PID %i", pid)
+                self._remove_pid(pid)
+            return dead
+
+    def _alive(self, pid: int) -> bool:
+        stored = self._stored_identity(pid)
+        start = stored[0] if stored is not None else None
+        if start is None:
+            # written by upstream's daemon (no xattr): its liveness test, kill(pid, 0)
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return False
+            except OSError:
+                return True
+            return True
+        return proc_start_time(pid) == start
+
+    # ------------------------------------------------------------ reparse
+
+    def reparse_scan(self, force: bool) -> list[ReparseItem]:
+        items: list[ReparseItem] = []
+        offset: int | None = 0
+        while offset is not None:
+            page, offset = self.reparse_scan_page(force, offset)
+            items.extend(page)
+        return items
+
+    def reparse_scan_page(self, force: bool, offset: int) -> tuple[list[ReparseItem], int | None]:
+        """Mappings to reparse from index *offset* on, within :data:`REPLY_BUDGET` bytes."""
+        with self.locked():
+            candidates = self._reparse_candidates(force)
+            items: list[ReparseItem] = []
+            used = 0
+            for index in range(offset, len(candidates)):
+                if items and used >= REPLY_BUDGET:
+                    return items, index
+                item = self._read_item(*candidates[index])
+                if item is not None:
+                    items.append(item)
+                    used += len(item.dof)
+            return items, None
+
+    def _reparse_candidates(self, force: bool) -> list[tuple[int, str]]:
+        out: list[tuple[int, int, int, str]] = []
+        for pid in self._pids():
+            with DirFd(self.dofpid.fd, str(pid), readable=True) as pdir:
+                for key in set(self._generations(pdir.fd).values()):
+                    ids = split_key(key)
+                    if ids is None:
+                        continue
+                    if not force and self._version_current(pdir.fd, key):
+                        continue
+                    out.append((pid, *ids, key))
+        out.sort()
+        return [(pid, key) for pid, _, _, key in out]
+
+    @staticmethod
+    def _version_current(pid_fd: int, key: str) -> bool:
+        try:
+            with DirFd(pid_fd, key) as mdir, DirFd(mdir.fd, "parsed") as parsed:
+                return read_small(parsed.fd, "version", 8) == VERSION_BYTES
+        except OSError:
+            return False
+
+    def _read_item(self, pid: int, key: str) -> ReparseItem | None:
+        ids = split_key(key)
+        assert ids is not None
+        try:
+            with DirFd(self.dofpid.fd, str(pid)) as pdir, DirFd(pdir.fd, key) as mdir:
+                dir_ino = os.fstat(mdir.fd).st_ino
+                raw = read_small(mdir.fd, "raw", len(RAW_PREFIX) + DOF_MAXSZ)
+                helper = read_small(mdir.fd, "dh", HELPER_SIZE)
+        except OSError as err:
+            log.warning("%i: cannot read DOF in mapping %s for reparsing: %s", pid, key, err)
+            return None
+        legacy = raw[:4] == DOF_MAG_STRING  # an older daemon stored the DOF without a prefix
+        dof = raw if legacy else raw[len(RAW_PREFIX) :]
+        if len(helper) != HELPER_SIZE or not dof:
+            log.warning("%i: mapping %s has a bad dh or raw file, not reparsed", pid, key)
+            return None
+        return ReparseItem(
+            pid=pid,
+            dev=ids[0],
+            ino=ids[1],
+            dir_ino=dir_ino,
+            helper=helper,
+            dof=dof,
+            legacy_raw=legacy,
+        )
+
+    def write_reparsed(self, item: ReparseItem, records: Sequence[ResultRecord] | None) -> None:
+        """Replace one mapping's parsed files; None (parse failed): leave it with none."""
+        probes = None if records is None else self.check_records(records, "reparse")
+        self.write_reparsed_probes(item, probes)
+
+    def write_reparsed_probes(self, item: ReparseItem, probes: list[ParsedProbe] | None) -> None:
+        key = mapping_key(item.dev, item.ino)
+        with self.locked():
+            entry = self._index.get(item.pid)
+            if entry is None or key not in entry.nprobes:
+                raise StashError("reparse", f"PID {item.pid} mapping {key}", errno.ENOENT)
+            if probes is not None:
+                per_pid = entry.probes - entry.nprobes[key] + len(probes)
+                if per_pid > self.quotas.max_probes_per_pid:
+                    raise self._quota_error(
+                        "probes of this process", per_pid, self.quotas.max_probes_per_pid
+                    )
+                total = self._total - entry.nprobes[key] + len(probes)
+                if total > self.quotas.max_probes_total:
+                    raise self._quota_error(
+                        "probes in the stash", total, self.quotas.max_probes_total
+                    )
+            try:
+                with (
+                    DirFd(self.dofpid.fd, str(item.pid), readable=True) as pdir,
+                    DirFd(pdir.fd, key) as mdir,
+                ):
+                    if os.fstat(mdir.fd).st_ino != item.dir_ino:
+                        raise OSError(errno.ESTALE, "mapping directory replaced since the scan")
+                    self._remove_parsed(item.pid, pdir.fd, mdir.fd, key)
+                    self._total -= entry.nprobes[key]
+                    entry.nprobes[key] = 0
+                    if probes is None:
+                        return
+                    with contextlib.ExitStack() as undo:
+                        # a failure here leaves the mapping unparsed (no version): the old
+                        # files were outdated anyway and the next start-up retries it
+                        parsed = self._mkdir_open(mdir.fd, "parsed")
+                        undo.callback(parsed.close)
+                        self._write_parsed(item.pid, parsed, probes, undo, undo_files=True)
+                        parsed.close()
+                        undo.pop_all()
+                    entry.nprobes[key] = len(probes)
+                    self._total += len(probes)
+            except OSError as err:
+                raise StashError(
+                    "reparse", f"PID {item.pid} mapping {key}", err.errno or errno.EIO
+                ) from err
+
+    # ------------------------------------------------------------ recovery
+
+    def _recover(self) -> list[str]:
+        """Bring a tree left by a killed writer (or an older daemon) to a consistent state.
+
+        Rolls back uncommitted mappings (no generation points at them), drops
+        dangling generations, fixes next-gen, removes unreferenced raw blocks
+        and probes/ entries whose parsed file is gone, relinks missing probes/
+        entries of fully written mappings, and removes partial parsed files of
+        mappings whose ``parsed/version`` is missing (they are reparsed).
+        """
+        actions: list[str] = []
+        for pid in self._pids():
+            self._recover_pid(pid, actions)
+        self._recover_probes(actions)
+        for item in os.scandir(self.dof.fd):
+            st = item.stat(follow_symlinks=False)
+            if split_key(item.name) is None or not stat.S_ISREG(st.st_mode):
+                continue  # not ours: verify reports it
+            if st.st_nlink == 1:
+                actions.append(f"removed unreferenced stash/dof/{item.name}")
+                os.unlink(item.name, dir_fd=self.dof.fd)
+        for action in actions:
+            log.info("stash recovery: %s", action)
+        return actions
+
+    def _recover_pid(self, pid: int, actions: list[str]) -> None:
+        with DirFd(self.dofpid.fd, str(pid), readable=True) as pdir:
+            gens = self._generations(pdir.fd)
+            keys = {n for n in os.listdir(pdir.fd) if split_key(n) is not None}
+            for gen, target in sorted(gens.items()):
+                if target not in keys:
+                    os.unlink(str(gen), dir_fd=pdir.fd)
+                    del gens[gen]
+                    actions.append(f"PID {pid}: removed dangling generation {gen}")
+            live = set(gens.values())
+            for key in sorted(keys - live):
+                self._remove_mapping(pid, pdir.fd, key)
+                actions.append(f"PID {pid}: rolled back uncommitted mapping {key}")
+            if not gens:
+                self._remove_pid(pid)
+                actions.append(f"PID {pid}: removed (no generations)")
+                return
+            self._recover_next_gen(pid, pdir.fd, max(gens) + 1, actions)
+            for key in sorted(live):
+                with DirFd(pdir.fd, key) as mdir:
+                    if self._has_version(mdir.fd):
+                        self._relink_probes(pid, mdir.fd, actions)
+                    else:
+                        self._remove_parsed(pid, pdir.fd, mdir.fd, key)
+
+    @staticmethod
+    def _has_version(map_fd: int) -> bool:
+        try:
+            os.lstat("parsed/version", dir_fd=map_fd)
+        except OSError:
+            return False
+        return True
+
+    def _recover_next_gen(self, pid: int, pid_fd: int, needed: int, actions: list[str]) -> None:
+        try:
+            fd = os.open("next-gen", os.O_RDWR | _OPEN_FILE, dir_fd=pid_fd)
+        except FileNotFoundError:
+            fd = os.open(
+                "next-gen",
+                os.O_RDWR | os.O_CREAT | os.O_EXCL | _OPEN_FILE,
+                FILE_MODE,
+                dir_fd=pid_fd,
+            )
+            if self._fix_modes:
+                os.fchmod(fd, FILE_MODE)
+        try:
+            if os.fstat(fd).st_size < needed:
+                os.ftruncate(fd, needed)
+                actions.append(f"PID {pid}: next-gen raised to {needed}")
+        finally:
+            os.close(fd)
+
+    def _relink_probes(self, pid: int, map_fd: int, actions: list[str]) -> None:
+        """Finish: every parsed file of a complete mapping has its probes/ entry."""
+        try:
+            parsed = DirFd(map_fd, "parsed", readable=True)
+        except OSError:
+            return
+        spid = str(pid)
+        with parsed:
+            for item in os.scandir(parsed.fd):
+                parts = split_spec(item.name)
+                if parts is None or not item.is_file(follow_symlinks=False):
+                    continue
+                prv, mod, fun, prb = parts
+                try:
+                    os.lstat(f"{spid}/{prv}{spid}/{mod}/{fun}/{prb}", dir_fd=self.probes.fd)
+                    continue
+                except FileNotFoundError:
+                    pass
+                except OSError:
+                    continue
+                try:
+                    d = self.probes
+                    held = []
+                    for comp in (spid, f"{prv}{spid}", mod, fun):
+                        nd = self._mkdir_open(d.fd, comp)
+                        held.append(nd)
+                        d = nd
+                    try:
+                        os.link(
+                            item.name,
+                            prb,
+                            src_dir_fd=parsed.fd,
+                            dst_dir_fd=d.fd,
+                            follow_symlinks=False,
+                        )
+                    finally:
+                        for h in held:
+                            h.close()
+                    actions.append(f"PID {pid}: relinked probes entry for {item.name}")
+                except OSError as err:
+                    log.warning("cannot relink %s: %s", printable(item.name), err)
+
+    def _recover_probes(self, actions: list[str]) -> None:
+        """probes/ entries of unknown processes, or whose parsed file is gone."""
+        for item in os.scandir(self.probes.fd):
+            if not is_number(item.name):
+                continue  # not ours: verify reports it
+            if not item.is_dir(follow_symlinks=False):
+                continue
+            try:
+                os.lstat(item.name, dir_fd=self.dofpid.fd)
+            except FileNotFoundError:
+                _remove_tree(self.probes.fd, item.name)
+                actions.append(f"removed probes/{item.name} of an unknown process")
+                continue
+            self._drop_orphan_links(self.probes.fd, item.name, 4, actions)
+
+    def _drop_orphan_links(self, parent: int, name: str, depth: int, actions: list[str]) -> bool:
+        """Remove leaves with link count 1 and then-empty dirs; True if *name* was removed."""
+        with DirFd(parent, name, readable=True) as d:
+            for item in list(os.scandir(d.fd)):
+                if depth > 0 and item.is_dir(follow_symlinks=False):
+                    self._drop_orphan_links(d.fd, item.name, depth - 1, actions)
+                elif (
+                    depth == 0
+                    and item.is_file(follow_symlinks=False)
+                    and item.stat(follow_symlinks=False).st_nlink == 1
+                ):
+                    os.unlink(item.name, dir_fd=d.fd)
+                    actions.append(f"removed orphan probes entry {printable(item.name)}")
+            empty = not os.listdir(d.fd)
+        if empty:
+            os.rmdir(name, dir_fd=parent)
+            return True
+        return False
+
+    # ------------------------------------------------------------ verify
+
+    def verify(self) -> list[str]:
+        with self.locked():
+            return verify_tree(self.root.fd)
+
+
+# ====================================================================== verify
+
+
+def verify_tree(root_fd: int) -> list[str]:
+    """Every invariant of the layout; returns the problems found (empty = consistent).
+
+    Read-only: callers hold a shared (reader) or exclusive (writer) flock.
+    """
+    return _Verifier(root_fd).run()
+
+
+class _Verifier:
+    def __init__(self, root_fd: int) -> None:
+        self.root = root_fd
+        self.problems: list[str] = []
+        self.raw_links: dict[str, list[int]] = {}  # key → inodes of mapping raw files
+        self.parsed: dict[int, dict[str, set[int]]] = {}  # pid → spec → parsed inodes
+        self.bound: set[int] = set()  # parsed inodes reachable from probes/
+
+    def bad(self, text: str) -> None:
+        self.problems.append(text)
+
+    def run(self) -> list[str]:
+        try:
+            stash = DirFd(self.root, "stash", readable=True)
+            dof = DirFd(stash.fd, "dof", readable=True)
+            dofpid = DirFd(stash.fd, "dof-pid", readable=True)
+            probes = DirFd(self.root, "probes", readable=True)
+        except OSError as err:
+            return [f"state directory incomplete: {err}"]
+        with stash, dof, dofpid, probes:
+            for item in sorted(os.listdir(self.root)):
+                if item not in ("stash", "probes"):
+                    self.bad(f"unexpected entry {printable(item)} in the state directory")
+            for item in sorted(os.listdir(stash.fd)):
+                if item not in ("dof", "dof-pid"):
+                    self.bad(f"unexpected entry stash/{printable(item)}")
+            pids = []
+            for name in sorted(os.listdir(dofpid.fd)):
+                st = os.lstat(name, dir_fd=dofpid.fd)
+                if not is_number(name) or not stat.S_ISDIR(st.st_mode):
+                    self.bad(f"unexpected entry stash/dof-pid/{printable(name)}")
+                    continue
+                pids.append(int(name))
+            for pid in sorted(pids):
+                with DirFd(dofpid.fd, str(pid), readable=True) as pdir:
+                    self.check_pid(pid, pdir.fd)
+            self.check_shared_raw(dof.fd)
+            self.check_probes(probes.fd, pids)
+        return self.problems
+
+    def check_pid(self, pid: int, pid_fd: int) -> None:
+        where = f"stash/dof-pid/{pid}"
+        gens: dict[int, str] = {}
+        keys: list[str] = []
+        for name in sorted(os.listdir(pid_fd)):
+            st = os.lstat(name, dir_fd=pid_fd)
+            if name in ("next-gen", "exec-mapping"):
+                if not stat.S_ISREG(st.st_mode):
+                    self.bad(f"{where}/{name} is not a regular file")
+            elif is_number(name) and stat.S_ISLNK(st.st_mode):
+                gens[int(name)] = os.readlink(name, dir_fd=pid_fd)
+            elif split_key(name) is not None and stat.S_ISDIR(st.st_mode):
+                keys.append(name)
+            else:
+                self.bad(f"unexpected entry {where}/{printable(name)}")
+        if not gens:
+            self.bad(f"{where} has no generations")
+        for gen, target in sorted(gens.items()):
+            if target not in keys:
+                self.bad(f"{where}/{gen} -> {printable(target)}: target is not a mapping directory")
+        for key in keys:
+            if key not in gens.values():
+                self.bad(f"{where}/{key} is referenced by no generation (orphan)")
+        try:
+            size = os.lstat("next-gen", dir_fd=pid_fd).st_size
+            if gens and size < max(gens) + 1:
+                self.bad(f"{where}/next-gen is {size}, highest generation is {max(gens)}")
+        except FileNotFoundError:
+            self.bad(f"{where}/next-gen is missing")
+        try:
+            em = read_small(pid_fd, "exec-mapping", MAX_EXEC_MAPPING)
+            if not (em.endswith(b"\0") and split_key(em[:-1].decode("ascii", "replace"))):
+                self.bad(f'{where}/exec-mapping is {em!r}, not "$dev-$ino\\0"')
+        except OSError as err:
+            self.bad(f"{where}/exec-mapping: {err.strerror}")
+        self.parsed[pid] = {}
+        for key in keys:
+            with DirFd(pid_fd, key, readable=True) as mdir:
+                self.check_mapping(pid, key, mdir.fd, f"{where}/{key}")
+
+    def check_mapping(self, pid: int, key: str, map_fd: int, where: str) -> None:
+        names = set(os.listdir(map_fd))
+        for extra in sorted(names - {"raw", "dh", "parsed"}):
+            self.bad(f"unexpected entry {where}/{printable(extra)}")
+        try:
+            st = os.lstat("raw", dir_fd=map_fd)
+            if not stat.S_ISREG(st.st_mode):
+                self.bad(f"{where}/raw is not a regular file")
+            else:
+                if st.st_nlink > 1:
+                    self.raw_links.setdefault(key, []).append(st.st_ino)
+                raw = read_small(map_fd, "raw", len(RAW_PREFIX) + DOF_MAXSZ)
+                if raw[:4] != DOF_MAG_STRING and (
+                    raw[:8] != RAW_PREFIX or raw[8:12] != DOF_MAG_STRING
+                ):
+                    self.bad(f"{where}/raw is neither u64 base 0 + DOF nor legacy DOF")
+        except OSError as err:
+            self.bad(f"{where}/raw: {err.strerror}")
+        try:
+            dh = read_small(map_fd, "dh", HELPER_SIZE + 1)
+            if len(dh) != HELPER_SIZE:
+                self.bad(f"{where}/dh is {len(dh)} bytes, not {HELPER_SIZE}")
+        except OSError as err:
+            self.bad(f"{where}/dh: {err.strerror}")
+        try:
+            parsed = DirFd(map_fd, "parsed", readable=True)
+        except OSError as err:
+            self.bad(f"{where}/parsed: {err.strerror}")
+            return
+        with parsed:
+            entries = sorted(os.listdir(parsed.fd))
+            has_version = "version" in entries
+            if has_version:
+                try:
+                    v = read_small(parsed.fd, "version", 8)
+                    if v != VERSION_BYTES:
+                        found = VERSION.unpack(v)[0] if len(v) == 8 else v
+                        self.bad(
+                            f"{where}/parsed/version is {found!r}, not {DOF_PARSED_VERSION} (needs reparse)"
+                        )
+                except OSError as err:
+                    self.bad(f"{where}/parsed/version: {err.strerror}")
+            for name in entries:
+                if name == "version":
+                    continue
+                self.check_parsed_file(pid, parsed.fd, name, f"{where}/parsed", has_version)
+
+    def check_parsed_file(
+        self, pid: int, parsed_fd: int, name: str, where: str, has_version: bool
+    ) -> None:
+        parts = split_spec(name)
+        path = f"{where}/{printable(name)}"
+        if parts is None:
+            self.bad(f"{path}: not a valid prv:mod:fun:prb name")
+            return
+        if not has_version:
+            self.bad(f"{path}: parsed file in a mapping without parsed/version")
+        try:
+            st = os.lstat(name, dir_fd=parsed_fd)
+            data = read_small(parsed_fd, name, 1 << 26)
+        except OSError as err:
+            self.bad(f"{path}: {err.strerror}")
+            return
+        try:
+            pf = decode_probe_file(data)
+        except StashFormatError as err:
+            self.bad(f"{path}: format invalid: {err}")
+        else:
+            inside = (pf.provider.name, pf.probe.mod, pf.probe.fun, pf.probe.prb)
+            if inside != parts:
+                self.bad(f"{path}: holds probe {':'.join(inside)}")
+        self.parsed[pid].setdefault(name, set()).add(st.st_ino)
+        if st.st_nlink not in (1, 2):
+            self.bad(f"{path}: link count {st.st_nlink}, expected 1 or 2")
+
+    def check_shared_raw(self, dof_fd: int) -> None:
+        seen = set()
+        for name in sorted(os.listdir(dof_fd)):
+            st = os.lstat(name, dir_fd=dof_fd)
+            ids = split_key(name)
+            if ids is None or not stat.S_ISREG(st.st_mode):
+                self.bad(f"unexpected entry stash/dof/{printable(name)}")
+                continue
+            seen.add(name)
+            if ids[0] == 0:
+                self.bad(f"stash/dof/{name}: anonymous DOF must not be shared")
+            links = self.raw_links.get(name, [])
+            users = sum(1 for ino in links if ino == st.st_ino)
+            if users == 0:
+                self.bad(f"stash/dof/{name} is used by no registration (orphan)")
+            if st.st_nlink != users + 1:
+                self.bad(
+                    f"stash/dof/{name}: link count {st.st_nlink}, {users} registrations link it"
+                )
+            if any(ino != st.st_ino for ino in links):
+                self.bad(f"a raw file of mapping {name} with links is not stash/dof/{name}")
+        for key in sorted(set(self.raw_links) - seen):
+            self.bad(f"raw files of mapping {key} have links but stash/dof/{key} is missing")
+
+    def check_probes(self, probes_fd: int, pids: list[int]) -> None:
+        for name in sorted(os.listdir(probes_fd)):
+            st = os.lstat(name, dir_fd=probes_fd)
+            if not is_number(name) or not stat.S_ISDIR(st.st_mode):
+                self.bad(f"unexpected entry probes/{printable(name)}")
+                continue
+            pid = int(name)
+            if pid not in pids:
+                self.bad(f"probes/{pid} belongs to no registered process (orphan)")
+                continue
+            with DirFd(probes_fd, name, readable=True) as d:
+                self.walk_probes(pid, d.fd, f"probes/{pid}", [])
+        for pid, specs in self.parsed.items():
+            for spec, inodes in sorted(specs.items()):
+                if not inodes & self.bound:
+                    prv, mod, fun, prb = spec.split(":")
+                    self.bad(
+                        f"probes/{pid}/{prv}{pid}/{mod}/{fun}/{prb} is missing for parsed/{spec}"
+                    )
+
+    def walk_probes(self, pid: int, dir_fd: int, where: str, path: list[str]) -> None:
+        names = sorted(os.listdir(dir_fd))
+        if not names:
+            self.bad(f"{where} is an empty directory (orphan)")
+        for name in names:
+            st = os.lstat(name, dir_fd=dir_fd)
+            here = f"{where}/{printable(name)}"
+            if len(path) < 3:
+                if not stat.S_ISDIR(st.st_mode):
+                    self.bad(f"{here} is not a directory")
+                    continue
+                if not path and not (name.endswith(str(pid)) and len(name) > len(str(pid))):
+                    self.bad(f"{here}: provider directory does not end in the pid")
+                with DirFd(dir_fd, name, readable=True) as d:
+                    self.walk_probes(pid, d.fd, here, [*path, name])
+                continue
+            prv = path[0][: -len(str(pid))]
+            spec = f"{prv}:{path[1]}:{path[2]}:{name}"
+            if not stat.S_ISREG(st.st_mode):
+                self.bad(f"{here} is not a regular file")
+            elif st.st_ino not in self.parsed.get(pid, {}).get(spec, set()):
+                self.bad(f"{here} is not a link to a parsed/{printable(spec)} of PID {pid}")
+            else:
+                self.bound.add(st.st_ino)
+
+
+__all__ = [
+    "LAYOUT",
+    "Stash",
+    "mapping_key",
+    "proc_start_time",
+    "read_small",
+    "split_key",
+    "split_spec",
+    "verify_tree",
+]
