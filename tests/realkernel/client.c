@@ -1,0 +1,178 @@
+/*
+ * A DTrace helper client that registers DOF exactly as a program linked with
+ * `dtrace -G` does (libdtrace/drti.c): open(dev, O_RDWR), then
+ * gen = ioctl(fd, DTRACEHIOC_ADDDOF, &dh) with the DOF in the process's own
+ * file-backed memory, later ioctl(fd, DTRACEHIOC_REMOVE, gen) with the
+ * generation passed BY VALUE.
+ *
+ * Build it non-PIE with a large text section (the tests do):
+ *   gcc -O1 -no-pie -o client client.c
+ * so that the tracepoint addresses the tests put in their DOF (0x401000 and
+ * up, dofhp_addr 0 as for ET_EXEC) fall inside this program's own executable
+ * mapping, which the daemon checks.
+ *
+ * usage: client DEVICE DOF-FILE [COMMAND...]
+ * The DOF file is mapped read-only, MAP_PRIVATE, with the length the DOF
+ * header's loadsz says (or the file size if larger): a file shorter than
+ * loadsz leaves the tail unmapped-beyond-EOF, so the kernel's copy of it fails.
+ * Commands run in order; "stdin" then reads one command per line from stdin.
+ *   open              open(DEVICE, O_RDWR)             -> "open OK|ERR errno"
+ *   add [MOD]         ioctl ADDDOF, dofhp_mod MOD       -> "add RESULT ERRNO"
+ *   remove GEN        ioctl REMOVE, GEN by value        -> "remove RESULT ERRNO"
+ *   bench N           N x (ADDDOF), nanoseconds each   -> "bench NS NS ..."
+ *   close             close the device
+ *   pid               -> "pid PID"
+ *   exit [CODE]       exit now
+ * Every answer is one line on stdout, flushed at once.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+/* include/dtrace/ioctl.h */
+#define DTRACEHIOC_REMOVE 0x4004D802UL
+#define DTRACEHIOC_ADDDOF 0x4050D803UL
+
+/* include/dtrace/helpers.h: 80 bytes */
+typedef struct dof_helper {
+	char dofhp_mod[64];
+	uint64_t dofhp_addr;
+	uint64_t dofhp_dof;
+} dof_helper_t;
+
+/* Text padding so that tracepoint addresses 0x401000.. 0x481000 lie in our
+ * own r-x mapping, like the probe sites of a real USDT program. */
+__asm__(".text\n.globl client_probe_sites\nclient_probe_sites:\n.fill 524288,1,0x90\n");
+
+static const char *device;
+static int fd = -1;
+static const unsigned char *dof;
+static dof_helper_t dh; /* static, as in drti.c: bytes after the NUL are zero */
+
+static void map_dof(const char *path)
+{
+	int dfd = open(path, O_RDONLY | O_CLOEXEC);
+	struct stat st;
+	uint64_t loadsz = 0;
+	size_t len;
+
+	if (dfd < 0 || fstat(dfd, &st) < 0) {
+		perror(path);
+		exit(2);
+	}
+	if (pread(dfd, &loadsz, sizeof(loadsz), 40) != sizeof(loadsz)) /* dofh_loadsz */
+		loadsz = 0;
+	len = (size_t)st.st_size > loadsz ? (size_t)st.st_size : loadsz;
+	if (len == 0 || len > (1UL << 30)) {
+		fprintf(stderr, "%s: unusable DOF size %zu\n", path, len);
+		exit(2);
+	}
+	dof = mmap(NULL, len, PROT_READ, MAP_PRIVATE, dfd, 0);
+	if (dof == MAP_FAILED) {
+		perror("mmap");
+		exit(2);
+	}
+	close(dfd);
+}
+
+static long add(const char *mod)
+{
+	memset(&dh, 0, sizeof(dh));
+	strncpy(dh.dofhp_mod, mod, sizeof(dh.dofhp_mod) - 1);
+	dh.dofhp_addr = 0; /* ET_EXEC */
+	dh.dofhp_dof = (uintptr_t)dof;
+	return ioctl(fd, DTRACEHIOC_ADDDOF, &dh);
+}
+
+static long long now_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+static void run(char *line)
+{
+	char *cmd = strtok(line, " \t\n");
+	char *arg = strtok(NULL, " \t\n");
+	long rc;
+
+	if (cmd == NULL)
+		return;
+	errno = 0;
+	if (strcmp(cmd, "open") == 0) {
+		fd = open(device, O_RDWR | O_CLOEXEC);
+		if (fd < 0)
+			printf("open ERR %d\n", errno);
+		else
+			printf("open OK\n");
+	} else if (strcmp(cmd, "add") == 0) {
+		rc = add(arg ? arg : "client");
+		printf("add %ld %d\n", rc, rc < 0 ? errno : 0);
+	} else if (strcmp(cmd, "remove") == 0) {
+		/* The generation travels in the argument itself, not behind a pointer. */
+		rc = ioctl(fd, DTRACEHIOC_REMOVE, strtol(arg ? arg : "0", NULL, 0));
+		printf("remove %ld %d\n", rc, rc < 0 ? errno : 0);
+	} else if (strcmp(cmd, "bench") == 0) {
+		long n = strtol(arg ? arg : "1", NULL, 0);
+
+		printf("bench");
+		for (long i = 0; i < n; i++) {
+			long long t0 = now_ns();
+
+			rc = add("client");
+			if (rc < 0) {
+				printf(" ERR%d", errno);
+				break;
+			}
+			printf(" %lld", now_ns() - t0);
+		}
+		printf("\n");
+	} else if (strcmp(cmd, "close") == 0) {
+		close(fd);
+		fd = -1;
+		printf("close OK\n");
+	} else if (strcmp(cmd, "pid") == 0) {
+		printf("pid %d\n", (int)getpid());
+	} else if (strcmp(cmd, "exit") == 0) {
+		fflush(stdout);
+		_exit(arg ? atoi(arg) : 0);
+	} else if (strcmp(cmd, "stdin") == 0) {
+		char buf[256];
+
+		fflush(stdout);
+		while (fgets(buf, sizeof(buf), stdin) != NULL)
+			run(buf);
+		return;
+	} else {
+		printf("unknown %s\n", cmd);
+	}
+	fflush(stdout);
+}
+
+int main(int argc, char **argv)
+{
+	if (argc < 3) {
+		fprintf(stderr, "usage: %s DEVICE DOF-FILE [COMMAND...]\n", argv[0]);
+		return 2;
+	}
+	device = argv[1];
+	map_dof(argv[2]);
+	for (int i = 3; i < argc; i++) {
+		char buf[256];
+
+		snprintf(buf, sizeof(buf), "%s", argv[i]);
+		run(buf);
+	}
+	return 0;
+}

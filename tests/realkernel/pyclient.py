@@ -1,0 +1,136 @@
+"""The Python twin of client.c: registers DOF through ``fcntl.ioctl``, same commands, same answers.
+
+Run it as a script (``python -S pyclient.py DEVICE DOF-FILE [COMMAND...]``; only the
+standard library, so ``-S`` keeps start-up short under emulation).  The DOF file is
+mapped read-only and private, ``loadsz`` bytes long (or the file size if larger),
+like the ``__SUNW_dof`` section of a linked object.
+
+The tests' DOF puts its tracepoints at 0x401000 and up, where client.c (non-PIE)
+has its text.  A Python process has no code there, so this client sets
+``dofhp_addr`` to ``start - 0x401000`` of its largest executable file mapping
+(libpython or the interpreter): the parser adds ``dofhp_addr`` to every probe
+address not above it (reference §2.5, relocation rule), which moves the
+tracepoints into that mapping, as the load base of a shared object would.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import mmap
+import os
+import struct
+import sys
+import time
+
+DTRACEHIOC_REMOVE = 0x4004D802
+DTRACEHIOC_ADDDOF = 0x4050D803
+TRACEPOINT_BASE = 0x401000
+
+
+def mapping_start(path: str) -> int:
+    """Where *path* is mapped in this process (its first mapping)."""
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6 and fields[5].rstrip("\n") == path:
+                return int(fields[0].split("-")[0], 16)
+    raise SystemExit(f"{path} is not mapped")
+
+
+def largest_code_mapping_start() -> int:
+    best_start, best_size = 0, 0
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            if len(fields) < 6 or "x" not in fields[1] or not fields[5].startswith("/"):
+                continue
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            if end - start > best_size:
+                best_start, best_size = start, end - start
+    return best_start
+
+
+class Client:
+    def __init__(self, device: str, dof_path: str) -> None:
+        self.device = device
+        self.fd = -1
+        with open(dof_path, "rb") as f:
+            head = f.read(48)
+            size = os.fstat(f.fileno()).st_size
+            loadsz = struct.unpack_from("<Q", head, 40)[0] if len(head) >= 48 else 0
+            self.dof = mmap.mmap(f.fileno(), max(size, loadsz), mmap.MAP_PRIVATE, mmap.PROT_READ)
+        self.dof_addr = mapping_start(os.path.realpath(dof_path))
+        self.base = largest_code_mapping_start() - TRACEPOINT_BASE
+
+    def helper(self, mod: str) -> bytes:
+        return struct.pack("<64sQQ", mod.encode()[:63], self.base, self.dof_addr)
+
+    def run(self, line: str) -> None:
+        words = line.split()
+        if not words:
+            return
+        cmd, arg = words[0], (words[1] if len(words) > 1 else None)
+        if cmd == "open":
+            try:
+                self.fd = os.open(self.device, os.O_RDWR | os.O_CLOEXEC)
+                answer = "open OK"
+            except OSError as err:
+                answer = f"open ERR {err.errno}"
+        elif cmd == "add":
+            answer = "add {} {}".format(
+                *self.ioctl(DTRACEHIOC_ADDDOF, self.helper(arg or "pyclient"))
+            )
+        elif cmd == "remove":
+            # The generation travels in the argument itself (an int), not behind a pointer.
+            answer = "remove {} {}".format(*self.ioctl(DTRACEHIOC_REMOVE, int(arg or "0", 0)))
+        elif cmd == "bench":
+            times = []
+            for _ in range(int(arg or "1")):
+                t0 = time.monotonic_ns()
+                rc, err = self.ioctl(DTRACEHIOC_ADDDOF, self.helper("pyclient"))
+                if rc < 0:
+                    times.append(f"ERR{err}")
+                    break
+                times.append(str(time.monotonic_ns() - t0))
+            answer = " ".join(["bench", *times])
+        elif cmd == "close":
+            os.close(self.fd)
+            self.fd = -1
+            answer = "close OK"
+        elif cmd == "pid":
+            answer = f"pid {os.getpid()}"
+        elif cmd == "exit":
+            sys.stdout.flush()
+            os._exit(int(arg or "0"))
+        elif cmd == "stdin":
+            for more in sys.stdin:
+                self.run(more)
+            return
+        else:
+            answer = f"unknown {cmd}"
+        print(answer, flush=True)
+
+    def ioctl(self, request: int, arg: bytes | int) -> tuple[int, int]:
+        """(result, 0) or (-1, errno), as the C client prints them."""
+        try:
+            if isinstance(arg, int):
+                # An int argument is passed by value: what REMOVE needs.
+                return fcntl.ioctl(self.fd, request, arg), 0
+            # A mutable buffer makes fcntl.ioctl return the ioctl's result (the
+            # generation) instead of the buffer; the kernel reads the 80 bytes from it.
+            return fcntl.ioctl(self.fd, request, bytearray(arg), True), 0
+        except OSError as err:
+            return -1, err.errno or errno.EIO
+
+
+def main() -> None:
+    if len(sys.argv) < 3:
+        sys.exit(f"usage: {sys.argv[0]} DEVICE DOF-FILE [COMMAND...]")
+    client = Client(sys.argv[1], sys.argv[2])
+    for command in sys.argv[3:]:
+        client.run(command)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""Boot one CUSE-capable VM and run the in-guest suite there (marker ``realkernel``).
+
+The guest session runs every shared scenario in CUSE mode against a private daemon
+(tests/realkernel/guest/) and the parser sandbox tests (tests/sandbox/: under
+emulation ``clock_gettime`` may be a real syscall, which the filter must allow).
+The VM comes from tools/cuse-vm/ (first use: apt-get installs qemu, downloads the
+kernel package).  Skip it on a fast host run with ``-m "not realkernel"``.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from tests.realkernel.harness import REPO, build_c_client
+
+VM_TOOL = REPO / "tools" / "cuse-vm" / "cuse-vm.sh"
+GUEST_TESTS = ["tests/realkernel/guest", "tests/sandbox"]
+VM_TIMEOUT_S = 900
+
+
+def guest_command(tmp: Path, client: Path) -> list[str]:
+    shares = ["--share", str(tmp)]
+    if sys.prefix.startswith("/tmp/"):  # the guest's /tmp is a fresh tmpfs
+        shares += ["--share", sys.prefix]
+    return [
+        str(VM_TOOL),
+        "--timeout",
+        str(VM_TIMEOUT_S),
+        *shares,
+        "--",
+        "env",
+        "DTPROBED_IN_VM=1",
+        f"DTPROBED_TEST_CLIENT={client}",
+        sys.executable,
+        "-m",
+        "pytest",
+        "-p",
+        "no:cacheprovider",
+        "-q",
+        "-ra",
+        f"--junitxml={tmp / 'guest.xml'}",
+        *[path for path in GUEST_TESTS if (REPO / path).is_dir()],
+    ]
+
+
+@pytest.mark.realkernel
+@pytest.mark.timeout(VM_TIMEOUT_S + 120)
+def test_cuse_scenarios_in_vm(tmp_path: Path) -> None:
+    client = build_c_client(tmp_path)
+    result = subprocess.run(
+        guest_command(tmp_path, client),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        check=False,
+    )
+    output = result.stdout
+    print(output)  # the guest's pytest report, shown with -rP or on failure
+    assert result.returncode == 0, f"guest session failed ({result.returncode}):\n{output}"
+    report = ET.parse(tmp_path / "guest.xml").getroot()
+    suite = report if report.tag == "testsuite" else report[0]
+    counts = {k: int(suite.get(k, "0")) for k in ("tests", "failures", "errors", "skipped")}
+    cuse_cases = [
+        case.get("name", "")
+        for case in suite.iter("testcase")
+        if "guest" in case.get("classname", "")
+    ]
+    assert counts["failures"] == counts["errors"] == counts["skipped"] == 0, output
+    # the guest really ran the CUSE scenarios (not an empty collection)
+    assert any(name.startswith("test_cuse[") for name in cuse_cases), output
+    assert "test_auto_mode_picks_cuse" in cuse_cases, output
