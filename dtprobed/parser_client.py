@@ -102,7 +102,7 @@ def size_error(size: int, limits: ParseLimits) -> Err | None:
     """The Err the parser would send for a DOF over the size limit (checked before sending)."""
     if size <= limits.max_dof_size:
         return None
-    return Err(errno=errno.E2BIG, message=f"DOF size {size} exceeds maximum {limits.max_dof_size}")
+    return Err(errno=errno.E2BIG, message=f"data size {size} exceeds maximum {limits.max_dof_size}")
 
 
 class _Running:
@@ -231,10 +231,10 @@ class ParserChild:
     def _reap(self, child: _Running, *, kill: bool, grace: float = _EXIT_GRACE) -> int:
         """Kill (if asked or if it outlives *grace*), reap, close; the child is forgotten."""
         self._child = None
-        self._close_pipes(child)
         if kill and child.proc.poll() is None:
             child.killed_by_us = True
             child.proc.kill()
+        self._close_pipes(child)  # after the kill: a closed fd 0 would let it exit 0 first
         try:
             return child.proc.wait(grace)
         except subprocess.TimeoutExpired:
