@@ -9,6 +9,7 @@ msgpack arrays, because the record classes refuse to build the bad ones.
 from __future__ import annotations
 
 import os
+import signal
 import struct
 import sys
 from typing import Any
@@ -73,19 +74,18 @@ def read_exactly(n: int) -> bytes:
 
 def main() -> None:
     mode = sys.argv[1]
+    if mode == "unprompted-on-sigusr1":
+        # a record nobody asked for, sent between requests when the test says so
+        signal.signal(signal.SIGUSR1, lambda *_: os.write(1, batch([EOF])))
     answer = ANSWERS.get(mode, ANSWERS["honest"])
-    served = 0
     while True:
         header = read_exactly(4)
         if len(header) < 4:
             os._exit(0)
         read_exactly(struct.unpack("<I", header)[0])
         os.write(1, answer)
-        served += 1
         if mode == "dies-mid-stream":
             os._exit(3)
-        if mode == "unprompted-after-first" and served == 1:
-            os.write(1, batch([EOF]))  # a record nobody asked for, between requests
 
 
 if __name__ == "__main__":

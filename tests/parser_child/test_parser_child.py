@@ -12,6 +12,7 @@ import fcntl
 import logging
 import os
 import re
+import select
 import signal
 import struct
 import subprocess
@@ -323,12 +324,14 @@ def test_unprompted_record_between_requests_is_a_violation_and_the_child_is_repl
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.DEBUG, logger=LOGGER)
-    pc = _hostile("unprompted-after-first")
+    pc = _hostile("unprompted-on-sigusr1")
     try:
         pc.parse(*_variety()[0])
         first = pc.pid
-        assert first is not None
-        time.sleep(0.2)  # let the unprompted record arrive (the check is not timing-dependent)
+        running = pc._child
+        assert first is not None and running is not None
+        os.kill(first, signal.SIGUSR1)
+        assert select.select([running.from_child], [], [], 30)[0]  # the record is waiting
         pc.parse(*_variety()[0])  # served by a fresh child
         assert pc.pid != first
         assert any("sent Eof between requests" in r.message for r in caplog.records)
