@@ -23,8 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common.dof_build import many_probes_dof  # noqa: E402
-from tests.realkernel.harness import (  # noqa: E402
+from common.dof_build import many_probes_dof
+from tests.realkernel.harness import (
     REPO,
     ClientProcess,
     PrivateDaemon,
