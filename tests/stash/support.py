@@ -9,8 +9,17 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from common.dof_build import build_dof, build_helper, ProbeSpec, ProviderSpec
-from common.records import ArgsMap, ArgsNative, ArgsXlat, Eof, Probe, Provider, ResultRecord, Tracepoint
+from common.dof_build import ProbeSpec, ProviderSpec, build_dof, build_helper
+from common.records import (
+    ArgsMap,
+    ArgsNative,
+    ArgsXlat,
+    Eof,
+    Probe,
+    Provider,
+    ResultRecord,
+    Tracepoint,
+)
 from common.stash_protocol import Registration
 from dtprobed.stash import proc_start_time
 
@@ -18,14 +27,19 @@ EXEC_DEV = 64768  # fd:00
 EXEC_INO = 1234
 
 
-def records_for(provider: str, probes: Sequence[tuple[str, str, str, int]], *, args: bool = False) -> list[ResultRecord]:
+def records_for(
+    provider: str, probes: Sequence[tuple[str, str, str, int]], *, args: bool = False
+) -> list[ResultRecord]:
     """A record stream: one provider, probes (mod, fun, prb, first tracepoint address)."""
     out: list[ResultRecord] = [Provider(name=provider, nprobes=len(probes))]
     for mod, fun, prb, addr in probes:
         if args:
             out.append(Probe(mod=mod, fun=fun, prb=prb, ntp=2, nargc=2, xargc=1))
             out += [ArgsNative(args=["int", "char *"]), ArgsXlat(args=["string"]), ArgsMap(map=[1])]
-            out += [Tracepoint(addr=addr, is_enabled=False), Tracepoint(addr=addr + 16, is_enabled=True)]
+            out += [
+                Tracepoint(addr=addr, is_enabled=False),
+                Tracepoint(addr=addr + 16, is_enabled=True),
+            ]
         else:
             out.append(Probe(mod=mod, fun=fun, prb=prb, ntp=1, nargc=0, xargc=0))
             out.append(Tracepoint(addr=addr, is_enabled=False))
@@ -34,7 +48,9 @@ def records_for(provider: str, probes: Sequence[tuple[str, str, str, int]], *, a
 
 
 def many_records(n: int, provider: str = "bench") -> list[ResultRecord]:
-    return records_for(provider, [("a.out", f"f{i // 100}", f"p{i}", 0x401000 + 16 * i) for i in range(n)])
+    return records_for(
+        provider, [("a.out", f"f{i // 100}", f"p{i}", 0x401000 + 16 * i) for i in range(n)]
+    )
 
 
 WORKED = records_for("test_prov", [("test", "main", "go", 0x401136)])
@@ -115,3 +131,22 @@ def snapshot(root: str, *, with_inodes: bool = False) -> dict[str, tuple[object,
                 entry += (st.st_ino,)
             out[rel] = entry
     return out
+
+
+def parsed(reg: Registration) -> list[ResultRecord]:
+    """What the real parser makes of *reg* (tests only: the writer never parses)."""
+    from parserd.dof_parse import parse_dof
+
+    return list(parse_dof(reg.helper, reg.dof))
+
+
+def normalized(
+    tree: dict[str, tuple[object, ...]], pids: dict[int, str]
+) -> dict[str, list[object]]:
+    """Replace real pids by placeholders in paths, so golden trees are stable."""
+    out: dict[str, list[object]] = {}
+    for path, entry in sorted(tree.items()):
+        for pid, name in pids.items():
+            path = path.replace(str(pid), name)
+        out[path] = list(entry)
+    return dict(sorted(out.items()))
