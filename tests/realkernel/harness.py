@@ -75,7 +75,7 @@ def padded_dof(dof: bytes, size: int, fill: int = 0) -> bytes:
     if filler < 0:
         raise ValueError(f"{len(dof)}-byte DOF cannot be padded to {size}")
     headers += DOF_SEC.pack(DOF_SECT_COMMENTS, 1, 0, 0, comments_offset, filler)
-    header = DOF_HDR.pack(
+    header: bytes = DOF_HDR.pack(
         hdr.ident,
         hdr.flags,
         hdr.hdrsize,
@@ -135,24 +135,29 @@ class ClientProcess:
             kind.argv(device, dof_file, ["pid", "stdin"]),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            text=True,
-            bufsize=1,
         )
+        self._pending = b""
         self.pid = int(self._read().split()[1])
 
     def _read(self) -> str:
+        """The next answer line (our own buffer: select() can't see a reader's buffer)."""
         assert self.proc.stdout is not None
-        ready, _, _ = select.select([self.proc.stdout], [], [], WAIT_S)
-        if not ready:
-            raise TimeoutError(f"{self.kind.name} client {self.proc.pid} did not answer")
-        line = self.proc.stdout.readline()
-        if not line:
-            raise EOFError(f"{self.kind.name} client exited: {self.proc.wait()}")
-        return line.strip()
+        fd = self.proc.stdout.fileno()
+        deadline = time.monotonic() + WAIT_S
+        while b"\n" not in self._pending:
+            ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                raise TimeoutError(f"{self.kind.name} client {self.proc.pid} did not answer")
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                raise EOFError(f"{self.kind.name} client exited: {self.proc.wait()}")
+            self._pending += chunk
+        line, self._pending = self._pending.split(b"\n", 1)
+        return line.decode()
 
     def send(self, command: str) -> None:
         assert self.proc.stdin is not None
-        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.write(command.encode() + b"\n")
         self.proc.stdin.flush()
 
     def ask(self, command: str) -> list[str]:
@@ -197,15 +202,17 @@ def spawn_with_pid(kind: ClientKind, device: str, dof_file: Path, pid: int) -> C
     """Start a client whose pid is *pid*, through ``/proc/sys/kernel/ns_last_pid``.
 
     Needs root in the pid namespace and nothing else forking at the same moment (true
-    in the VM, where this test is the only thing running); tries a few times.
+    in the VM, where this test is the only thing running); retries until WAIT_S.
     """
-    for _ in range(20):
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
         with open("/proc/sys/kernel/ns_last_pid", "w") as last:
             last.write(str(pid - 1))
         client = ClientProcess(kind, device, dof_file)
         if client.pid == pid:
             return client
-        client.finish()
+        client.finish()  # someone else forked in between: try again
+        time.sleep(0.05)
     raise RuntimeError(f"could not start a client with pid {pid}")
 
 

@@ -88,9 +88,9 @@ class Client:
             times = []
             for _ in range(int(arg or "1")):
                 t0 = time.monotonic_ns()
-                rc, err = self.ioctl(DTRACEHIOC_ADDDOF, self.helper("pyclient"))
+                rc, code = self.ioctl(DTRACEHIOC_ADDDOF, self.helper("pyclient"))
                 if rc < 0:
-                    times.append(f"ERR{err}")
+                    times.append(f"ERR{code}")
                     break
                 times.append(str(time.monotonic_ns() - t0))
             answer = " ".join(["bench", *times])
