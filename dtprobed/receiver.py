@@ -43,7 +43,6 @@ exhausting memory.
 from __future__ import annotations
 
 import concurrent.futures
-import enum
 import errno
 import logging
 import threading
@@ -55,6 +54,7 @@ from common.dof_abi import DOF_HELPER
 from common.errors import ChildFailed, DtprobedError, RequestRejected, StashError
 from common.grammar import ParsedProbe
 from common.stash_protocol import Registration
+from dtprobed.device import HelperRequest
 from dtprobed.identity import Caller, identify, tgid_of
 from dtprobed.lifecycle import ExitWatcher
 
@@ -69,24 +69,6 @@ MAX_QUEUED_BYTES: Final = 1 << 30
 WRITER_FAILURES_FATAL: Final = 5
 
 Reply = Callable[[int], None]
-
-
-class RequestKind(enum.Enum):
-    ADDDOF = "ADDDOF"
-    REMOVE = "REMOVE"
-
-
-class HelperRequestLike(Protocol):
-    """What the device layer hands over (``dtprobed.device.HelperRequest``)."""
-
-    @property
-    def tid(self) -> int: ...
-    @property
-    def helper(self) -> bytes: ...
-    @property
-    def dof(self) -> bytes: ...
-    @property
-    def gen(self) -> int: ...
 
 
 class Parser(Protocol):
@@ -137,9 +119,9 @@ class Receiver:
 
     # --- entry point from the device layer (must not block) --------------------------
 
-    def handle(self, request: HelperRequestLike, reply: Reply, kind: RequestKind) -> None:
+    def handle(self, request: HelperRequest, reply: Reply) -> None:
         """Queue *request*; *reply* is called exactly once, from a worker thread."""
-        size = len(request.dof) if kind is RequestKind.ADDDOF else 0
+        size = len(request.dof) if request.kind == "adddof" else 0
         with self._lock:
             if self._closed:
                 refused = "the daemon is shutting down"
@@ -154,7 +136,7 @@ class Receiver:
             return
         lane = self._large if size >= SMALL_DOF else self._small
         try:
-            lane.submit(self._run, request, reply, kind, size)
+            lane.submit(self._run, request, reply, size)
         except RuntimeError:  # executor shut down between the check and here
             self._release(size)
             _safe_reply(reply, -errno.EINVAL)
@@ -163,9 +145,9 @@ class Receiver:
         with self._lock:
             self._queued_bytes -= size
 
-    def _run(self, request: HelperRequestLike, reply: Reply, kind: RequestKind, size: int) -> None:
+    def _run(self, request: HelperRequest, reply: Reply, size: int) -> None:
         try:
-            if kind is RequestKind.ADDDOF:
+            if request.kind == "adddof":
                 result = self._adddof(request, size)
             else:
                 result = self._remove(request)
@@ -191,7 +173,7 @@ class Receiver:
 
     # --- ADDDOF -------------------------------------------------------------------
 
-    def _adddof(self, request: HelperRequestLike, size: int) -> int:
+    def _adddof(self, request: HelperRequest, size: int) -> int:
         started = time.monotonic()
         helper = request.helper
         if len(helper) != DOF_HELPER.size:
@@ -253,7 +235,7 @@ class Receiver:
 
     # --- REMOVE -------------------------------------------------------------------
 
-    def _remove(self, request: HelperRequestLike) -> int:
+    def _remove(self, request: HelperRequest) -> int:
         pid = tgid_of(request.tid)
         self._writer_call(lambda: _done(self._writer.remove, pid, request.gen))
         log.info("%d: removed generation %d", pid, request.gen)

@@ -20,6 +20,9 @@ commands on stdin and answers each with one line:
 * ``{"op": "fork_register", ...register args...}`` — fork; the child registers
   and stays alive until the parent exits (or ``{"op": "end_children"}``); the
   answer carries ``child_pid``.
+* ``{"op": "swarm", "count": N, ...register args...}`` — fork N children that
+  register at once and stay alive until ``end_children``; answers
+  ``{"children": [{"pid": P, "gen": G}, ...]}``.
 * ``{"op": "threads", "count": N, ...register args...}`` — N threads register
   the same DOF at once; answers ``{"results": [...]}``.
 * ``{"op": "exec", "argv": [...]}`` — ``execv`` (no answer; the new image answers).
@@ -49,6 +52,12 @@ CODE_SIZE = 1 << 16
 #: Where the client maps its "text": fixed, so tests can build DOF before starting it.
 CODE_ADDR = 0x2_0000_0000
 MAP_FIXED_NOREPLACE = 0x100000
+#: The same file mapped again read-only (file-backed, not executable): a place
+#: tracepoints must not point at.
+DATA_ADDR = 0x3_0000_0000
+#: Anonymous DOF goes below CODE_ADDR, so dofpr_addr > dofhp_addr (= the DOF's own
+#: address, as libusdt passes it) and the parser's relocation leaves it alone.
+ANON_ADDR = 0x1_0000_0000
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _libc.mmap.restype = ctypes.c_void_p
@@ -76,15 +85,21 @@ def map_file(path: str, size: int, prot: int, at: int | None = None) -> int:
     return int(addr)
 
 
+_anon_next = ANON_ADDR
+
+
 def map_anonymous(data: bytes) -> int:
+    global _anon_next
+    size = (max(len(data), 1) + 0xFFF) & ~0xFFF
     addr = _libc.mmap(
-        None,
-        max(len(data), 1),
+        _anon_next,
+        size,
         mmap.PROT_READ | mmap.PROT_WRITE,
-        mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+        mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_FIXED_NOREPLACE,
         -1,
         0,
     )
+    _anon_next += size + 0x10000  # a gap: never merged with the previous one
     if addr in (None, MAP_FAILED):
         raise OSError(ctypes.get_errno(), "mmap failed")
     ctypes.memmove(addr, data, len(data))
@@ -97,6 +112,7 @@ class Client:
         # The "text" file is shared by every client (like one ELF executable); each
         # maps it at CODE_ADDR, so tracepoint addresses are known in advance.
         self.code_addr = map_file(code_file, CODE_SIZE, mmap.PROT_READ | mmap.PROT_EXEC, CODE_ADDR)
+        self.data_addr = map_file(code_file, CODE_SIZE, mmap.PROT_READ, DATA_ADDR)
         self.children: list[tuple[int, int]] = []  # (pid, write end keeping it alive)
 
     def _dof_address(self, cmd: dict[str, Any]) -> int:
@@ -169,9 +185,42 @@ class Client:
         result["child_pid"] = pid
         return result
 
+    def swarm(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        """Fork ``count`` children that all register at once; each stays until ended."""
+        dof_addr = self._dof_address(cmd)
+        count = int(cmd["count"])
+        report_r, report_w = os.pipe()
+        alive_r, alive_w = os.pipe()
+        pids = []
+        for _ in range(count):
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    os.close(report_r)
+                    os.close(alive_w)
+                    result = self.register(cmd, dof_addr)
+                    result["pid"] = os.getpid()
+                    os.write(report_w, (json.dumps(result) + "\n").encode())  # < PIPE_BUF: atomic
+                    os.read(alive_r, 1)
+                finally:
+                    os._exit(0)
+            pids.append(pid)
+        os.close(report_w)
+        os.close(alive_r)
+        data = b""
+        while data.count(b"\n") < count and (chunk := os.read(report_r, 1 << 16)):
+            data += chunk
+        os.close(report_r)
+        for pid in pids[:-1]:
+            self.children.append((pid, -1))
+        self.children.append((pids[-1], alive_w))  # one pipe keeps them all alive
+        return {"children": [json.loads(line) for line in data.splitlines()]}
+
     def end_children(self) -> dict[str, Any]:
-        for pid, alive_w in self.children:
-            os.close(alive_w)
+        for _pid, alive_w in self.children:
+            if alive_w >= 0:
+                os.close(alive_w)
+        for pid, _alive_w in self.children:
             os.waitpid(pid, 0)
         self.children.clear()
         return {"ended": True}
@@ -224,6 +273,8 @@ def main() -> None:
             _answer(client.remove(int(cmd["gen"])))
         elif op == "fork_register":
             _answer(client.fork_register(cmd))
+        elif op == "swarm":
+            _answer(client.swarm(cmd))
         elif op == "end_children":
             _answer(client.end_children())
         elif op == "threads":
