@@ -1,0 +1,150 @@
+"""SIGKILL the writer at random instants; the next start-up must leave a consistent stash."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from common.errors import StashError
+from common.framing import FrameEncoder
+from common.stash_protocol import Register, Remove
+from dtprobed.stash import Stash
+from tests.stash.support import (
+    Proc,
+    dof_bytes,
+    many_records,
+    records_for,
+    registration,
+    sleepers,
+    snapshot,
+)
+
+ITERATIONS = 200
+
+
+def _churn(state: str, procs: list[Proc], seed: int) -> None:
+    """Run random operations for ever (until killed); errors of the operations are expected."""
+    rng = random.Random(seed)
+    streams = [many_records(1, "a"), many_records(20, "b"), many_records(120, "c")]
+    dofs = [dof_bytes("x"), dof_bytes("y")]
+    stash = Stash(state)
+    while True:
+        p = rng.choice(procs)
+        op = rng.random()
+        try:
+            if op < 0.55:
+                reg = registration(
+                    p.pid,
+                    p.start_time,
+                    ino=rng.randrange(3),
+                    dof=rng.choice(dofs),
+                    token=rng.choice(["t1", "t1", "t1", "t2"]),
+                    dev=rng.choice([64768, 64768, 0]),
+                )
+                stash.register(reg, rng.choice(streams))
+            elif op < 0.75:
+                stash.remove(p.pid, rng.randrange(4))
+            elif op < 0.82:
+                stash.remove_pid(p.pid)
+            else:
+                items = stash.reparse_scan(force=True)
+                if items:
+                    item = rng.choice(items)
+                    stash.write_reparsed(item, rng.choice([*streams, None]))
+        except StashError:
+            pass
+
+
+@pytest.mark.timeout(120)
+def test_sigkill_at_random_points_then_recover(tmp_path: Path) -> None:
+    state = tmp_path / "run"
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep").write_text("x")
+    rng = random.Random(1234)
+    killed_mid_tree = 0
+    with sleepers(3) as procs:
+        Stash(str(state)).close()
+        for i in range(ITERATIONS):
+            child = os.fork()
+            if child == 0:  # pragma: no cover - the child never returns
+                try:
+                    _churn(str(state), procs, i)
+                finally:
+                    os._exit(0)
+            time.sleep(rng.uniform(0, 0.012))
+            os.kill(child, signal.SIGKILL)
+            _, status = os.waitpid(child, 0)
+            assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+            stash = Stash(str(state))  # start-up recovery
+            problems = stash.verify()
+            stash.close()
+            assert problems == [], f"iteration {i}: {problems}"
+            if os.listdir(state / "stash/dof-pid"):
+                killed_mid_tree += 1
+    assert snapshot(str(outside)) == {"keep": ("file", 0o644, 1, 1, b"x".hex())}
+    assert killed_mid_tree > ITERATIONS // 4  # the kills really landed in populated trees
+
+
+@pytest.mark.timeout(120)
+def test_sigkill_of_the_real_writer_process(tmp_path: Path) -> None:
+    """The same through `python -m dtprobed.stash_writer`, killed while it writes."""
+    state = str(tmp_path / "run")
+    rng = random.Random(99)
+    enc = FrameEncoder()
+    with sleepers(1) as (p,):
+        for i in range(6):
+            writer = subprocess.Popen(
+                [sys.executable, "-m", "dtprobed.stash_writer", "--state-dir", state],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+            )
+            assert writer.stdin is not None
+            frames = [
+                enc.encode(
+                    Register(
+                        reg=registration(p.pid, p.start_time, ino=i % 3), records=many_records(3000)
+                    )
+                ),
+                enc.encode(Remove(pid=p.pid, gen=max(0, i - 2))),
+            ]
+            for f in frames:
+                writer.stdin.write(f)
+            writer.stdin.flush()
+            time.sleep(0.25 + rng.uniform(0, 0.25))  # start-up, then somewhere in the work
+            writer.kill()
+            writer.wait()
+            writer.stdin.close()
+            assert writer.stdout is not None
+            writer.stdout.close()
+            stash = Stash(state)
+            problems = stash.verify()
+            stash.close()
+            assert problems == [], f"iteration {i}: {problems}"
+
+
+def test_interrupted_register_is_rolled_back(tmp_path: Path) -> None:
+    """A mapping written but never committed (no generation) disappears at start-up."""
+    state = tmp_path / "run"
+    with sleepers(1) as (p,):
+        stash = Stash(str(state))
+        stash.register(
+            registration(p.pid, p.start_time, ino=1), records_for("k", [("m", "f", "a", 1)])
+        )
+        before = snapshot(str(state))
+        stash.register(
+            registration(p.pid, p.start_time, ino=2), records_for("u", [("m", "f", "b", 1)])
+        )
+        os.unlink(state / f"stash/dof-pid/{p.pid}/1")  # as if killed before the commit point
+        os.truncate(state / f"stash/dof-pid/{p.pid}/next-gen", 1)
+        stash.close()
+        stash = Stash(str(state))
+        assert stash.verify() == []
+        assert snapshot(str(state)) == before
