@@ -37,7 +37,11 @@ WAIT_S = float(os.environ.get("DTPROBED_TEST_WAIT", "60"))
 
 
 def probes_dof(provider: str, nprobes: int = 3) -> bytes:
-    """A ``dtrace -G``-like DOF whose tracepoints lie in client.c's text."""
+    """A ``dtrace -G``-like DOF whose tracepoints lie in client.c's text.
+
+    Each probe address carries a SETX relocation, as ``dtrace -G`` emits: the parser
+    adds ``dofhp_addr`` to it (0 for client.c, the code mapping's offset for pyclient.py).
+    """
     probes = [
         ProbeSpec(
             func=f"fn{i}",
@@ -48,7 +52,7 @@ def probes_dof(provider: str, nprobes: int = 3) -> bytes:
         )
         for i in range(nprobes)
     ]
-    return build_dof([ProviderSpec(provider, probes)]).data
+    return build_dof([ProviderSpec(provider, probes, relocate=True)]).data
 
 
 def padded_dof(dof: bytes, size: int, fill: int = 0) -> bytes:
@@ -71,7 +75,7 @@ def padded_dof(dof: bytes, size: int, fill: int = 0) -> bytes:
         )
     body = dof[sections_end:]
     comments_offset = sections_end + DOF_SEC.size + len(body)
-    filler = size - comments_offset
+    filler: int = size - comments_offset
     if filler < 0:
         raise ValueError(f"{len(dof)}-byte DOF cannot be padded to {size}")
     headers += DOF_SEC.pack(DOF_SECT_COMMENTS, 1, 0, 0, comments_offset, filler)

@@ -15,6 +15,7 @@ tracepoints into that mapping, as the load base of a shared object would.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import mmap
@@ -28,14 +29,22 @@ DTRACEHIOC_ADDDOF = 0x4050D803
 TRACEPOINT_BASE = 0x401000
 
 
-def mapping_start(path: str) -> int:
-    """Where *path* is mapped in this process (its first mapping)."""
-    with open("/proc/self/maps") as maps:
-        for line in maps:
-            fields = line.split(maxsplit=5)
-            if len(fields) == 6 and fields[5].rstrip("\n") == path:
-                return int(fields[0].split("-")[0], 16)
-    raise SystemExit(f"{path} is not mapped")
+def libc_mmap(length: int, fd: int) -> int:
+    """mmap(NULL, length, PROT_READ, MAP_PRIVATE, fd, 0); mapped for the process's life."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_size_t,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_long,
+    ]
+    addr = libc.mmap(None, length, mmap.PROT_READ, mmap.MAP_PRIVATE, fd, 0)
+    if addr in (None, ctypes.c_void_p(-1).value):
+        raise SystemExit(f"mmap failed: {os.strerror(ctypes.get_errno())}")
+    return int(addr)
 
 
 def largest_code_mapping_start() -> int:
@@ -59,8 +68,9 @@ class Client:
             head = f.read(48)
             size = os.fstat(f.fileno()).st_size
             loadsz = struct.unpack_from("<Q", head, 40)[0] if len(head) >= 48 else 0
-            self.dof = mmap.mmap(f.fileno(), max(size, loadsz), mmap.MAP_PRIVATE, mmap.PROT_READ)
-        self.dof_addr = mapping_start(os.path.realpath(dof_path))
+            # libc's mmap, not the mmap module: the mapping may reach beyond the end of
+            # the file (a truncated DOF), which the mmap module refuses.
+            self.dof_addr = libc_mmap(max(size, loadsz), f.fileno())
         self.base = largest_code_mapping_start() - TRACEPOINT_BASE
 
     def helper(self, mod: str) -> bytes:
