@@ -72,14 +72,15 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import logging
 import os
 import re
 import shutil
 import stat
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final, TypeVar
 
 from common.dof_abi import DOF_HELPER, DOF_MAG_STRING, DOF_MAXSZ
 from common.errors import ProtocolError, StashError, StashFormatError
@@ -235,6 +236,26 @@ def _current_umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _stash_op(op: str) -> Callable[[_F], _F]:
+    """Report any OSError of a public operation as a StashError naming the operation."""
+
+    def wrap(func: _F) -> _F:
+        @functools.wraps(func)
+        def inner(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return func(*args, **kwargs)
+            except OSError as err:
+                name = err.filename if isinstance(err.filename, str) else "state directory"
+                raise StashError(op, name, err.errno or errno.EIO, str(err)) from err
+
+        return inner  # type: ignore[return-value]
+
+    return wrap
 
 
 @dataclass
@@ -443,6 +464,7 @@ class Stash:
 
     # ------------------------------------------------------------ register
 
+    @_stash_op("add")
     def register(self, reg: Registration, records: Sequence[ResultRecord]) -> int:
         """add + write-parsed as one all-or-nothing operation; returns the generation."""
         self._check_registration(reg)
@@ -450,6 +472,7 @@ class Stash:
         with self.locked():
             return self._register(reg, probes)
 
+    @_stash_op("add")
     def register_probes(self, reg: Registration, probes: list[ParsedProbe]) -> int:
         """As :meth:`register`, for probes already grouped (and checked) by the caller."""
         self._check_registration(reg)
@@ -699,6 +722,7 @@ class Stash:
 
     # ------------------------------------------------------------ removal
 
+    @_stash_op("remove")
     def remove(self, pid: int, gen: int) -> None:
         """DTRACEHIOC_REMOVE; an unknown pid or generation is success (upstream)."""
         with self.locked():
@@ -836,6 +860,7 @@ class Stash:
             if not self._rmdir_probes(path[:depth]):
                 return
 
+    @_stash_op("remove-pid")
     def remove_pid(self, pid: int) -> None:
         """Every generation of *pid* (exit, exec, pid reuse)."""
         with self.locked():
@@ -848,7 +873,10 @@ class Stash:
             self._total -= entry.probes
         try:
             pdir = DirFd(self.dofpid.fd, name, readable=True)
-        except FileNotFoundError:
+        except OSError as err:
+            if err.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+                raise
+            _remove_tree(self.dofpid.fd, name)  # a planted non-directory: unlinked, not followed
             _remove_tree(self.probes.fd, name)
             return
         with pdir:
@@ -865,6 +893,7 @@ class Stash:
                 self._drop_unused_raw(key)
         _remove_tree(self.dofpid.fd, name)
 
+    @_stash_op("prune")
     def prune_dead(self) -> list[int]:
         """Remove processes that are gone (pid + start time, not kill(pid, 0) alone)."""
         with self.locked():
@@ -898,6 +927,7 @@ class Stash:
             items.extend(page)
         return items
 
+    @_stash_op("reparse-scan")
     def reparse_scan_page(self, force: bool, offset: int) -> tuple[list[ReparseItem], int | None]:
         """Mappings to reparse from index *offset* on, within :data:`REPLY_BUDGET` bytes."""
         with self.locked():
@@ -966,6 +996,7 @@ class Stash:
         probes = None if records is None else self.check_records(records, "reparse")
         self.write_reparsed_probes(item, probes)
 
+    @_stash_op("reparse")
     def write_reparsed_probes(self, item: ReparseItem, probes: list[ParsedProbe] | None) -> None:
         key = mapping_key(item.dev, item.ino)
         with self.locked():
@@ -1166,6 +1197,7 @@ class Stash:
 
     # ------------------------------------------------------------ verify
 
+    @_stash_op("verify")
     def verify(self) -> list[str]:
         with self.locked():
             return verify_tree(self.root.fd)
