@@ -1,0 +1,184 @@
+"""The writer child over real pipes (hostile frames included) and the dtprobed-stash CLI."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import struct
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from common.errors import ChildFailed, StashError
+from common.grammar import check_stream
+from common.stash_protocol import StashQuotas
+from dtprobed.stash_cli import main as cli_main
+from dtprobed.stash_client import StashWriterChild
+from tests.stash.support import WORKED, Proc, parsed, records_for, registration, sleepers, snapshot
+
+
+@pytest.fixture
+def procs() -> Iterator[list[Proc]]:
+    with sleepers(2) as p:
+        yield p
+
+
+@pytest.fixture
+def writer(tmp_path: Path) -> Iterator[StashWriterChild]:
+    child = StashWriterChild(
+        str(tmp_path / "run"), timeout=10, quotas=StashQuotas(max_generations=3)
+    )
+    child.start()
+    yield child
+    child.stop()
+
+
+@pytest.mark.timeout(60)
+def test_writer_operations(writer: StashWriterChild, procs: list[Proc], tmp_path: Path) -> None:
+    a, b = procs
+    reg = registration(a.pid, a.start_time)
+    probes = check_stream(parsed(reg)).probes
+    assert writer.register(reg, probes) == 0
+    assert writer.register(reg, probes) == 1
+    assert writer.register(registration(b.pid, b.start_time), check_stream(WORKED).probes) == 0
+    assert writer.verify() == []
+    before = snapshot(str(tmp_path / "run"))
+    writer.register(reg, probes)
+    with pytest.raises(StashError) as err:  # quota passed on the command line
+        writer.register(reg, probes)
+    assert err.value.errno == errno.EDQUOT
+    writer.remove(a.pid, 2)
+    after = snapshot(str(tmp_path / "run"))
+    next_gen = f"stash/dof-pid/{a.pid}/next-gen"
+    assert after.pop(next_gen)[2] == 3  # generation numbers are never reused
+    before.pop(next_gen)
+    assert after == before
+    writer.remove(a.pid, 99)
+    assert writer.reparse_scan(False) == []
+    items = writer.reparse_scan(True)
+    assert sorted(i.pid for i in items) == sorted([a.pid, b.pid])
+    for item in items:
+        writer.write_reparsed(item, check_stream(parsed(reg)).probes if item.pid == a.pid else None)
+    assert writer.verify() == []
+    b.popen.kill()
+    b.popen.wait()
+    assert writer.prune_dead() == [b.pid]
+    writer.remove_pid(a.pid)
+    assert os.listdir(tmp_path / "run/stash/dof-pid") == []
+
+
+def _raw_writer(state: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "dtprobed.stash_writer", "--state-dir", state],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    "frame",
+    [
+        struct.pack("<I", 0xFFFFFFFF),  # length beyond the bound: refused before reading
+        struct.pack("<I", 0),
+        struct.pack("<I", 3) + b"\xc1\xc1\xc1",  # not msgpack
+        struct.pack("<I", 2) + b"\x91\x63",  # unknown command tag 99
+        struct.pack("<I", 4) + b"\x93\x02\x00\x00",  # Remove with pid 0
+        struct.pack("<I", 10) + b"\x92\x01",  # truncated body
+    ],
+)
+def test_hostile_frames_end_the_writer_and_change_nothing(tmp_path: Path, frame: bytes) -> None:
+    state = str(tmp_path / "run")
+    w = _raw_writer(state)
+    _, err = w.communicate(frame, timeout=30)
+    assert w.returncode == 3, err
+    assert b"protocol violation" in err
+    assert snapshot(state + "/stash") == {"dof": ("dir", 0o755), "dof-pid": ("dir", 0o755)}
+
+
+@pytest.mark.timeout(60)
+def test_dead_writer_is_reported_and_restarted(writer: StashWriterChild, procs: list[Proc]) -> None:
+    a = procs[0]
+    assert writer.pid is not None
+    os.kill(writer.pid, 9)
+    with pytest.raises(ChildFailed):
+        writer.register(registration(a.pid, a.start_time), check_stream(WORKED).probes)
+    assert writer.register(registration(a.pid, a.start_time), check_stream(WORKED).probes) == 0
+
+
+# ---------------------------------------------------------------------- CLI
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    try:
+        code = cli_main(list(argv))
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli(tmp_path: Path, procs: list[Proc], capsys: pytest.CaptureFixture[str]) -> None:
+    from dtprobed.stash import Stash
+
+    a, _ = procs
+    state = str(tmp_path / "run")
+    stash = Stash(state)
+    assert run_cli(capsys, "-s", state, "list")[0] == 1  # nothing to show
+    records = records_for("prov", [("m", "f", "p", 0x1000), ("m", "g", "q", 0x2000)], args=True)
+    stash.register(registration(a.pid, a.start_time), records)
+    code, out, _ = run_cli(capsys, "-s", state, "list")
+    assert code == 0 and out.count("\n") == 1
+    assert out.startswith(f"{a.pid}\t{os.readlink(f'/proc/{a.pid}/exe')}\t")
+    assert "providers=prov\tprobes=2\ttracepoints=4" in out
+    code, out, _ = run_cli(capsys, "-s", state, "list", "--json")
+    (row,) = json.loads(out)["processes"]
+    assert (row["pid"], row["providers"], row["probes"], row["tracepoints"]) == (
+        a.pid,
+        ["prov"],
+        2,
+        4,
+    )
+    code, out, _ = run_cli(capsys, "-s", state, "show", str(a.pid), "--json")
+    doc = json.loads(out)
+    (mapping,) = doc["mappings"]
+    assert mapping["generations"] == [0] and mapping["parsed_version"] == 3
+    probe = mapping["probes"][0]
+    assert probe["args_native"] == ["int", "char *"] and probe["args_xlat"] == ["string"]
+    assert probe["args_map"] == [1] and probe["tracepoints"][1] == {
+        "addr": 0x1010,
+        "is_enabled": True,
+    }
+    code, out, _ = run_cli(capsys, "-s", state, "show", str(a.pid))
+    assert code == 0 and f"prov{a.pid}:m:f:p" in out and "is-enabled 0x1010" in out
+    assert run_cli(capsys, "-s", state, "show", "1")[0] == 1
+    assert run_cli(capsys, "-s", state, "verify") == (0, "stash is consistent\n", "")
+    # break invariants: a parsed file with junk, an orphan, a lowered next-gen
+    pdir = Path(state, f"stash/dof-pid/{a.pid}")
+    (pdir / "64768-99/parsed/prov:m:f:p").write_bytes(b"junk")
+    Path(state, "stash/dof/5-5").write_bytes(b"x")
+    os.truncate(pdir / "next-gen", 0)
+    code, out, _ = run_cli(capsys, "-s", state, "verify", "--json")
+    doc = json.loads(out)
+    assert code == 1 and not doc["consistent"]
+    text = "\n".join(doc["problems"])
+    assert "parsed/prov:m:f:p: format invalid" in text
+    assert "stash/dof/5-5 is used by no registration (orphan)" in text
+    assert f"stash/dof-pid/{a.pid}/next-gen is 0, highest generation is 0" in text
+    assert run_cli(capsys, "-s", state, "verify")[0] == 1
+
+
+@pytest.mark.parametrize("argv", [[], ["frob"], ["show"], ["show", "x"], ["list", "--bogus"]])
+def test_cli_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_cli(capsys, *argv)[0] == 2
+
+
+def test_cli_missing_state_dir_is_not_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run_cli(capsys, "-s", str(tmp_path / "nope"), "list")[0] == 1
