@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from common.dof_build import ProbeSpec, ProviderSpec, build_dof, many_probes_dof
-from dtprobed.device import DeviceBusy, HelperRequest, Reply, open_device
+from dtprobed.device import DeviceBusy, DeviceError, HelperRequest, Reply, open_device
 from dtprobed.fusedev import FuseFileDevice
 
 REPO = Path(__file__).resolve().parents[2]
@@ -256,3 +256,18 @@ def test_mount_from_a_slave_namespace_reaches_the_host(tmp_path: Path) -> None:
             proc.kill()
             proc.wait()
         subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def test_auto_mode_falls_back_to_fuse(tmp_path: Path) -> None:
+    """No CUSE on this kernel (and a path outside /dev): auto means FUSE."""
+    dev = open_device("auto", str(tmp_path / "helper"), Recorder(), max_dof_size=4096)
+    try:
+        assert dev.mode == "fuse"
+    finally:
+        dev.close()
+    assert not (tmp_path / "helper").exists()
+
+
+def test_cuse_mode_refuses_a_path_outside_dev(tmp_path: Path) -> None:
+    with pytest.raises(DeviceError, match="under /dev"):
+        open_device("cuse", str(tmp_path / "helper"), Recorder(), max_dof_size=4096)
