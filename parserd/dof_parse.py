@@ -44,10 +44,10 @@ C. Each PROVIDER section in section order: offset alignment, size for the DOF
    entsize % 8, *new* probes size a multiple of entsize, proffs entsize 4,
    proffs offset % 4, prargs entsize 1, *new* prenoffs entsize 4, *new* probes
    per DOF ≤ ``max_probes`` (E2BIG); then each probe: function name offset,
-   length; probe name offset, length; *new* function and probe name policy;
-   offsets range; is-enabled range (v2+); zero offsets; args range; native
-   types (offset, length each; then *new* policy); translated types
-   (argmap index < nargc, offset, length each; then *new* policy); *new*
+   length; probe name offset, length; offsets range; is-enabled range (v2+);
+   zero offsets; args range; native types (offset, length each; then *new*
+   policy); translated types (argmap index < nargc, offset, length each; then
+   *new* policy); *new* function and probe name policy; *new*
    ``prv:mod:fun:prb`` fits a file name; *new* no duplicate ``prv:mod:fun:prb``
    in the DOF; *new* tracepoints per DOF ≤ ``max_tracepoints`` (E2BIG).
 D. After all of one provider's probes passed C (upstream validates the whole
@@ -568,15 +568,6 @@ class _DofParser:
             if nul < 0:
                 _reject(f"probe name {_show(data[start:end], True)} too long")
             prb_raw = data[start:nul]
-            # new: the name policy, applied by the record itself (module, function, probe)
-            nenabled = nenoffs if keep_enabled else 0
-            ntp = noffs + nenabled
-            try:
-                fun = fun_raw.decode()
-                prb = prb_raw.decode()
-                probe = Probe(mod=module, fun=fun, prb=prb, ntp=ntp, nargc=nargc, xargc=xargc)
-            except ValueError as err:  # UnicodeDecodeError or the policy's refusal
-                _refuse_names(fun_raw, prb_raw, err)
             # e-f: offsets, in exact arithmetic (upstream's u32 products wrap)
             if (offidx + noffs) * proffs_entsize > proffs_size:
                 _reject(
@@ -610,6 +601,16 @@ class _DofParser:
             if xargc:
                 argmap = data[prargs_off + argidx : prargs_off + argidx + xargc]
                 xlat = self._xlat(str_off, str_end, xargv, argmap, nargc)
+            # new: the name policy, applied by the record itself (module, function,
+            # probe; it cannot refuse anything else now that the arguments passed)
+            nenabled = nenoffs if keep_enabled else 0
+            ntp = noffs + nenabled
+            try:
+                fun = fun_raw.decode()
+                prb = prb_raw.decode()
+                probe = Probe(mod=module, fun=fun, prb=prb, ntp=ntp, nargc=nargc, xargc=xargc)
+            except ValueError as err:  # UnicodeDecodeError or the policy's refusal
+                _refuse_names(fun_raw, prb_raw, err)
             # new: the whole name fits a file name; no duplicate; tracepoint limit
             if fixed_len + len(fun_raw) + len(prb_raw) > NAME_MAX:
                 try:
