@@ -57,7 +57,9 @@ D. After all of one provider's probes passed C (upstream validates the whole
 
 Where we differ from upstream
 -----------------------------
-Verdicts and records for valid DOF are upstream's.  Every other difference:
+For DOF that both accept, the records are upstream's.  The *new* checks above
+refuse some DOF upstream accepts (appendix 11: it checks no names and reads
+``dofhp_mod`` with an unbounded ``strlen``).  Every other difference:
 
 =====================================================  ===============================================  ======================================================
 upstream                                               ours                                             why
@@ -84,6 +86,8 @@ PROBES size not a multiple of entsize: tail dropped    ``invalid probe section s
 probe-level error: PROVIDER, ERR, other probes, EOF    exactly one ERR                                  appendix 8; design: one ERR
 provider-level error: up to 4 ERRs (3 in relocation)   exactly one ERR, the first lookup that failed    appendix 9
 several providers: records of earlier ones, then ERR   exactly one ERR                                  appendix 9
+relocations rewrite headers read later, and string     headers read as received; a table whose final    upstream re-reads validated bytes after changing them
+table NULs checked before relocation                   NUL was relocated away is refused
 =====================================================  ===============================================  ======================================================
 
 Kept verbatim although odd: ``bad relocation offset: offset N, section size M)``

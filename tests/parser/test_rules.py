@@ -29,6 +29,7 @@ from common.dof_abi import (
     DOF_SECT_STRTAB,
 )
 from common.dof_build import ProbeSpec, ProviderSpec, build_dof, build_helper
+from common.grammar import check_stream
 from common.limits import ParseLimits
 from common.records import Err
 from parserd.dof_parse import parse_dof
@@ -407,21 +408,22 @@ def test_rule_bases_are_valid() -> None:
         base_dof(base_probe(), base_probe(name="pr2")),
         provider_named("provid"),
     ):
-        records = parse_dof(dof.helper, bytes(dof.data))
-        assert not isinstance(records[0], Err), records[0]
+        assert check_stream(parse_dof(dof.helper, bytes(dof.data))).error is None
 
 
 def test_limit_admits_exact_counts() -> None:
     """Limits are maxima, not bounds to stay under: exactly the limit is accepted."""
     dof = providers_dof("a", "b")
     limits = ParseLimits(max_dof_size=len(dof), max_providers=2, max_probes=4, max_tracepoints=4)
-    assert not isinstance(parse_dof(dof.helper, bytes(dof.data), limits)[0], Err)
+    assert check_stream(parse_dof(dof.helper, bytes(dof.data), limits)).error is None
 
 
 def test_v2_dropped_is_enabled_not_counted() -> None:
     dof = base_dof(base_probe(enoffsets=[0x8]), version=2)
-    records = parse_dof(dof.helper, bytes(dof.data), ParseLimits(max_tracepoints=2))
-    assert not isinstance(records[0], Err), records[0]
+    assert (
+        check_stream(parse_dof(dof.helper, bytes(dof.data), ParseLimits(max_tracepoints=2))).error
+        is None
+    )
 
 
 def test_strtab_layout_assumed_by_table() -> None:

@@ -220,6 +220,11 @@ def test_no_provider_is_just_eof() -> None:
     assert accepted(dof.helper, dof.data) == [Eof()]
 
 
+def test_no_sections_is_just_eof() -> None:
+    dof = base_dof().set_header("secnum", 0)
+    assert accepted(dof.helper, dof.data) == [Eof()]
+
+
 def test_module_is_dofhp_mod_up_to_its_nul() -> None:
     dof = base_dof()
     helper = build_helper(b"libfoo.so.1\0garbage after the NUL")
