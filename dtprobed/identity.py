@@ -200,6 +200,13 @@ def _read_proc(path: str) -> bytes:
         os.close(fd)
 
 
+def _pidfd_readable(pidfd: int) -> bool:
+    """A pidfd polls readable once its process has exited (poll: fds beyond FD_SETSIZE)."""
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    return bool(poller.poll(0))
+
+
 def _vanished(pid: int, err: OSError | ValueError) -> RequestRejected:
     return RequestRejected(errno.EINVAL, f"cannot read process {pid} (process dead?): {err}")
 
@@ -246,8 +253,7 @@ class Caller:
         """True while the process we read is running (its pidfd is not yet readable)."""
         if self.pidfd < 0:
             return False
-        ready, _, _ = select.select([self.pidfd], [], [], 0)
-        return not ready
+        return not _pidfd_readable(self.pidfd)
 
 
 def _exec_mapping(pid: int, space: AddressSpace, auxv: dict[int, int]) -> Mapping | None:

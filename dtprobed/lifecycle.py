@@ -33,8 +33,10 @@ log = logging.getLogger("dtprobed")
 
 
 def _is_dead(pidfd: int) -> bool:
-    ready, _, _ = select.select([pidfd], [], [], 0)
-    return bool(ready)
+    # poll, not select: pidfds go far beyond FD_SETSIZE (1024)
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 class ExitWatcher:

@@ -183,7 +183,9 @@ class Receiver:
         try:
             self._watcher.settle(caller.pid)
             parser = self._large_parser if size >= SMALL_DOF else self._small_parser
+            identified = time.monotonic()
             probes = parser.parse(helper, request.dof)
+            parsed = time.monotonic()
             caller.space.check_tracepoints(tp.addr for probe in probes for tp in probe.tracepoints)
             if not caller.still_alive():
                 raise RequestRejected(errno.EINVAL, f"process {caller.pid} exited")
@@ -191,6 +193,13 @@ class Receiver:
             self._watcher.watch(caller.pid, caller.take_pidfd())
         finally:
             caller.close()
+        log.debug(
+            "%d: identify %.1f ms, parse %.1f ms, check and stash %.1f ms",
+            caller.pid,
+            (identified - started) * 1000,
+            (parsed - identified) * 1000,
+            (time.monotonic() - parsed) * 1000,
+        )
         log.info(
             "%d: registered generation %d: module %s, %s, %d probes, %d bytes of DOF (%.1f ms)",
             caller.pid,

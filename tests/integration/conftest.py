@@ -1,4 +1,4 @@
 """Fixtures of the integration suite: a private daemon and fake clients."""
 
-from tests.support.clients import clients  # noqa: F401
-from tests.support.daemon import daemon  # noqa: F401
+from tests.support.clients import clients, loose_clients  # noqa: F401
+from tests.support.daemon import daemon, daemon_factory  # noqa: F401

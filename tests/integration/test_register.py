@@ -125,7 +125,7 @@ def test_tracepoint_outside_own_code_is_refused(
 
 
 def test_dof_larger_than_64k(daemon: DaemonHandle, clients: Clients, tmp_path: Path) -> None:
-    nprobes = 2000
+    nprobes = 1000
     probes = [
         ProbeSpec(
             func=f"func_{i:05d}",

@@ -187,3 +187,14 @@ def pid_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+@pytest.fixture
+def loose_clients(tmp_path: Path) -> Iterator[Clients]:
+    """Clients of the default private device path (``tmp_path/helper``), for tests that
+    start their daemons themselves (``daemon_factory``); request it *after* the factory."""
+    group = Clients(tmp_path, tmp_path / "helper")
+    try:
+        yield group
+    finally:
+        group.close()

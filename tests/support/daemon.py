@@ -231,6 +231,10 @@ def start_daemon(
         str(state_dir),
         "--ready-fd",
         str(ready_w),
+        # generous: a loaded CI machine must not turn slow into failed (tests that
+        # exercise the timeout pass their own -t, which comes later and wins)
+        "--timeout",
+        "30",
         *extra_args,
     ]
     env = dict(os.environ)
@@ -269,9 +273,13 @@ def start_daemon(
 
 def finish(handle: DaemonHandle) -> None:
     """Success-path teardown: SIGTERM → exit 0, mount gone, session empty."""
-    if handle.stopped:
-        if mounted(handle.device):
-            detach(handle.device)
+    if handle.stopped:  # the test stopped or killed it on purpose
+        if (
+            handle.proc.returncode is not None
+            and handle.proc.returncode < 0
+            and mounted(handle.device)
+        ):
+            detach(handle.device)  # killed: its mount is stale
         return
     try:
         status = handle.stop()
@@ -302,3 +310,41 @@ def daemon(tmp_path: Path) -> Iterator[DaemonHandle]:
         handle.cleanup_hard()
         raise
     finish(handle)
+
+
+class DaemonFactory:
+    """Starts daemons for one test (custom options, restarts) and finishes them all."""
+
+    __test__ = False
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.started: list[DaemonHandle] = []
+
+    def start(self, **kwargs: object) -> DaemonHandle:
+        handle = start_daemon(self.tmp_path, name=f"daemon{len(self.started)}", **kwargs)  # type: ignore[arg-type]
+        self.started.append(handle)
+        return handle
+
+    def finish_all(self) -> None:
+        errors: list[BaseException] = []
+        served: set[Path] = set()
+        for handle in reversed(self.started):  # a restarted daemon serves the old path
+            if handle.stopped and handle.device in served:
+                continue
+            served.add(handle.device)
+            try:
+                finish(handle)
+            except BaseException as err:
+                errors.append(err)
+        if errors:
+            raise errors[0]
+
+
+@pytest.fixture
+def daemon_factory(tmp_path: Path) -> Iterator[DaemonFactory]:
+    factory = DaemonFactory(tmp_path)
+    try:
+        yield factory
+    finally:
+        factory.finish_all()
