@@ -146,6 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="run the parser without its seccomp filter (debugging only)",
     )
+    ap.add_argument(
+        "--mount-ns-pid",
+        type=_positive_int,
+        default=1,
+        metavar="PID",
+        help="FUSE mode: mount the helper in PID's mount namespace (default 1, the host's)",
+    )
     ap.add_argument("--ready-fd", type=int, metavar="FD", help="write one byte to FD when ready")
     limits = ap.add_argument_group("parser limits (per DOF)")
     limits.add_argument("--max-dof-size", type=_positive_int, default=DEFAULT_MAX_DOF_SIZE)
@@ -282,6 +289,7 @@ class Daemon:
                 self._handle,
                 max_dof_size=args.limits.max_dof_size,
                 log=logging.getLogger("dtprobed.device"),
+                host_ns_pid=args.mount_ns_pid,
             )
         except DeviceError as err:
             raise FatalStartup(EXIT_FATAL, f"cannot serve {args.device}: {err}") from err

@@ -135,3 +135,30 @@ def test_daemon_sigkilled_and_restarted(
     survivor.kill()
     second.wait_for("the survivor pruned", lambda: second.stash_pids() == [])
     second.verify()
+
+
+def test_writer_that_cannot_restart_makes_the_daemon_exit_2(
+    daemon_factory: DaemonFactory, loose_clients: Clients, tmp_path: Path
+) -> None:
+    daemon = daemon_factory.start()
+    dof = write_dof(tmp_path, "w", code_dof().data)
+    client = loose_clients.start()
+    assert client.register(dof)["gen"] == 0
+    # Pull the state directory away and kill the writer: no new writer can start.
+    daemon.state_dir.rename(tmp_path / "run.moved")
+    daemon.state_dir.write_text("not a directory")
+    os.kill(daemon.writer_pid(), signal.SIGKILL)
+    answers = []
+    while daemon.proc.poll() is None and len(answers) < 20:
+        answer = client.register(dof)
+        if answer.get("errno") != errno.EINVAL:
+            # the daemon gave up while this one was in flight: the kernel ends the
+            # request when the device goes (ECONNABORTED or ENOTCONN)
+            assert answer.get("errno") in (errno.ECONNABORTED, errno.ENOTCONN), answer
+            break
+        answers.append(answer)
+    assert len(answers) >= 1
+    assert daemon.proc.wait(30) == 2  # restartable: systemd may try again
+    daemon.stopped = True
+    assert "stash writer failed" in daemon.log_text()
+    assert not mounted(daemon.device)

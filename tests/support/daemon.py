@@ -208,6 +208,7 @@ def start_daemon(
     state_dir: Path | None = None,
     wrap: Sequence[str] = (),
     name: str = "daemon",
+    env: dict[str, str] | None = None,
 ) -> DaemonHandle:
     """Start a private daemon and wait until it is ready."""
     device = device or tmp_path / "helper"
@@ -237,8 +238,10 @@ def start_daemon(
         "30",
         *extra_args,
     ]
-    env = dict(os.environ)
-    env.pop("NOTIFY_SOCKET", None)
+    environ = dict(os.environ)
+    for var in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
+        environ.pop(var, None)
+    environ.update(env or {})
     proc = subprocess.Popen(
         argv,
         pass_fds=[ready_w],
@@ -247,7 +250,7 @@ def start_daemon(
         stderr=subprocess.STDOUT,
         start_new_session=True,
         cwd=REPO,
-        env=env,
+        env=environ,
     )
     os.close(ready_w)
     handle = DaemonHandle(proc, device, state_dir, log_path, argv, log_file)
