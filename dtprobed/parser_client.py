@@ -42,7 +42,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Final
 
 import msgspec
@@ -361,7 +361,6 @@ class ParserChild:
         self._send(child, frame, deadline)
         checked = _Checked(self.limits)
         pending = bytearray()
-        logs = 0
         while not checked.done:
             left = deadline - time.monotonic()
             if left <= 0 or not child.poll_in.poll(max(1, int(left * 1000))):
@@ -383,18 +382,7 @@ class ParserChild:
                 batches, used = self._decoder.split(pending)
                 del pending[:used]
                 for batch in batches:
-                    if checked.done:
-                        raise ProtocolError("records after the end of the stream")
-                    for rec in batch:
-                        if isinstance(rec, Log):
-                            logs += 1
-                            if logs > MAX_LOG_RECORDS:
-                                raise ProtocolError(f"more than {MAX_LOG_RECORDS} Log records")
-                            self._emit(rec)
-                        elif checked.done:
-                            raise ProtocolError("records after the end of the stream")
-                        else:
-                            checked.feed(rec)
+                    checked.feed_batch(batch, self._emit)
                 if checked.done and pending:
                     raise ProtocolError("bytes after the end of the stream")
             except ProtocolError as err:
@@ -434,6 +422,8 @@ class _Checked:
         )
         self._max_providers = limits.max_providers
         self.records: list[ResultRecord] = []
+        self.providers = 0
+        self.logs = 0
 
     @classmethod
     def from_records(cls, records: list[ResultRecord], limits: ParseLimits) -> _Checked:
@@ -455,7 +445,30 @@ class _Checked:
         return self._checker.probes
 
     def feed(self, rec: ResultRecord) -> None:
-        self._checker.feed(rec)
-        if isinstance(rec, Provider) and len(self._checker.providers) > self._max_providers:
-            raise ProtocolError(f"more than {self._max_providers} providers")
-        self.records.append(rec)
+        self.feed_batch([rec], _no_log)
+
+    def feed_batch(self, batch: list[ParserRecord], on_log: Callable[[Log], None]) -> None:
+        """Check a batch record by record (the hot loop: 2000 probes are ~6000 records)."""
+        checker = self._checker
+        feed = checker.feed
+        append = self.records.append
+        for rec in batch:
+            kind = type(rec)
+            if kind is Log:
+                if checker.done:
+                    raise ProtocolError("Log record after the end of the stream")
+                self.logs += 1
+                if self.logs > MAX_LOG_RECORDS:
+                    raise ProtocolError(f"more than {MAX_LOG_RECORDS} Log records")
+                on_log(rec)  # type: ignore[arg-type]
+                continue
+            feed(rec)  # type: ignore[arg-type]  # after the end record: "expected nothing"
+            append(rec)  # type: ignore[arg-type]
+            if kind is Provider:
+                self.providers += 1
+                if self.providers > self._max_providers:
+                    raise ProtocolError(f"more than {self._max_providers} providers")
+
+
+def _no_log(rec: Log) -> None:
+    raise ProtocolError("Log record where none may be")
