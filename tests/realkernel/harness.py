@@ -268,9 +268,12 @@ class PrivateDaemon:
         try:
             ready, _, _ = select.select([read_end], [], [], WAIT_S)
             if not ready or not os.read(read_end, 1):
+                status = self.proc.poll()
                 self.proc.kill()
                 self.proc.wait()
-                raise RuntimeError(f"dtprobed did not get ready:\n{self.log()}")
+                self.proc = None
+                why = f"exited with {status}" if status is not None else f"silent for {WAIT_S} s"
+                raise RuntimeError(f"dtprobed did not get ready ({why}):\n{self.log()}")
         finally:
             os.close(read_end)
 

@@ -148,9 +148,11 @@ def scenario_register_and_remove(env: ScenarioEnv, kind: ClientKind) -> None:
     assert client.remove(7) == (0, 0)  # unknown generation: not an error
     assert tree(state) == after_first
     assert client.remove(1) == (0, 0)
-    assert generations(state, client.pid) == {}
+    # the last mapping went, so the process's directory (and next-gen) went too
+    # (reference §4.5 step 8): the next registration starts again at 0
+    assert not pid_dir(state, client.pid).exists()
     assert probe_names(state, client.pid) == set()
-    assert client.add("mod") == (2, 0)  # generations are never reused
+    assert client.add("mod") == (0, 0)
     client.finish()
     wait_pruned(env, client.pid)
 
