@@ -17,10 +17,11 @@ is strictly ascending, and no ``prv:mod:fun:prb`` appears twice.
 from __future__ import annotations
 
 import enum
-from typing import Final, NamedTuple
+from collections.abc import Callable
+from typing import Any, Final, NamedTuple
 
 from common.errors import ProtocolError
-from common.names import NameRefused, check_probespec
+from common.names import NAME_MAX, printable
 from common.records import (
     ArgsMap,
     ArgsNative,
@@ -60,33 +61,51 @@ class _State(enum.Enum):
     DONE = "nothing"
 
 
-_ALLOWED: Final[dict[_State, tuple[type, ...]]] = {
-    _State.START: (Provider, Eof, Err),
-    _State.PROBE: (Probe,),
-    _State.NATIVE: (ArgsNative,),
-    _State.XLAT: (ArgsXlat,),
-    _State.MAP: (ArgsMap,),
-    _State.TRACEPOINT: (Tracepoint,),
-    _State.NEXT: (Provider, Eof),
-    _State.DONE: (),
+_ALLOWED: Final[dict[_State, frozenset[type]]] = {
+    _State.START: frozenset((Provider, Eof, Err)),
+    _State.PROBE: frozenset((Probe,)),
+    _State.NATIVE: frozenset((ArgsNative,)),
+    _State.XLAT: frozenset((ArgsXlat,)),
+    _State.MAP: frozenset((ArgsMap,)),
+    _State.TRACEPOINT: frozenset((Tracepoint,)),
+    _State.NEXT: frozenset((Provider, Eof)),
+    _State.DONE: frozenset(),
 }
 
 
 class StreamChecker:
-    """Feed records one by one; :attr:`result` is set once the stream has ended."""
+    """Feed records one by one; :attr:`done` is true once the stream has ended.
+
+    This runs on every record of every registration, twice (receiver and
+    writer), so the hot path is a dict lookup on the exact record type and one
+    small method per record kind.  Names need no second check here: a record
+    cannot exist unless ``__post_init__`` passed them through the name policy;
+    only the combined ``prv:mod:fun:prb`` length is new information.
+    """
 
     def __init__(self, max_probes: int | None = None, max_tracepoints: int | None = None) -> None:
         self._state = _State.START
+        self._allowed = _ALLOWED[_State.START]
         self._provider: Provider | None = None
         self._probes_left = 0
         self._probe: Probe | None = None
         self._args: list[ArgsNative | ArgsXlat | ArgsMap] = []
         self._tps: list[Tracepoint] = []
-        self._seen: set[str] = set()
+        self._seen: set[tuple[str, str, str, str]] = set()
         self._max_probes = max_probes
         self._max_tracepoints = max_tracepoints
-        self._ntracepoints = 0
+        self._tracepoints_left = max_tracepoints
         self._count = 0
+        self._handlers: dict[type, Callable[[Any], None]] = {
+            Err: self._on_err,
+            Eof: self._on_eof,
+            Provider: self._on_provider,
+            Probe: self._on_probe,
+            ArgsNative: self._on_native,
+            ArgsXlat: self._on_xlat,
+            ArgsMap: self._on_map,
+            Tracepoint: self._on_tracepoint,
+        }
         self.probes: list[ParsedProbe] = []
         self.providers: list[Provider] = []
         self.error: Err | None = None
@@ -103,95 +122,94 @@ class StreamChecker:
     def _fail(self, why: str) -> ProtocolError:
         return ProtocolError(f"record {self._count}: {why}")
 
+    def _goto(self, state: _State) -> None:
+        self._state = state
+        self._allowed = _ALLOWED[state]
+
     def feed(self, rec: ResultRecord) -> None:
-        state = self._state
-        if not isinstance(rec, _ALLOWED[state]):
-            raise self._fail(f"unexpected {type(rec).__name__}, expected {state.value}")
+        kind = type(rec)
+        if kind not in self._allowed:
+            raise self._fail(f"unexpected {kind.__name__}, expected {self._state.value}")
         self._count += 1
-        match rec:
-            case Err():
-                self.error = rec
-                self._state = _State.DONE
-            case Eof():
-                self._state = _State.DONE
-            case Provider():
-                self._provider = rec
-                self.providers.append(rec)
-                self._probes_left = rec.nprobes
-                self._state = _State.PROBE if rec.nprobes else _State.NEXT
-            case Probe():
-                self._start_probe(rec)
-            case ArgsNative():
-                probe = self._require_probe()
-                if len(rec.args) != probe.nargc:
-                    raise self._fail(
-                        f"ARGS_NATIVE has {len(rec.args)} types, nargc is {probe.nargc}"
-                    )
-                self._args.append(rec)
-                self._state = _State.XLAT if probe.xargc else _State.TRACEPOINT
-            case ArgsXlat():
-                probe = self._require_probe()
-                if len(rec.args) != probe.xargc:
-                    raise self._fail(f"ARGS_XLAT has {len(rec.args)} types, xargc is {probe.xargc}")
-                self._args.append(rec)
-                self._state = _State.MAP
-            case ArgsMap():
-                probe = self._require_probe()
-                if len(rec.map) != probe.xargc:
-                    raise self._fail(f"ARGS_MAP has {len(rec.map)} entries, xargc is {probe.xargc}")
-                bad = [i for i in rec.map if i >= probe.nargc]
-                if bad:
-                    raise self._fail(f"ARGS_MAP entry {bad[0]} not below nargc {probe.nargc}")
-                self._args.append(rec)
-                self._state = _State.TRACEPOINT
-            case Tracepoint():
-                self._add_tracepoint(rec)
+        self._handlers[kind](rec)
 
-    def _require_probe(self) -> Probe:
-        assert self._probe is not None  # guaranteed by the state table
-        return self._probe
+    def _on_err(self, rec: Err) -> None:
+        self.error = rec
+        self._goto(_State.DONE)
 
-    def _start_probe(self, probe: Probe) -> None:
-        assert self._provider is not None
+    def _on_eof(self, rec: Eof) -> None:
+        self._goto(_State.DONE)
+
+    def _on_provider(self, rec: Provider) -> None:
+        self._provider = rec
+        self.providers.append(rec)
+        self._probes_left = rec.nprobes
+        self._goto(_State.PROBE if rec.nprobes else _State.NEXT)
+
+    def _on_probe(self, probe: Probe) -> None:
+        provider = self._provider
+        assert provider is not None  # guaranteed by the state table
         self._probes_left -= 1
         if self._max_probes is not None and len(self.probes) >= self._max_probes:
             raise self._fail(f"more than {self._max_probes} probes")
-        spec = f"{self._provider.name}:{probe.mod}:{probe.fun}:{probe.prb}"
-        try:
-            check_probespec(self._provider.name, probe.mod, probe.fun, probe.prb)
-        except NameRefused as err:
-            raise self._fail(str(err)) from None
-        if spec in self._seen:
-            raise self._fail(f"duplicate probe {spec}")
-        self._seen.add(spec)
+        key = (provider.name, probe.mod, probe.fun, probe.prb)
+        spec = ":".join(key)
+        if len(spec) > NAME_MAX or (not spec.isascii() and len(spec.encode()) > NAME_MAX):
+            raise self._fail(f'probe "{printable(spec)}" too long for a file name')
+        if key in self._seen:
+            raise self._fail(f"duplicate probe {printable(spec)}")
+        self._seen.add(key)
         self._probe = probe
         self._args = []
         self._tps = []
-        if probe.xargc and not probe.nargc:
-            raise self._fail("xargc without nargc")
-        self._state = _State.NATIVE if probe.nargc else _State.TRACEPOINT
+        self._goto(_State.NATIVE if probe.nargc else _State.TRACEPOINT)
 
-    def _add_tracepoint(self, tp: Tracepoint) -> None:
-        probe = self._require_probe()
-        if self._tps:
-            last = self._tps[-1]
+    def _on_native(self, rec: ArgsNative) -> None:
+        probe = self._probe
+        assert probe is not None
+        if len(rec.args) != probe.nargc:
+            raise self._fail(f"ARGS_NATIVE has {len(rec.args)} types, nargc is {probe.nargc}")
+        self._args.append(rec)
+        self._goto(_State.XLAT if probe.xargc else _State.TRACEPOINT)
+
+    def _on_xlat(self, rec: ArgsXlat) -> None:
+        probe = self._probe
+        assert probe is not None
+        if len(rec.args) != probe.xargc:
+            raise self._fail(f"ARGS_XLAT has {len(rec.args)} types, xargc is {probe.xargc}")
+        self._args.append(rec)
+        self._goto(_State.MAP)
+
+    def _on_map(self, rec: ArgsMap) -> None:
+        probe = self._probe
+        assert probe is not None
+        if len(rec.map) != probe.xargc:
+            raise self._fail(f"ARGS_MAP has {len(rec.map)} entries, xargc is {probe.xargc}")
+        if max(rec.map) >= probe.nargc:
+            raise self._fail(f"ARGS_MAP entry {max(rec.map)} not below nargc {probe.nargc}")
+        self._args.append(rec)
+        self._goto(_State.TRACEPOINT)
+
+    def _on_tracepoint(self, tp: Tracepoint) -> None:
+        tps = self._tps
+        if tps:
+            last = tps[-1]
             if last.is_enabled and not tp.is_enabled:
                 raise self._fail("regular tracepoint after an is-enabled one")
             if last.is_enabled == tp.is_enabled and tp.addr <= last.addr:
                 raise self._fail(f"tracepoint {tp.addr:#x} not above {last.addr:#x}")
-        self._ntracepoints += 1
-        if self._max_tracepoints is not None and self._ntracepoints > self._max_tracepoints:
-            raise self._fail(f"more than {self._max_tracepoints} tracepoints")
-        self._tps.append(tp)
-        if len(self._tps) == probe.ntp:
+        if self._tracepoints_left is not None:
+            self._tracepoints_left -= 1
+            if self._tracepoints_left < 0:
+                raise self._fail(f"more than {self._max_tracepoints} tracepoints")
+        tps.append(tp)
+        probe = self._probe
+        assert probe is not None
+        if len(tps) == probe.ntp:
             assert self._provider is not None
-            self.probes.append(
-                ParsedProbe(self._provider, probe, tuple(self._args), tuple(self._tps))
-            )
+            self.probes.append(ParsedProbe(self._provider, probe, tuple(self._args), tuple(tps)))
             self._probe = None
-            self._state = _State.NEXT if self._probes_left == 0 else _State.PROBE
-        else:
-            self._state = _State.TRACEPOINT
+            self._goto(_State.PROBE if self._probes_left else _State.NEXT)
 
 
 def check_stream(records: list[ResultRecord], **limits: int | None) -> StreamChecker:

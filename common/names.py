@@ -49,6 +49,17 @@ def printable(value: str | bytes) -> str:
 def check_name(kind: str, value: str) -> None:
     """Refuse *value* as a *kind* name ("provider", "module", "function", "probe")."""
     limit = MAX_NAME_BYTES[kind]
+    # Fast path for the common case (every record of every registration comes
+    # through here): printable ASCII, where characters are bytes.
+    if (
+        value.isascii()
+        and value.isprintable()
+        and 0 < len(value) <= limit
+        and "/" not in value
+        and ":" not in value
+        and value not in (".", "..")
+    ):
+        return
     if not value:
         raise NameRefused(f"{kind} name is empty")
     if value in (".", ".."):
