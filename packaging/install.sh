@@ -112,14 +112,7 @@ EOF
     mv -f "$dest.tmp" "$dest"
 }
 # [project.scripts] of pyproject.toml is the source of the names and targets.
-while read -r name module function; do
-    case $name in
-        dtprobed) write_entry_point "$name" "$sbin_dir" "$module" "$function" ;;
-        *) write_entry_point "$name" "$bin_dir" "$module" "$function" ;;
-    esac
-    # pip's copy names the staging path in a --root install: only ours stays.
-    rm -f "$venv/bin/$name"
-done < <("$python" - "$src/pyproject.toml" <<'EOF'
+scripts=$("$python" - "$src/pyproject.toml" <<'EOF'
 import sys
 import tomllib
 
@@ -130,6 +123,14 @@ for name, target in scripts.items():
     print(name, module, function)
 EOF
 )
+while read -r name module function; do
+    case $name in
+        dtprobed) write_entry_point "$name" "$sbin_dir" "$module" "$function" ;;
+        *) write_entry_point "$name" "$bin_dir" "$module" "$function" ;;
+    esac
+    # pip's copy names the staging path in a --root install: only ours stays.
+    rm -f "$venv/bin/$name"
+done <<<"$scripts"
 
 # --- systemd, udev, man pages, docs --------------------------------------------------
 install_file() {  # mode source destination-dir [name]

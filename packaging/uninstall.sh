@@ -102,7 +102,7 @@ while read -r path; do
     if [ -e "$root$path" ] || [ -L "$root$path" ]; then
         rm -rf -- "$root$path"
     fi
-done < <(dtprobed_installed_files)
+done <<<"$(dtprobed_installed_files)"
 # Directories install.sh may have created and that are now empty.
 for dir in "$man_dir/man8" "$man_dir/man1" "$preset_dir" "$udev_rules_dir"; do
     rmdir "$root$dir" 2>/dev/null || true

@@ -47,6 +47,10 @@ for node in null zero full random urandom tty fuse; do
     mount --bind "$hostdev/$node" "/dev/$node"
 done
 mkdir /dev/shm /dev/pts
+ln -s /proc/self/fd /dev/fd
+ln -s /proc/self/fd/0 /dev/stdin
+ln -s /proc/self/fd/1 /dev/stdout
+ln -s /proc/self/fd/2 /dev/stderr
 mount -t tmpfs -o mode=1777 tmpfs /dev/shm
 umount -l "$hostdev"
 
