@@ -9,6 +9,12 @@ if [ ! -x "$venv/bin/python" ]; then
     python3 -m venv "$venv"
 fi
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e '.[test]'
+# tests/packaging: systemd-analyze and systemd itself (Debian's systemd), man and groff.
+if ! command -v systemd-analyze >/dev/null || ! command -v groff >/dev/null \
+    || ! command -v man >/dev/null; then
+    apt-get install -y -q systemd man-db groff-base >/dev/null \
+        || { apt-get update -q && apt-get install -y -q systemd man-db groff-base; }
+fi
 echo "== ruff"
 "$venv/bin/ruff" check .
 "$venv/bin/ruff" format --check .
