@@ -279,11 +279,18 @@ def identify(tid: int, dof_addr: int) -> Caller:
     Opens a pidfd on the process first, so the result is known to describe
     the process that is still blocked in its ioctl (checked again at the end).
     """
-    pid = tgid_of(tid)
+    if tid <= 0:
+        raise RequestRejected(errno.EINVAL, "caller is outside the daemon's pid namespace")
     try:
-        pidfd = os.pidfd_open(pid)
-    except OSError as err:
-        raise _vanished(pid, err) from err
+        # Most callers are single-threaded: pidfd_open succeeds only on a thread-group
+        # leader (EINVAL for other threads), which spares reading /proc/TID/status.
+        pid, pidfd = tid, os.pidfd_open(tid)
+    except OSError:
+        pid = tgid_of(tid)
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError as err:
+            raise _vanished(pid, err) from err
     handed_over = False
     try:
         start_time = parse_start_time(_read_proc(f"/proc/{pid}/stat"))

@@ -209,6 +209,7 @@ def start_daemon(
     wrap: Sequence[str] = (),
     name: str = "daemon",
     env: dict[str, str] | None = None,
+    debug: bool = True,
 ) -> DaemonHandle:
     """Start a private daemon and wait until it is ready."""
     device = device or tmp_path / "helper"
@@ -223,7 +224,7 @@ def start_daemon(
         "-m",
         "dtprobed",
         "-F",
-        "-d",
+        *(["-d"] if debug else []),
         "--device",
         str(device),
         "--device-mode",

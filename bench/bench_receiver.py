@@ -1,0 +1,267 @@
+"""What a USDT program sees: ioctl latency, throughput and prune delay through the FUSE helper.
+
+Runs a private daemon (FUSE mode, private helper path and state dir, no debug
+logging) and real client processes.  Each registration is made by a fresh
+forked process, as a program starting up would: every one creates its own
+``dof-pid/$pid`` tree, and every one is pruned when it exits.
+
+Measures:
+
+1. client-observed ``ioctl(ADDDOF)`` wall time (p50/p99) for a 3-probe DOF,
+   a 2000-probe DOF without arguments and a 2000-probe DOF with 3 arguments
+   each (~206 KiB, upstream's tst.manyprobes size);
+2. registrations per second from many concurrent short-lived clients;
+3. time from a client's exit (its parent's ``waitpid`` returning) to its
+   ``dof-pid/$pid`` directory being gone;
+4. p99 of small registrations while a 20000-probe registration is in flight.
+
+Usage: ``.venv/bin/python bench/bench_receiver.py [--quick]``
+Targets (issue 4): p50 ≤ 1 ms, p99 ≤ 5 ms small; ≥ 1000 reg/s; prune ≤ 100 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import json
+import mmap
+import os
+import shlex
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common.dof_build import ProbeSpec, ProviderSpec, build_dof, build_helper
+from common.ioctl import DTRACEHIOC_ADDDOF
+from tests.support.client import CODE_ADDR, CODE_SIZE, map_file
+from tests.support.daemon import finish, start_daemon
+
+
+def small_dof() -> bytes:
+    probes = [
+        ProbeSpec("main", f"p{i}", [0x10], addr=CODE_ADDR + 0x100 * (i + 1)) for i in range(3)
+    ]
+    return build_dof([ProviderSpec("bench", probes)]).data
+
+
+def many_dof(nprobes: int, nargs: int) -> bytes:
+    args = ["int", "char *", "long"][:nargs]
+    probes = [
+        ProbeSpec(
+            f"test_function_{i:05d}",
+            f"test_probe_{i:05d}",
+            [0x4],
+            addr=CODE_ADDR + 2 * (i % (CODE_SIZE // 2 - 8)),
+            native=args,
+        )
+        for i in range(nprobes)
+    ]
+    return build_dof([ProviderSpec("bench", probes)]).data
+
+
+class Bench:
+    def __init__(self, device: Path, workdir: Path) -> None:
+        self.device = str(device)
+        self.workdir = workdir
+        code = workdir / "code.bin"
+        code.write_bytes(b"\xcc" * CODE_SIZE)
+        map_file(str(code), CODE_SIZE, mmap.PROT_READ | mmap.PROT_EXEC, CODE_ADDR)
+        self._n = 0
+
+    def mapped_helper(self, data: bytes) -> bytearray:
+        """Write *data* to a file, map it (file-backed, like an ELF object), return the helper."""
+        self._n += 1
+        path = self.workdir / f"dof{self._n}.dof"
+        path.write_bytes(data)
+        addr = map_file(str(path), len(data), mmap.PROT_READ)
+        return bytearray(build_helper("bench", addr=0, dof=addr))
+
+    def register_timed(self, helper: bytearray) -> tuple[float, int]:
+        """(ioctl seconds, result or -errno) for one ADDDOF from this process."""
+        fd = os.open(self.device, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            t0 = time.perf_counter()
+            try:
+                result = fcntl.ioctl(fd, DTRACEHIOC_ADDDOF, helper, True)
+            except OSError as err:
+                result = -(err.errno or 0)
+            return time.perf_counter() - t0, result
+        finally:
+            os.close(fd)
+
+    def in_children(
+        self, helper: bytearray, count: int, concurrency: int
+    ) -> list[tuple[float, int, int]]:
+        """Fork *count* short-lived children (at most *concurrency* at once), each
+        registering once; returns (ioctl seconds, result, pid) per child."""
+        r, w = os.pipe()
+        results: list[tuple[float, int, int]] = []
+        running = 0
+        started = 0
+        buf = b""
+        while len(results) < count:
+            while running < concurrency and started < count:
+                pid = os.fork()
+                if pid == 0:
+                    os.close(r)
+                    elapsed, result = self.register_timed(helper)
+                    os.write(w, f"{elapsed} {result} {os.getpid()}\n".encode())
+                    os._exit(0)
+                running += 1
+                started += 1
+            os.waitpid(-1, 0)
+            running -= 1
+            # collect whatever lines arrived
+            os.set_blocking(r, False)
+            with contextlib.suppress(BlockingIOError):
+                buf += os.read(r, 1 << 16)
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                a, b, c = line.split()
+                results.append((float(a), int(b), int(c)))
+            if running == 0 and started == count and len(results) < count:
+                os.set_blocking(r, True)
+                buf += os.read(r, 1 << 16)
+        os.close(r)
+        os.close(w)
+        return results
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def ms(x: float) -> str:
+    return f"{x * 1000:.2f} ms"
+
+
+def wait_gone(path: Path, timeout: float = 10.0) -> float:
+    t0 = time.perf_counter()
+    while path.exists():
+        if time.perf_counter() - t0 > timeout:
+            return float("inf")
+        time.sleep(0.0002)
+    return time.perf_counter()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="fewer samples")
+    args = ap.parse_args()
+    n_small = 200 if args.quick else 1000
+    n_big = 10 if args.quick else 30
+    n_rate = 500 if args.quick else 2000
+    n_prune = 50 if args.quick else 200
+    print(f"command: {' '.join(shlex.quote(a) for a in [sys.executable, *sys.argv])}")
+    print(f"machine: {os.cpu_count()} cpus, load {os.getloadavg()[0]:.1f}")
+    with tempfile.TemporaryDirectory(prefix="bench-receiver-") as tmp:
+        tmp_path = Path(tmp)
+        daemon = start_daemon(tmp_path, debug=False)
+        try:
+            bench = Bench(daemon.device, tmp_path)
+            report: dict[str, object] = {}
+
+            # 1. latency, each registration from a fresh process, one at a time
+            for label, data, count in [
+                ("3 probes", small_dof(), n_small),
+                ("2000 probes, no args", many_dof(2000, 0), n_big),
+                ("2000 probes, 3 args", many_dof(2000, 3), n_big),
+            ]:
+                helper = bench.mapped_helper(data)
+                res = bench.in_children(helper, count, 1)
+                ok = [t for t, r, _ in res if r >= 0]
+                failed = len(res) - len(ok)
+                print(
+                    f"ADDDOF {label:22s} ({len(data):7d} bytes): p50 {ms(pct(ok, 0.5))}, "
+                    f"p99 {ms(pct(ok, 0.99))}, n={len(ok)}"
+                    + (f", {failed} failed" if failed else "")
+                )
+                report[label] = {"p50_ms": pct(ok, 0.5) * 1000, "p99_ms": pct(ok, 0.99) * 1000}
+            daemon.wait_for("prune", lambda: daemon.stash_pids() == [], 60)
+
+            # 2. throughput: many concurrent short-lived clients
+            helper = bench.mapped_helper(small_dof())
+            t0 = time.perf_counter()
+            res = bench.in_children(helper, n_rate, 64)
+            wall = time.perf_counter() - t0
+            ok = [t for t, r, _ in res if r >= 0]
+            print(
+                f"throughput: {len(ok)} registrations by {n_rate} processes (64 at a time) in "
+                f"{wall:.2f} s = {len(ok) / wall:.0f} reg/s; ioctl p50 {ms(pct(ok, 0.5))}, "
+                f"p99 {ms(pct(ok, 0.99))}"
+            )
+            report["reg_per_s"] = len(ok) / wall
+            daemon.wait_for("prune", lambda: daemon.stash_pids() == [], 60)
+
+            # 3. exit -> stash entries gone
+            delays = []
+            dofpid = daemon.state_dir / "stash" / "dof-pid"
+            helper = bench.mapped_helper(small_dof())
+            for _ in range(n_prune):
+                go_r, go_w = os.pipe()
+                pid = os.fork()
+                if pid == 0:
+                    os.close(go_w)
+                    bench.register_timed(helper)
+                    os.read(go_r, 1)
+                    os._exit(0)
+                os.close(go_r)
+                daemon.wait_for("registration", lambda p=pid: (dofpid / str(p)).exists())  # type: ignore[misc]
+                os.close(go_w)  # child exits
+                os.waitpid(pid, 0)
+                exited = time.perf_counter()
+                delays.append(wait_gone(dofpid / str(pid)) - exited)
+            print(
+                f"prune after exit: p50 {ms(pct(delays, 0.5))}, p99 {ms(pct(delays, 0.99))}, max {ms(max(delays))}, n={len(delays)}"
+            )
+            report["prune_p50_ms"] = pct(delays, 0.5) * 1000
+            report["prune_p99_ms"] = pct(delays, 0.99) * 1000
+
+            # 4. small registrations while a 20000-probe one is in flight
+            huge = bench.mapped_helper(many_dof(20000, 3))
+            small = bench.mapped_helper(small_dof())
+            baseline = [t for t, r, _ in bench.in_children(small, 100, 1) if r >= 0]
+            outcome: dict[str, object] = {}
+
+            def huge_one() -> None:
+                # from this process, in a thread: no fork, so in_children's waitpid
+                # in the main thread can't reap it
+                outcome["huge"] = bench.register_timed(huge)
+
+            thread = threading.Thread(target=huge_one)
+            thread.start()
+            during: list[float] = []
+            failures = 0
+            t0 = time.perf_counter()
+            while thread.is_alive() and time.perf_counter() - t0 < 120:
+                for t, r, _ in bench.in_children(small, 20, 1):
+                    if r >= 0:
+                        during.append(t)
+                    else:
+                        failures += 1
+            thread.join()
+            huge_t, huge_r = outcome["huge"]  # type: ignore[misc]
+            print(
+                f"20000-probe ADDDOF: {huge_t:.2f} s, result {huge_r}; small ADDDOF meanwhile: "
+                f"n={len(during)}, p50 {ms(pct(during, 0.5)) if during else '-'}, "
+                f"p99 {ms(pct(during, 0.99)) if during else '-'}, max {ms(max(during)) if during else '-'}"
+                f", {failures} failed; alone: p50 {ms(pct(baseline, 0.5))}, p99 {ms(pct(baseline, 0.99))}"
+            )
+            report["during_huge"] = {
+                "huge_s": huge_t,
+                "huge_result": huge_r,
+                "small_p99_ms": pct(during, 0.99) * 1000 if during else None,
+            }
+            print("json:", json.dumps(report))
+        finally:
+            finish(daemon)
+
+
+if __name__ == "__main__":
+    main()
