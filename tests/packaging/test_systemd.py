@@ -32,6 +32,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -168,8 +169,8 @@ def nested_systemd(staged: StagedInstall, tmp_path: Path) -> Iterator[NestedSyst
             remove_cgroup_tree(cg)
 
 
-def register_client(nested: NestedSystemd) -> tuple[subprocess.Popen[str], int]:
-    """A fake USDT client in the nested host namespace, once registered, and its pid there."""
+def start_client(nested: NestedSystemd) -> tuple[subprocess.Popen[str], dict[str, Any]]:
+    """A fake USDT client in the nested host namespace that registers at start-up."""
     client = subprocess.Popen(
         [
             "nsenter",
@@ -193,8 +194,25 @@ def register_client(nested: NestedSystemd) -> tuple[subprocess.Popen[str], int]:
         text=True,
     )
     assert client.stdout is not None
-    hello = json.loads(client.stdout.readline() or "{}")
-    assert hello.get("register", {}).get("gen") == 0, (hello, nested.daemon_log())
+    hello: dict[str, Any] = json.loads(client.stdout.readline() or "{}")
+    return client, hello
+
+
+def end_client(client: subprocess.Popen[str]) -> None:
+    assert client.stdin is not None and client.stdout is not None
+    with contextlib.suppress(BrokenPipeError):
+        client.stdin.write('{"op": "exit"}\n')
+        client.stdin.close()
+    client.wait(30)
+    client.stdout.close()
+
+
+def register_client(nested: NestedSystemd) -> tuple[subprocess.Popen[str], int]:
+    """A fake USDT client in the nested host namespace, once registered, and its pid there."""
+    client, hello = start_client(nested)
+    if hello.get("register", {}).get("gen") != 0:
+        end_client(client)
+        pytest.fail(f"registration failed: {hello}\n{nested.daemon_log()}")
     return client, int(hello["pid"])
 
 
@@ -255,12 +273,7 @@ def test_unit_runs_hardened_under_systemd(nested_systemd: NestedSystemd, tmp_pat
         assert after["MainPID"] != main_pid
         assert nested.run("test", "-d", stash_pid_dir).returncode == 0, nested.daemon_log()
     finally:
-        assert client.stdin is not None
-        client.stdin.write('{"op": "exit"}\n')
-        client.stdin.close()
-        client.wait(30)
-        assert client.stdout is not None
-        client.stdout.close()
+        end_client(client)
     nested.wait_for(
         "the exited client to be pruned",
         lambda: nested.run("test", "-e", stash_pid_dir).returncode != 0,
@@ -279,3 +292,47 @@ def test_unit_runs_hardened_under_systemd(nested_systemd: NestedSystemd, tmp_pat
     log = nested.daemon_log()
     assert "Traceback" not in log, log
     assert "stopped (exit status 0)" in log, log
+
+
+CAPABILITIES = ("CAP_SYS_ADMIN", "CAP_SYS_CHROOT", "CAP_SYS_PTRACE")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_each_capability_of_the_bounding_set_is_needed(
+    nested_systemd: NestedSystemd, tmp_path: Path
+) -> None:
+    """Drop one capability at a time (a drop-in): the daemon must no longer serve.
+
+    Without CAP_SYS_ADMIN or CAP_SYS_CHROOT the mount in pid 1's namespace is
+    refused and the daemon exits 1, which RestartPreventExitStatus=1 keeps
+    from restarting; without CAP_SYS_PTRACE it can't look at pid 1's namespace
+    nor read the caller, and the client's registration fails.
+    """
+    nested = nested_systemd
+    code_file(tmp_path)
+    write_dof(tmp_path, "probes", code_dof().data)
+    dropin = "/etc/systemd/system/dtprobed.service.d/caps.conf"
+    for dropped in CAPABILITIES:
+        kept = " ".join(cap for cap in CAPABILITIES if cap != dropped)
+        written = nested.run(
+            "sh",
+            "-c",
+            f"printf '[Service]\\nCapabilityBoundingSet=\\nCapabilityBoundingSet={kept}\\n'"
+            f" > {dropin} && systemctl daemon-reload",
+        )
+        assert written.returncode == 0, written.stderr
+        nested.systemctl("reset-failed", "dtprobed.service")
+        nested.systemctl("restart", "dtprobed.service")
+        state = nested.show("ActiveState", "ExecMainStatus", "NRestarts")
+        client, hello = start_client(nested)
+        end_client(client)
+        log = nested.daemon_log()
+        assert "gen" not in hello.get("register", {}), (dropped, hello, state, log)
+        if dropped != "CAP_SYS_PTRACE":
+            assert state == {"ActiveState": "failed", "ExecMainStatus": "1", "NRestarts": "0"}, (
+                dropped,
+                state,
+                log,
+            )
+            assert "Operation not permitted" in log, log
