@@ -4,7 +4,8 @@
 #
 # Run by tests/packaging/test_systemd.py as:
 #   unshare --pid --fork --mount --cgroup --propagation private --mount-proc \
-#       bash nested-systemd.sh STAGE_ROOT WORK_DIR hybrid|unified
+#       bash nested-systemd.sh STAGE_ROOT|none WORK_DIR hybrid|unified
+# (none: nothing installed; the test runs packaging/install.sh in there)
 # after moving itself into a fresh cgroup. Everything it changes is in its own
 # mount namespace: /run, /tmp, /dev, /etc/systemd/system and systemd's unit
 # directory are private tmpfs mounts, so nothing reaches the host (no
@@ -28,8 +29,17 @@ else
     mount -t cgroup2 cgroup2 /sys/fs/cgroup
 fi
 
-# The staged install, where the installed host would have it.
-mount --bind "$stage/usr/local" /usr/local
+if [ "$stage" = none ]; then
+    # A host without dtprobed-py: install.sh will run here for real, so every
+    # place it writes is private (/etc as an overlay whose writes go to WORK_DIR).
+    mount -t tmpfs -o mode=0755 tmpfs /usr/local
+    mkdir -p "$work/etc-upper" "$work/etc-work"
+    mount -t overlay overlay -o "lowerdir=/etc,upperdir=$work/etc-upper,workdir=$work/etc-work" /etc
+    mount -t tmpfs -o mode=0755 tmpfs /var/log
+else
+    # The staged install, where the installed host would have it.
+    mount --bind "$stage/usr/local" /usr/local
+fi
 
 # A private /run (the stash, systemd's state), with the test's files in it.
 mount -t tmpfs -o mode=0755 tmpfs /run

@@ -118,6 +118,17 @@ def _find_pid1(unshare_pid: int) -> int | None:
 
 @pytest.fixture
 def nested_systemd(staged: StagedInstall, tmp_path: Path) -> Iterator[NestedSystemd]:
+    """A private systemd that sees the session's staged installation as installed."""
+    yield from boot_nested_systemd(str(staged.root), tmp_path)
+
+
+@pytest.fixture
+def bare_systemd(tmp_path: Path) -> Iterator[NestedSystemd]:
+    """A private systemd on a host where nothing of dtprobed-py is installed yet."""
+    yield from boot_nested_systemd("none", tmp_path)
+
+
+def boot_nested_systemd(stage: str, tmp_path: Path) -> Iterator[NestedSystemd]:
     layout, hierarchies = cgroup_layout()
     name = f"dtprobed-test-{uuid.uuid4().hex[:8]}"
     cgroups = [h / name for h in hierarchies]
@@ -128,7 +139,7 @@ def nested_systemd(staged: StagedInstall, tmp_path: Path) -> Iterator[NestedSyst
     script = (
         f'for f in {procs_files}; do echo $$ > "$f"; done; '
         "exec unshare --pid --fork --mount --cgroup --propagation private --mount-proc "
-        f'bash "{HERE}/nested-systemd.sh" "{staged.root}" "{tmp_path}" {layout}'
+        f'bash "{HERE}/nested-systemd.sh" "{stage}" "{tmp_path}" {layout}'
     )
     console = (tmp_path / "console.log").open("wb")
     proc = subprocess.Popen(
@@ -336,3 +347,36 @@ def test_each_capability_of_the_bounding_set_is_needed(
                 log,
             )
             assert "Operation not permitted" in log, log
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_install_and_uninstall_scripts_on_a_systemd_host(
+    bare_systemd: NestedSystemd, tmp_path: Path
+) -> None:
+    """The README's command where systemd is pid 1: enabled, running, serving; then removed."""
+    nested = bare_systemd
+    code_file(tmp_path)
+    write_dof(tmp_path, "probes", code_dof().data)
+    # systemd's own PATH and a clean environment, as for an administrator's shell.
+    pip_env = [f"{k}={v}" for k, v in os.environ.items() if k.startswith("PIP_")]
+    install = nested.run("env", *pip_env, "bash", "packaging/install.sh", timeout=600)
+    assert install.returncode == 0, install.stdout + install.stderr
+    assert "dtprobed.service is enabled and running" in install.stdout, install.stdout
+    assert nested.systemctl("is-enabled", "dtprobed.service").stdout.strip() == "enabled"
+    client, _ = register_client(nested)
+    end_client(client)
+
+    uninstall = nested.run("bash", "packaging/uninstall.sh")
+    assert uninstall.returncode == 0, uninstall.stdout + uninstall.stderr
+    state = nested.show("ActiveState", "LoadState")
+    assert state == {"ActiveState": "inactive", "LoadState": "not-found"}, state
+    left = nested.run(
+        "sh",
+        "-c",
+        "ls /usr/local/lib/systemd/system /usr/local/sbin /usr/local/lib /etc/udev/rules.d"
+        " /etc/systemd/system/basic.target.wants 2>/dev/null | grep -i dtprobed || true",
+    )
+    assert left.stdout == "", left.stdout
+    log = nested.daemon_log()
+    assert "stopped (exit status 0)" in log, log
