@@ -621,7 +621,11 @@ class Stash:
         created_files: list[str] = []
         created_links: list[tuple[str, ...]] = []
         created_dirs: list[tuple[str, ...]] = []
-        dirs: dict[tuple[str, ...], DirFd] = {}
+        # probes/<pid>/<prv pid>/<mod>/<fun> currently open, outermost first.  Only
+        # one chain is held: a DOF may name 10^5 functions, one fd each would
+        # exhaust RLIMIT_NOFILE.  Probes of one function are adjacent, so
+        # reopening on a change of path is rare.
+        chain: list[tuple[str, DirFd]] = []
 
         def unwind() -> None:
             for path in reversed(created_links):
@@ -634,17 +638,21 @@ class Stash:
                 self._rmdir_probes(path)
 
         def subdir(path: tuple[str, ...]) -> DirFd:
-            found = dirs.get(path)
-            if found is not None:
-                return found
-            parent = self.probes if len(path) == 1 else subdir(path[:-1])
-            try:
-                self._mkdir_new(parent.fd, path[-1])
-                created_dirs.append(path)
-            except FileExistsError:
-                pass
-            made = dirs[path] = DirFd(parent.fd, path[-1])
-            return made
+            common = 0
+            while common < min(len(chain), len(path)) and chain[common][0] == path[common]:
+                common += 1
+            for _, stale in reversed(chain[common:]):
+                stale.close()
+            del chain[common:]
+            for depth in range(common, len(path)):
+                parent = self.probes if depth == 0 else chain[depth - 1][1]
+                try:
+                    self._mkdir_new(parent.fd, path[depth])
+                    created_dirs.append(path[: depth + 1])
+                except FileExistsError:
+                    pass
+                chain.append((path[depth], DirFd(parent.fd, path[depth])))
+            return chain[-1][1]
 
         undo.callback(unwind)
         try:
@@ -672,7 +680,7 @@ class Stash:
             self._write_file(parsed.fd, "version", VERSION_BYTES)
             created_files.append("version")
         finally:
-            for d in dirs.values():
+            for _, d in reversed(chain):
                 d.close()
 
     def _rmdir_probes(self, path: tuple[str, ...]) -> bool:
