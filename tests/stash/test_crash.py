@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import select
 import signal
 import subprocess
 import sys
@@ -29,12 +30,19 @@ from tests.stash.support import (
 ITERATIONS = 200
 
 
-def _churn(state: str, procs: list[Proc], seed: int) -> None:
-    """Run random operations for ever (until killed); errors of the operations are expected."""
+def _churn(state: str, procs: list[Proc], seed: int, ready_fd: int | None = None) -> None:
+    """Run random operations for ever (until killed); errors of the operations are expected.
+
+    Writes one byte to *ready_fd* once start-up recovery is done, so the
+    killer's random delay covers the operations, not the start-up (which takes
+    longer than the whole window on a loaded machine).
+    """
     rng = random.Random(seed)
     streams = [many_records(1, "a"), many_records(20, "b"), many_records(120, "c")]
     dofs = [dof_bytes("x"), dof_bytes("y")]
     stash = Stash(state)
+    if ready_fd is not None:
+        os.write(ready_fd, b".")
     while True:
         p = rng.choice(procs)
         op = rng.random()
@@ -73,12 +81,18 @@ def test_sigkill_at_random_points_then_recover(tmp_path: Path) -> None:
     with sleepers(3) as procs:
         Stash(str(state)).close()
         for i in range(ITERATIONS):
+            ready_r, ready_w = os.pipe()
             child = os.fork()
             if child == 0:  # pragma: no cover - the child never returns
                 try:
-                    _churn(str(state), procs, i)
+                    os.close(ready_r)
+                    _churn(str(state), procs, i, ready_w)
                 finally:
                     os._exit(0)
+            os.close(ready_w)
+            assert select.select([ready_r], [], [], 30)[0], f"iteration {i}: writer never started"
+            assert os.read(ready_r, 1) == b"."
+            os.close(ready_r)
             time.sleep(rng.uniform(0, 0.012))
             os.kill(child, signal.SIGKILL)
             _, status = os.waitpid(child, 0)
