@@ -13,6 +13,12 @@
 set -euo pipefail
 work=$1
 
+# The repository (and the venv in it) is where the tests run from; CI may have
+# cloned it below a directory hidden here (e.g. /tmp). Keep a handle on it and
+# bind it back at the same path once the private mounts are in place.
+repo=$(cd "$(dirname "$0")/../.." && pwd)
+exec 9<"$repo"
+
 mkdir -p "$work/etc-upper" "$work/etc-work"
 mount -t overlay overlay -o "lowerdir=/etc,upperdir=$work/etc-upper,workdir=$work/etc-work" /etc
 mount -t tmpfs -o mode=0755 tmpfs /usr/local
@@ -37,6 +43,13 @@ ln -s /proc/self/fd/2 /dev/stderr
 mount -t tmpfs -o mode=1777 tmpfs /dev/shm
 umount -l "$hostdev"
 rmdir "$hostdev"
+
+if [ ! -e "$repo/pyproject.toml" ]; then
+    mkdir -p "$repo"
+    # --no-canonicalize: resolving the fd link would name the hidden path
+    mount --no-canonicalize --bind "/proc/$$/fd/9" "$repo"
+fi
+exec 9<&-
 
 # Stay as pid 1 and reap orphans (the daemon install.sh starts with setsid is
 # adopted by us); the test runs its commands with nsenter and ends everything

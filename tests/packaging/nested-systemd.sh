@@ -16,6 +16,12 @@ stage=$1
 work=$2
 cgroup_layout=$3  # hybrid (name=systemd v1 + unified v2) or unified
 
+# The repository (and the venv in it) is where the tests run from; CI may have
+# cloned it below a directory hidden here (e.g. /tmp). Keep a handle on it and
+# bind it back at the same path once the private mounts are in place.
+repo=$(cd "$(dirname "$0")/../.." && pwd)
+exec 9<"$repo"
+
 # cgroup file systems rooted at our cgroup namespace (the caller moved us into
 # a fresh cgroup first), so systemd's cgroups land below it, not at the
 # host's root.
@@ -63,6 +69,13 @@ ln -s /proc/self/fd/1 /dev/stdout
 ln -s /proc/self/fd/2 /dev/stderr
 mount -t tmpfs -o mode=1777 tmpfs /dev/shm
 umount -l "$hostdev"
+
+if [ ! -e "$repo/pyproject.toml" ]; then
+    mkdir -p "$repo"
+    # --no-canonicalize: resolving the fd link would name the hidden path
+    mount --no-canonicalize --bind "/proc/$$/fd/9" "$repo"
+fi
+exec 9<&-
 
 # systemd's world: only the stock targets and slices (no .wants, so nothing but
 # what the test enables starts) plus the staged units in /usr/local.
