@@ -97,16 +97,54 @@ class Mapping:
 
 
 class AddressSpace:
-    """The caller's mappings, sorted, with O(log n) lookup by address."""
+    """The caller's mappings, sorted, with O(log n) lookup by address.
+
+    Built from the raw ``/proc/PID/maps`` text with :meth:`from_maps`, only
+    each line's address range is decoded up front; a line is parsed into a
+    :class:`Mapping` when a lookup lands on it.  A registration looks up two
+    or three mappings of a process that may have hundreds.
+    """
 
     def __init__(self, mappings: list[Mapping]) -> None:
-        self.mappings = sorted(mappings, key=lambda m: m.start)
-        self._starts = [m.start for m in self.mappings]
+        ordered = sorted(mappings, key=lambda m: m.start)
+        self._starts = [m.start for m in ordered]
+        self._ends = [m.end for m in ordered]
+        self._lines: list[bytes] = []
+        self._parsed: dict[int, Mapping] = dict(enumerate(ordered))
+
+    @classmethod
+    def from_maps(cls, text: bytes) -> AddressSpace:
+        """Index ``/proc/PID/maps``; raises ``ValueError`` on a malformed or unsorted line."""
+        space = cls([])
+        lines = text.splitlines()
+        starts, ends = space._starts, space._ends
+        last_end = 0
+        for line in lines:
+            lo, dash, rest = line.partition(b"-")
+            hi = rest.split(None, 1)[0] if dash and rest else b""
+            start, end = int(lo, 16), int(hi, 16)
+            if start < last_end or end <= start:
+                raise ValueError(f"maps line out of order: {line[:80]!r}")
+            starts.append(start)
+            ends.append(end)
+            last_end = end
+        space._lines = lines
+        return space
+
+    def _mapping(self, i: int) -> Mapping:
+        found = self._parsed.get(i)
+        if found is None:
+            found = self._parsed[i] = parse_maps(self._lines[i])[0]
+        return found
+
+    @property
+    def mappings(self) -> list[Mapping]:
+        return [self._mapping(i) for i in range(len(self._starts))]
 
     def find(self, addr: int) -> Mapping | None:
         i = bisect.bisect_right(self._starts, addr) - 1
-        if i >= 0 and addr in self.mappings[i]:
-            return self.mappings[i]
+        if i >= 0 and addr < self._ends[i]:
+            return self._mapping(i)
         return None
 
     def check_tracepoints(self, addrs: Iterable[int]) -> None:
@@ -294,7 +332,7 @@ def identify(tid: int, dof_addr: int) -> Caller:
     handed_over = False
     try:
         start_time = parse_start_time(_read_proc(f"/proc/{pid}/stat"))
-        space = AddressSpace(parse_maps(_read_proc(f"/proc/{pid}/maps")))
+        space = AddressSpace.from_maps(_read_proc(f"/proc/{pid}/maps"))
         try:
             auxv = parse_auxv(_read_proc(f"/proc/{pid}/auxv"))
         except ValueError:

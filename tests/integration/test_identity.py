@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import subprocess
 import sys
@@ -65,6 +66,32 @@ def test_maps_line_shapes() -> None:
             space.check_tracepoints([0xA000, addr])
         assert info.value.errno == errno.EINVAL and why in info.value.reason
         assert f"{addr:#x}" in info.value.reason
+
+
+def test_lazy_index_agrees_with_a_full_parse() -> None:
+    text = Path(f"/proc/{os.getpid()}/maps").read_bytes()
+    full = parse_maps(text)
+    space = AddressSpace.from_maps(text)
+    for m in full:
+        assert space.find(m.start) == m
+        assert space.find(m.end - 1) == m
+    assert space.mappings == full
+    gaps = [a.end for a, b in itertools.pairwise(full) if a.end < b.start]
+    assert gaps and all(space.find(addr) is None for addr in gaps)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        b"2000-3000 r-xp 0 fd:01 1 /a\n1000-1800 r-xp 0 fd:01 1 /b\n",  # unsorted
+        b"3000-2000 r-xp 0 fd:01 1 /a\n",  # empty range
+        b"zz-3000 r-xp 0 fd:01 1 /a\n",
+        b"garbage\n",
+    ],
+)
+def test_malformed_maps_are_refused(text: bytes) -> None:
+    with pytest.raises(ValueError):
+        AddressSpace.from_maps(text)
 
 
 def test_pid_zero_is_refused() -> None:
