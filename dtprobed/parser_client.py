@@ -70,6 +70,8 @@ BACKOFF_MAX: Final = 30.0
 #: How long a child that closed its pipe gets to finish exiting before SIGKILL.
 _EXIT_GRACE: Final = 1.0
 _READ_CHUNK: Final = 1 << 20
+#: Requests between two reads of the child's CPU time (a /proc read each).
+_CPU_CHECK_EVERY: Final = 64
 _F_SETPIPE_SZ: Final = 1031
 _PIPE_SIZE: Final = 1 << 20  # fewer wake-ups for big DOF; best effort
 _CLOCK_TICKS: Final = os.sysconf("SC_CLK_TCK")
@@ -271,14 +273,21 @@ class ParserChild:
         return ChildFailed(message)
 
     # --- one exchange ----------------------------------------------------------------
-    def parse(self, helper: bytes, dof: bytes) -> list[ParsedProbe]:
+    def parse(
+        self, helper: bytes, dof: bytes, *, meanwhile: Callable[[], object] | None = None
+    ) -> list[ParsedProbe]:
         """Parse one DOF in the child.
 
         Returns the probes of an accepted DOF; raises :class:`RequestRejected`
         when the parser refused it, :class:`ChildFailed` (or its subclasses
         :class:`ChildTimeout`, :class:`SandboxViolation`) when the child broke.
+
+        *meanwhile* runs in this thread once the request is on its way, while
+        the child parses (the receiver reads /proc then).  The answer is still
+        read in full whatever it does, so the child stays in step; an
+        exception from *meanwhile* is raised after that, unless the child broke.
         """
-        checker = self._run(helper, dof)
+        checker = self._run(helper, dof, meanwhile)
         if checker.error is not None:
             raise RequestRejected(checker.error.errno, checker.error.message)
         return checker.probes
@@ -287,23 +296,30 @@ class ParserChild:
         """The checked record stream (ending in Eof or Err), for tools that print it."""
         return self._run(helper, dof).records
 
-    def _run(self, helper: bytes, dof: bytes) -> _Checked:
+    def _run(
+        self, helper: bytes, dof: bytes, meanwhile: Callable[[], object] | None = None
+    ) -> _Checked:
         if len(helper) != DOF_HELPER.size:
             raise ValueError(f"dof_helper_t is {DOF_HELPER.size} bytes, got {len(helper)}")
         too_big = size_error(len(dof), self.limits)
         if too_big is not None:
+            if meanwhile is not None:
+                meanwhile()
             return _Checked.from_records([too_big], self.limits)
         body = bytearray(HEADER_SIZE)
         self._encoder.encode_into(ParseRequest(helper=helper, dof=dof), body, HEADER_SIZE)
         HEADER.pack_into(body, 0, len(body) - HEADER_SIZE)
         with self._lock:
             child = self._ready_child()
-            result = self._exchange(child, memoryview(body))
+            result = self._exchange(child, memoryview(body), meanwhile)
             self._failures = 0
             child.requests += 1
             if child.requests >= self.restart_after_requests:
                 self._stop_gracefully(f"scheduled restart after {child.requests} requests")
-            elif (cpu := child.cpu_seconds()) >= self.restart_after_cpu:
+            elif (
+                child.requests % _CPU_CHECK_EVERY == 0
+                and (cpu := child.cpu_seconds()) >= self.restart_after_cpu
+            ):
                 self._stop_gracefully(f"scheduled restart after {cpu:.0f} CPU seconds")
             return result
 
@@ -356,9 +372,26 @@ class ParserChild:
         except OSError:
             return b""
 
-    def _exchange(self, child: _Running, frame: memoryview) -> _Checked:
+    def _exchange(
+        self,
+        child: _Running,
+        frame: memoryview,
+        meanwhile: Callable[[], object] | None = None,
+    ) -> _Checked:
         deadline = time.monotonic() + self.timeout
         self._send(child, frame, deadline)
+        side_error: BaseException | None = None
+        if meanwhile is not None:
+            try:
+                meanwhile()
+            except Exception as err:
+                side_error = err
+        checked = self._receive(child, deadline)
+        if side_error is not None:
+            raise side_error
+        return checked
+
+    def _receive(self, child: _Running, deadline: float) -> _Checked:
         checked = _Checked(self.limits)
         pending = bytearray()
         while not checked.done:

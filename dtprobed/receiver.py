@@ -12,9 +12,10 @@ become a negative errno for a client:
   its traceback is logged and the client gets ``-EIO``.
 
 Order of an ADDDOF (design.md, "What a refused DOF leaves behind: nothing"):
-resolve the calling thread to its process and open a pidfd on it; read its
-start time, mappings and auxv; parse the DOF in the sandboxed parser
-(whose output is validated by ``ParserChild``); check every tracepoint lies in
+send the DOF to the sandboxed parser and, while it parses, resolve the
+calling thread to its process, open a pidfd on it and read its start time,
+mappings and auxv; take the parser's answer (validated by ``ParserChild``);
+check every tracepoint lies in
 an executable, file-backed mapping of the caller; only then send the
 registration to the stash writer, which commits it all or nothing (and prunes
 the process's older generations itself when it sees an exec).  On success
@@ -72,7 +73,9 @@ Reply = Callable[[int], None]
 
 
 class Parser(Protocol):
-    def parse(self, helper: bytes, dof: bytes) -> list[ParsedProbe]: ...
+    def parse(
+        self, helper: bytes, dof: bytes, *, meanwhile: Callable[[], object] | None = None
+    ) -> list[ParsedProbe]: ...
 
 
 class Writer(Protocol):
@@ -179,13 +182,23 @@ class Receiver:
         if len(helper) != DOF_HELPER.size:
             raise RequestRejected(errno.EINVAL, f"helper size incorrect: {len(helper)} bytes")
         dof_addr: int = DOF_HELPER.unpack_from(helper).dof
-        caller = identify(request.tid, dof_addr)
+        parser = self._large_parser if size >= SMALL_DOF else self._small_parser
+        identified: list[Caller] = []
+
+        def identify_caller() -> None:
+            identified.append(identify(request.tid, dof_addr))
+
+        # The /proc reads overlap the parse: the parser child works while we read.
+        try:
+            probes = parser.parse(helper, request.dof, meanwhile=identify_caller)
+        except BaseException:
+            for caller in identified:
+                caller.close()
+            raise
+        parsed = time.monotonic()
+        caller = identified[0]
         try:
             self._watcher.settle(caller.pid)
-            parser = self._large_parser if size >= SMALL_DOF else self._small_parser
-            identified = time.monotonic()
-            probes = parser.parse(helper, request.dof)
-            parsed = time.monotonic()
             caller.space.check_tracepoints(tp.addr for probe in probes for tp in probe.tracepoints)
             if not caller.still_alive():
                 raise RequestRejected(errno.EINVAL, f"process {caller.pid} exited")
@@ -194,10 +207,9 @@ class Receiver:
         finally:
             caller.close()
         log.debug(
-            "%d: identify %.1f ms, parse %.1f ms, check and stash %.1f ms",
+            "%d: identify and parse %.1f ms, check and stash %.1f ms",
             caller.pid,
-            (identified - started) * 1000,
-            (parsed - identified) * 1000,
+            (parsed - started) * 1000,
             (time.monotonic() - parsed) * 1000,
         )
         log.info(

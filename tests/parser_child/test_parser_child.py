@@ -32,7 +32,7 @@ from common.grammar import check_stream
 from common.limits import ParseLimits
 from common.records import Eof, Err, Log, ParserRecord
 from common.requests import ParseRequest
-from dtprobed.parser_client import ParserChild
+from dtprobed.parser_client import _CPU_CHECK_EVERY, ParserChild
 from parserd.dof_parse import parse_dof
 
 REPO = Path(__file__).resolve().parents[2]
@@ -143,6 +143,36 @@ def test_scheduled_restart_after_n_requests(caplog: pytest.LogCaptureFixture) ->
     assert pids[1] is None and pids[3] is None
     assert None not in (pids[0], pids[2], pids[4]) and len({pids[0], pids[2], pids[4]}) == 3
     assert sum("scheduled restart after 2 requests" in r.message for r in caplog.records) == 2
+
+
+def test_scheduled_restart_after_cpu_time(caplog: pytest.LogCaptureFixture) -> None:
+    """RLIMIT_CPU accumulates under the filter: the client retires a child that used its budget.
+
+    The CPU time is read every _CPU_CHECK_EVERY requests (a /proc read each), so
+    with a zero budget the child is retired exactly after that many requests.
+    """
+    caplog.set_level(logging.DEBUG, logger=LOGGER)
+    pc = ParserChild(
+        limits=ParseLimits(), timeout=10, restart_after_cpu=0.0, log=logging.getLogger(LOGGER)
+    )
+    helper, dof = _variety()[0]
+    try:
+        first = _running_pid(pc)
+        for i in range(_CPU_CHECK_EVERY):
+            assert pc.pid == first, f"retired early, after {i} requests"
+            pc.parse(helper, dof)
+        assert pc.pid is None
+        pc.parse(helper, dof)
+        assert pc.pid not in (None, first)
+    finally:
+        pc.stop()
+    assert (
+        sum(
+            "scheduled restart after" in r.message and "CPU seconds" in r.message
+            for r in caplog.records
+        )
+        == 1
+    )
 
 
 def _running_pid(pc: ParserChild) -> int:
@@ -357,3 +387,25 @@ def test_bad_helper_size_is_a_caller_bug(child: ParserChild) -> None:
         child.parse(b"short", b"")
     assert errno.EINVAL  # (the caller, not the child, is at fault: no child was touched)
     assert child.pid is None
+
+
+def test_meanwhile_runs_during_the_parse_and_its_error_keeps_the_child_in_step() -> None:
+    pc = ParserChild(limits=ParseLimits(), timeout=10)
+    helper, dof = _variety()[0]
+    seen: list[int | None] = []
+    try:
+        expected = pc.parse(helper, dof)
+        pid = pc.pid
+        assert pc.parse(helper, dof, meanwhile=lambda: seen.append(pc.pid)) == expected
+        assert seen == [pid]
+
+        def fails() -> None:
+            raise RequestRejected(errno.ESRCH, "caller vanished")
+
+        with pytest.raises(RequestRejected, match="caller vanished"):
+            pc.parse(helper, dof, meanwhile=fails)
+        # the answer to that request was consumed: the same child answers the next one
+        assert pc.parse(helper, dof) == expected
+        assert pc.pid == pid
+    finally:
+        pc.stop()
