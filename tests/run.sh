@@ -9,11 +9,17 @@ if [ ! -x "$venv/bin/python" ]; then
     python3 -m venv "$venv"
 fi
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e '.[test]'
-# tests/packaging: systemd-analyze and systemd itself (Debian's systemd), man and groff.
-if ! command -v systemd-analyze >/dev/null || ! command -v groff >/dev/null \
-    || ! command -v man >/dev/null; then
-    apt-get install -y -q systemd man-db groff-base >/dev/null \
-        || { apt-get update -q && apt-get install -y -q systemd man-db groff-base; }
+# Debian packages the suite runs: systemd-analyze and systemd itself (tests/packaging),
+# man and groff (man pages), gcc (the C client of tests/realkernel), unshare/nsenter
+# (namespace tests). tools/cuse-vm installs qemu itself on first use.
+missing=()
+for need in systemd-analyze:systemd groff:groff-base man:man-db gcc:gcc \
+    unshare:util-linux nsenter:util-linux; do
+    command -v "${need%%:*}" >/dev/null || missing+=("${need#*:}")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    apt-get install -y -q "${missing[@]}" >/dev/null \
+        || { apt-get update -q && apt-get install -y -q "${missing[@]}"; }
 fi
 echo "== ruff"
 "$venv/bin/ruff" check .
