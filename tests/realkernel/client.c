@@ -20,6 +20,10 @@
  *   add [MOD]         ioctl ADDDOF, dofhp_mod MOD       -> "add RESULT ERRNO"
  *   remove GEN        ioctl REMOVE, GEN by value        -> "remove RESULT ERRNO"
  *   bench N           N x (ADDDOF), nanoseconds each   -> "bench NS NS ..."
+ *   load N C          fork N children, at most C at a time; each opens the
+ *                     device, does one ADDDOF, closes it and exits, as a
+ *                     short-lived USDT program does
+ *                     -> "load WALL_NS FAILED NS NS ..." (each child's open+ioctl+close)
  *   close             close the device
  *   pid               -> "pid PID"
  *   exit [CODE]       exit now
@@ -35,6 +39,7 @@
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -101,6 +106,66 @@ static long long now_ns(void)
 	return ts.tv_sec * 1000000000LL + ts.tv_nsec;
 }
 
+/* The load generator: the parent only forks and reaps, so the figure is the
+ * daemon's, not a scripting language's fork cost. */
+static void load(long n, long conc)
+{
+	struct slot {
+		long long ns;
+		long rc;
+	} *slots;
+	long started = 0, running = 0, failed = 0;
+	long long t0;
+
+	if (n <= 0 || conc <= 0 || n > 1000000) {
+		printf("load ERR %d\n", EINVAL);
+		return;
+	}
+	slots = mmap(NULL, n * sizeof(*slots), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS,
+		     -1, 0);
+	if (slots == MAP_FAILED) {
+		printf("load ERR %d\n", errno);
+		return;
+	}
+	fflush(stdout);
+	t0 = now_ns();
+	while (started < n || running > 0) {
+		if (started < n && running < conc) {
+			pid_t pid = fork();
+
+			if (pid == 0) {
+				long long c0 = now_ns();
+
+				fd = open(device, O_RDWR | O_CLOEXEC);
+				slots[started].rc = fd < 0 ? -errno : add("load");
+				if (slots[started].rc < 0 && fd >= 0)
+					slots[started].rc = -errno;
+				close(fd);
+				slots[started].ns = now_ns() - c0;
+				_exit(0);
+			}
+			if (pid < 0) {
+				slots[started].rc = -errno;
+				slots[started].ns = 0;
+			} else {
+				running++;
+			}
+			started++;
+			continue;
+		}
+		if (wait(NULL) > 0)
+			running--;
+	}
+	printf("load %lld", now_ns() - t0);
+	for (long i = 0; i < n; i++)
+		failed += slots[i].rc < 0;
+	printf(" %ld", failed);
+	for (long i = 0; i < n; i++)
+		printf(" %lld", slots[i].ns);
+	printf("\n");
+	munmap(slots, n * sizeof(*slots));
+}
+
 static void run(char *line)
 {
 	char *cmd = strtok(line, " \t\n");
@@ -138,6 +203,10 @@ static void run(char *line)
 			printf(" %lld", now_ns() - t0);
 		}
 		printf("\n");
+	} else if (strcmp(cmd, "load") == 0) {
+		char *conc = strtok(NULL, " \t\n");
+
+		load(strtol(arg ? arg : "1", NULL, 0), strtol(conc ? conc : "1", NULL, 0));
 	} else if (strcmp(cmd, "close") == 0) {
 		close(fd);
 		fd = -1;
