@@ -99,17 +99,22 @@ class StashWriterChild:
         if self._proc is not None and self._proc.poll() is None:
             return
         q = self.quotas
+        # -I and cwd "/": no PYTHON* variables, nothing from the daemon's directory
+        # on sys.path (the parser child is started the same way)
         cmd = [
             sys.executable,
+            "-I",
             "-m",
             "dtprobed.stash_writer",
             "--state-dir",
-            self.state_dir,
+            os.path.abspath(self.state_dir),
             f"--max-generations={q.max_generations}",
             f"--max-probes-per-pid={q.max_probes_per_pid}",
             f"--max-probes-total={q.max_probes_total}",
         ]
-        self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
+        self._proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0, cwd="/"
+        )
 
     def stop(self) -> None:
         with self._lock:
