@@ -252,6 +252,9 @@ class Daemon:
     # --- start-up -------------------------------------------------------------------
 
     def run(self) -> int:
+        # Every path is absolute by now; leave the directory we were started
+        # from (e.g. by install.sh) so a long-lived daemon does not pin it.
+        os.chdir("/")
         nofile = raise_nofile_limit()
         log.debug("RLIMIT_NOFILE is %d", nofile)
         signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)

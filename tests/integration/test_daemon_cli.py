@@ -70,6 +70,11 @@ def test_cuse_mode_without_cuse_is_fatal(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []  # the stash was not touched
 
 
+def test_daemon_leaves_its_start_directory(daemon: DaemonHandle) -> None:
+    # started from the repository (tests/support/daemon.py runs it with cwd=REPO)
+    assert os.readlink(f"/proc/{daemon.proc.pid}/cwd") == "/"
+
+
 def test_device_already_served_is_fatal(daemon: DaemonHandle, tmp_path: Path) -> None:
     before = snapshot(daemon.state_dir)
     result = _dtprobed(
