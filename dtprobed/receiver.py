@@ -196,6 +196,8 @@ class Receiver:
                 caller.close()
             raise
         parsed = time.monotonic()
+        if not identified:  # a parser that answered without running it (size refusal)
+            identify_caller()
         caller = identified[0]
         try:
             self._watcher.settle(caller.pid)
