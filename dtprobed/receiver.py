@@ -196,7 +196,7 @@ class Receiver:
                 caller.close()
             raise
         parsed = time.monotonic()
-        if not identified:  # a parser that answered without running it (size refusal)
+        if not identified:  # a Parser implementation that answered without running it
             identify_caller()
         caller = identified[0]
         try:
