@@ -107,9 +107,18 @@ def encode_probe_file(
     probe: Probe,
     args: Sequence[ArgsNative | ArgsXlat | ArgsMap],
     tracepoints: Sequence[Tracepoint],
+    *,
+    provider_record: bytes | None = None,
 ) -> bytes:
-    """One ``parsed/$prv:$mod:$fun:$prb`` file, byte for byte."""
-    parts = [VERSION_BYTES, encode_record(provider), encode_record(probe)]
+    """One ``parsed/$prv:$mod:$fun:$prb`` file, byte for byte.
+
+    Every probe file of a provider starts with the same PROVIDER record: a
+    writer of many probes passes ``encode_record(provider)`` once as
+    *provider_record*.
+    """
+    if provider_record is None:
+        provider_record = encode_record(provider)
+    parts = [VERSION_BYTES, provider_record, encode_record(probe)]
     parts.extend(encode_record(a) for a in args)
     parts.extend(encode_record(t) for t in tracepoints)
     return b"".join(parts)

@@ -86,13 +86,14 @@ from common.dof_abi import DOF_HELPER, DOF_MAG_STRING, DOF_MAXSZ
 from common.errors import ProtocolError, StashError, StashFormatError
 from common.grammar import ParsedProbe, check_stream
 from common.names import NameRefused, check_probespec, printable
-from common.records import ResultRecord
+from common.records import Provider, ResultRecord
 from common.stash_format import (
     DOF_PARSED_VERSION,
     VERSION,
     VERSION_BYTES,
     decode_probe_file,
     encode_probe_file,
+    encode_record,
 )
 from common.stash_protocol import REPLY_BUDGET, Registration, ReparseItem, StashQuotas
 from dtprobed.dirfd import DirFd
@@ -626,6 +627,7 @@ class Stash:
         # exhaust RLIMIT_NOFILE.  Probes of one function are adjacent, so
         # reopening on a change of path is rare.
         chain: list[tuple[str, DirFd]] = []
+        provider_records: dict[Provider, bytes] = {}
 
         def unwind() -> None:
             for path in reversed(created_links):
@@ -660,7 +662,18 @@ class Stash:
                 prv, prb = probe.provider.name, probe.probe.prb
                 dir_path = (spid, f"{prv}{spid}", probe.probe.mod, probe.probe.fun)
                 fun_dir = subdir(dir_path)
-                data = encode_probe_file(probe.provider, probe.probe, probe.args, probe.tracepoints)
+                provider_record = provider_records.get(probe.provider)
+                if provider_record is None:
+                    provider_record = provider_records[probe.provider] = encode_record(
+                        probe.provider
+                    )
+                data = encode_probe_file(
+                    probe.provider,
+                    probe.probe,
+                    probe.args,
+                    probe.tracepoints,
+                    provider_record=provider_record,
+                )
                 fd = self._tmpfile(parsed.fd, data)
                 try:
                     self._link_fd(fd, parsed.fd, probe.spec)
