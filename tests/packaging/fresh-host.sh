@@ -13,43 +13,18 @@
 set -euo pipefail
 work=$1
 
-# The repository (and the venv in it) is where the tests run from; CI may have
-# cloned it below a directory hidden here (e.g. /tmp). Keep a handle on it and
-# bind it back at the same path once the private mounts are in place.
-repo=$(cd "$(dirname "$0")/../.." && pwd)
-exec 9<"$repo"
+. "$(dirname "$0")/private-host.sh"
+hold_repository
 
 mkdir -p "$work/etc-upper" "$work/etc-work"
 mount -t overlay overlay -o "lowerdir=/etc,upperdir=$work/etc-upper,workdir=$work/etc-work" /etc
 mount -t tmpfs -o mode=0755 tmpfs /usr/local
 mount -t tmpfs -o mode=0755 tmpfs /var/log
-mount -t tmpfs -o mode=0755 tmpfs /run
-mkdir -p /run/dtprobed-test
-mount --bind "$work" /run/dtprobed-test
-mount -t tmpfs -o mode=1777 tmpfs /tmp
+private_run_and_tmp "$work"
 
-hostdev=$(mktemp -d /run/hostdev.XXXXXX)
-mount --bind /dev "$hostdev"
-mount -t tmpfs -o mode=0755 tmpfs /dev
-for node in null zero full random urandom tty fuse; do
-    touch "/dev/$node"
-    mount --bind "$hostdev/$node" "/dev/$node"
-done
-mkdir /dev/shm /dev/pts
-ln -s /proc/self/fd /dev/fd
-ln -s /proc/self/fd/0 /dev/stdin
-ln -s /proc/self/fd/1 /dev/stdout
-ln -s /proc/self/fd/2 /dev/stderr
-mount -t tmpfs -o mode=1777 tmpfs /dev/shm
-umount -l "$hostdev"
-rmdir "$hostdev"
+private_dev
 
-if [ ! -e "$repo/pyproject.toml" ]; then
-    mkdir -p "$repo"
-    # --no-canonicalize: resolving the fd link would name the hidden path
-    mount --no-canonicalize --bind "/proc/$$/fd/9" "$repo"
-fi
-exec 9<&-
+restore_repository
 
 # Stay as pid 1 and reap orphans (the daemon install.sh starts with setsid is
 # adopted by us); the test runs its commands with nsenter and ends everything

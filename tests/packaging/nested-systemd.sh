@@ -16,11 +16,8 @@ stage=$1
 work=$2
 cgroup_layout=$3  # hybrid (name=systemd v1 + unified v2) or unified
 
-# The repository (and the venv in it) is where the tests run from; CI may have
-# cloned it below a directory hidden here (e.g. /tmp). Keep a handle on it and
-# bind it back at the same path once the private mounts are in place.
-repo=$(cd "$(dirname "$0")/../.." && pwd)
-exec 9<"$repo"
+. "$(dirname "$0")/private-host.sh"
+hold_repository
 
 # cgroup file systems rooted at our cgroup namespace (the caller moved us into
 # a fresh cgroup first), so systemd's cgroups land below it, not at the
@@ -48,34 +45,11 @@ else
 fi
 
 # A private /run (the stash, systemd's state), with the test's files in it.
-mount -t tmpfs -o mode=0755 tmpfs /run
-mkdir -p /run/dtprobed-test
-mount --bind "$work" /run/dtprobed-test
-mount -t tmpfs -o mode=1777 tmpfs /tmp
+private_run_and_tmp "$work"
 
-# A private /dev holding only the nodes the daemon and systemd need, so the
-# daemon's /dev/dtrace/helper is not the host's.
-hostdev=$(mktemp -d /run/hostdev.XXXXXX)
-mount --bind /dev "$hostdev"
-mount -t tmpfs -o mode=0755 tmpfs /dev
-for node in null zero full random urandom tty fuse; do
-    touch "/dev/$node"
-    mount --bind "$hostdev/$node" "/dev/$node"
-done
-mkdir /dev/shm /dev/pts
-ln -s /proc/self/fd /dev/fd
-ln -s /proc/self/fd/0 /dev/stdin
-ln -s /proc/self/fd/1 /dev/stdout
-ln -s /proc/self/fd/2 /dev/stderr
-mount -t tmpfs -o mode=1777 tmpfs /dev/shm
-umount -l "$hostdev"
+private_dev
 
-if [ ! -e "$repo/pyproject.toml" ]; then
-    mkdir -p "$repo"
-    # --no-canonicalize: resolving the fd link would name the hidden path
-    mount --no-canonicalize --bind "/proc/$$/fd/9" "$repo"
-fi
-exec 9<&-
+restore_repository
 
 # systemd's world: only the stock targets and slices (no .wants, so nothing but
 # what the test enables starts) plus the staged units in /usr/local.
