@@ -8,12 +8,14 @@ test of this directory.  The real host is never touched.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -81,3 +83,40 @@ def in_staged_namespace(staged: StagedInstall, script: str) -> subprocess.Comple
         text=True,
         timeout=120,
     )
+
+
+#: Where the private hosts (fresh-host.sh, nested-systemd.sh) show the test's WORK_DIR.
+WORK_IN_NS = "/run/dtprobed-test"
+
+
+def start_namespaced_client(pid1: int) -> tuple[subprocess.Popen[str], dict[str, Any]]:
+    """A fake USDT client inside the private host whose pid 1 is *pid1*.
+
+    It registers ``WORK_IN_NS/probes.dof`` at start-up through that host's
+    /dev/dtrace/helper; returns the process and its first JSON line.
+    """
+    client = subprocess.Popen(
+        [
+            "nsenter",
+            "-t",
+            str(pid1),
+            "-m",
+            "-p",
+            f"--wd={REPO}",
+            str(REPO / ".venv" / "bin" / "python"),
+            "-m",
+            "tests.support.client",
+            "--device",
+            "/dev/dtrace/helper",
+            "--code-file",
+            f"{WORK_IN_NS}/code.bin",
+            "--register",
+            json.dumps({"op": "register", "dof_file": f"{WORK_IN_NS}/probes.dof"}),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert client.stdout is not None
+    hello: dict[str, Any] = json.loads(client.stdout.readline() or "{}")
+    return client, hello

@@ -12,7 +12,6 @@ stop it and remove the files, keeping the stash.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -23,11 +22,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.packaging.conftest import REPO
+from tests.packaging.conftest import REPO, start_namespaced_client
 from tests.support.clients import code_dof, code_file, write_dof
 
 HERE = Path(__file__).resolve().parent
-WORK_IN_NS = "/run/dtprobed-test"
 
 
 @dataclass
@@ -113,31 +111,8 @@ def test_readme_install_command_on_a_host_without_systemd(
     first_pid = host.daemon_pid()
     assert first_pid is not None
 
-    client = subprocess.Popen(
-        [
-            "nsenter",
-            "-t",
-            str(host.pid1),
-            "-m",
-            "-p",
-            f"--wd={REPO}",
-            str(REPO / ".venv" / "bin" / "python"),
-            "-m",
-            "tests.support.client",
-            "--device",
-            "/dev/dtrace/helper",
-            "--code-file",
-            f"{WORK_IN_NS}/code.bin",
-            "--register",
-            json.dumps({"op": "register", "dof_file": f"{WORK_IN_NS}/probes.dof"}),
-        ],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    client, hello = start_namespaced_client(host.pid1)
     try:
-        assert client.stdout is not None
-        hello = json.loads(client.stdout.readline() or "{}")
         log = host.run("cat", "/var/log/dtprobed.log").stdout
         assert hello.get("register", {}).get("gen") == 0, (hello, log)
         pid = hello["pid"]

@@ -23,7 +23,6 @@ devices controller to enforce it with) and IPAddressDeny= (no BPF).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -36,12 +35,11 @@ from typing import Any
 
 import pytest
 
-from tests.packaging.conftest import REPO, StagedInstall
+from tests.packaging.conftest import REPO, StagedInstall, start_namespaced_client
 from tests.support.clients import code_dof, code_file, write_dof
 
 HERE = Path(__file__).resolve().parent
 CGROUP_ROOT = Path("/sys/fs/cgroup")
-WORK_IN_NS = "/run/dtprobed-test"
 BOOT_TIMEOUT = 30.0
 
 
@@ -182,31 +180,7 @@ def boot_nested_systemd(stage: str, tmp_path: Path) -> Iterator[NestedSystemd]:
 
 def start_client(nested: NestedSystemd) -> tuple[subprocess.Popen[str], dict[str, Any]]:
     """A fake USDT client in the nested host namespace that registers at start-up."""
-    client = subprocess.Popen(
-        [
-            "nsenter",
-            "-t",
-            str(nested.pid1),
-            "-m",
-            "-p",
-            f"--wd={REPO}",
-            str(REPO / ".venv" / "bin" / "python"),
-            "-m",
-            "tests.support.client",
-            "--device",
-            "/dev/dtrace/helper",
-            "--code-file",
-            f"{WORK_IN_NS}/code.bin",
-            "--register",
-            json.dumps({"op": "register", "dof_file": f"{WORK_IN_NS}/probes.dof"}),
-        ],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert client.stdout is not None
-    hello: dict[str, Any] = json.loads(client.stdout.readline() or "{}")
-    return client, hello
+    return start_namespaced_client(nested.pid1)
 
 
 def end_client(client: subprocess.Popen[str]) -> None:
