@@ -315,7 +315,7 @@ class Daemon:
         try:
             pruned = self.writer.prune_dead()
             if pruned:
-                log.info("pruned %d dead processes: %s", len(pruned), _pid_list(pruned))
+                log.info("pruned %d dead or exec'd processes: %s", len(pruned), _pid_list(pruned))
             self._reparse(force=False)
         except DtprobedError as err:
             # upstream: a stash that can't be initialised or reparsed is fatal (exit 1)

@@ -221,6 +221,25 @@ def parse_auxv(data: bytes) -> dict[int, int]:
     raise ValueError("unrecognised auxv")
 
 
+def exec_token(auxv: dict[int, int]) -> str:
+    """What changes with every ``execve()`` of a process, even of the same binary.
+
+    ``AT_RANDOM`` points at 16 random bytes on the new stack, so its address
+    moves on every exec while ASLR is on; with ASLR off it repeats (an exec of
+    the same binary is then missed).  Empty when the vector has no AT_RANDOM.
+    """
+    random = auxv.get(AT_RANDOM)
+    return f"at_random:{random:x}" if random else ""
+
+
+def current_exec_token(pid: int) -> str | None:
+    """The exec token of running process *pid*; None if its auxv can't be read."""
+    try:
+        return exec_token(parse_auxv(_read_proc(f"/proc/{pid}/auxv")))
+    except (OSError, ValueError):
+        return None
+
+
 def _read_proc(path: str) -> bytes:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
@@ -346,8 +365,7 @@ def identify(tid: int, dof_addr: int) -> Caller:
             dev, ino = 0, dof_addr  # stash key 0-<dofhp_dof>, private to this process
         exe = _exec_mapping(pid, space, auxv)
         exec_dev, exec_ino = (exe.dev, exe.ino) if exe is not None else (0, 0)
-        random = auxv.get(AT_RANDOM)
-        token = f"at_random:{random:x}" if random else ""
+        token = exec_token(auxv)
         caller = Caller(pid, start_time, dev, ino, exec_dev, exec_ino, token, space, pidfd)
         if not caller.still_alive():
             raise RequestRejected(errno.EINVAL, f"process {pid} exited during registration")

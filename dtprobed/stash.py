@@ -97,6 +97,7 @@ from common.stash_format import (
 )
 from common.stash_protocol import REPLY_BUDGET, Registration, ReparseItem, StashQuotas
 from dtprobed.dirfd import DirFd
+from dtprobed.identity import current_exec_token
 
 log = logging.getLogger("dtprobed.stash")
 
@@ -916,7 +917,13 @@ class Stash:
 
     @_stash_op("prune")
     def prune_dead(self) -> list[int]:
-        """Remove processes that are gone (pid + start time, not kill(pid, 0) alone)."""
+        """Remove processes that are gone or have exec()ed since they registered.
+
+        Gone: pid + start time, not ``kill(pid, 0)`` alone.  Exec: the stored
+        exec token no longer matches the process's (an exec keeps the pid and
+        the start time; without this its probes would stay until it exits, as
+        upstream's do when the new image registers nothing).
+        """
         with self.locked():
             dead = [pid for pid in self._pids() if not self._alive(pid)]
             for pid in dead:
@@ -936,7 +943,14 @@ class Stash:
             except OSError:
                 return True
             return True
-        return proc_start_time(pid) == start
+        if proc_start_time(pid) != start:
+            return False
+        token = stored[1] if stored is not None else None
+        if token:
+            current = current_exec_token(pid)
+            if current is not None and current != token:
+                return False  # exec()ed: not the process that registered
+        return True
 
     # ------------------------------------------------------------ reparse
 

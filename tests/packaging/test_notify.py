@@ -157,7 +157,7 @@ def test_ready_after_prune_and_reparse_then_watchdog(tmp_path: Path) -> None:
                 detach(device)
             sock.close()
         log = log_path.read_text()
-        assert f"pruned 1 dead processes: {doomed.pid}" in log, log
+        assert f"pruned 1 dead or exec'd processes: {doomed.pid}" in log, log
         assert "reparse: 1 mappings reparsed, 0 failed" in log, log
         assert "Traceback" not in log, log
     finally:

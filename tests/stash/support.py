@@ -21,6 +21,7 @@ from common.records import (
     Tracepoint,
 )
 from common.stash_protocol import Registration
+from dtprobed.identity import current_exec_token
 from dtprobed.stash import proc_start_time
 
 EXEC_DEV = 64768  # fd:00
@@ -68,9 +69,13 @@ def registration(
     dev: int = EXEC_DEV,
     ino: int = 99,
     exec_ino: int = EXEC_INO,
-    token: str = "tok1",
+    token: str | None = None,
     dof: bytes | None = None,
 ) -> Registration:
+    """A registration for *pid*; *token* defaults to the live process's real exec
+    token (prune_dead compares it), or "tok1" for a pid that is not running."""
+    if token is None:
+        token = current_exec_token(pid) or "tok1"
     return Registration(
         pid=pid,
         start_time=start_time,
