@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import stat
 import subprocess
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -96,6 +97,16 @@ class Proc:
     popen: subprocess.Popen[bytes]
 
 
+def exec_finished(pid: int, name: str) -> bool:
+    """*pid* runs *name* and the kernel has written its auxv.
+
+    Popen may return while the child's exec is still under way (vfork); read
+    before the auxv is there, the exec token would differ from the next read
+    and look like an exec between two registrations.
+    """
+    return bool(current_exec_token(pid)) and os.readlink(f"/proc/{pid}/exe").endswith(name)
+
+
 @contextmanager
 def sleepers(n: int) -> Iterator[list[Proc]]:
     """n real processes (``sleep``), with their pid and /proc start time; killed afterwards."""
@@ -103,6 +114,10 @@ def sleepers(n: int) -> Iterator[list[Proc]]:
     try:
         out = []
         for p in procs:
+            deadline = time.monotonic() + 10
+            while not exec_finished(p.pid, "sleep"):
+                assert time.monotonic() < deadline, f"sleep {p.pid} never started"
+                time.sleep(0.001)
             st = proc_start_time(p.pid)
             assert st is not None
             out.append(Proc(p.pid, st, p))

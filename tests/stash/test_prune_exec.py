@@ -19,7 +19,7 @@ import pytest
 
 from dtprobed.identity import current_exec_token
 from dtprobed.stash import Stash, proc_start_time
-from tests.stash.support import WORKED, registration
+from tests.stash.support import WORKED, exec_finished, registration
 
 # Run only where exec moves AT_RANDOM: with ASLR off the token repeats (documented limit).
 ASLR = Path("/proc/sys/kernel/randomize_va_space").read_text().strip() != "0"
@@ -40,6 +40,11 @@ def test_prune_dead_removes_a_process_that_execed(tmp_path: Path) -> None:
         stdin=subprocess.PIPE,
     )
     try:
+        deadline = time.monotonic() + 10
+        python = os.path.basename(os.path.realpath(sys.executable))
+        while not exec_finished(proc.pid, python):
+            assert time.monotonic() < deadline, "the interpreter never started"
+            time.sleep(0.001)
         start = proc_start_time(proc.pid)
         assert start is not None
         stash = Stash(str(tmp_path))
