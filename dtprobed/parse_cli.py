@@ -210,15 +210,24 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_CHILD_FAILED
         finally:
             child.stop()
+    verdict = EXIT_REJECTED if isinstance(records[-1], Err) else EXIT_ACCEPTED
     out = sys.stdout.buffer
-    for rec in records:
-        if args.json:
-            line = json.dumps(record_json(rec), ensure_ascii=False, separators=(",", ":"))
-        else:
-            line = record_text(rec)
-        out.write(line.encode("utf-8") + b"\n")
-    out.flush()
-    return EXIT_REJECTED if isinstance(records[-1], Err) else EXIT_ACCEPTED
+    try:
+        for rec in records:
+            if args.json:
+                line = json.dumps(record_json(rec), ensure_ascii=False, separators=(",", ":"))
+            else:
+                line = record_text(rec)
+            out.write(line.encode("utf-8") + b"\n")
+        out.flush()
+    except BrokenPipeError:
+        # The reader went away (`| head`): stop quietly.  SIGPIPE stays ignored in
+        # this process because its pipe to the parser child must fail as EPIPE,
+        # so point stdout at /dev/null for the interpreter's final flush.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    return verdict
 
 
 if __name__ == "__main__":

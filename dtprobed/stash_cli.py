@@ -12,6 +12,7 @@ import argparse
 import fcntl
 import json
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any, Final, NoReturn
@@ -220,6 +221,8 @@ def _cmd_verify(root: int, as_json: bool) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # A reader that goes away (`| head`) ends us quietly, as any Unix filter.
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     args = _build_parser().parse_args(argv)
     try:
         root = DirFd(None, args.state_dir, readable=True)

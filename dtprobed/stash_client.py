@@ -45,6 +45,7 @@ from common.stash_protocol import (
     Verify,
     WriteReparsed,
 )
+from dtprobed.parser_client import classify_exit
 
 
 def probes_to_records(probes: Sequence[ParsedProbe]) -> list[ResultRecord]:
@@ -96,8 +97,19 @@ class StashWriterChild:
             self._start()
 
     def _start(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            return
+        old = self._proc
+        if old is not None:
+            status = old.poll()
+            if status is None:
+                return
+            # It died between commands: no command failed, so this one goes to a new
+            # writer; say so, and release the dead one's pipes.
+            _, phrase = classify_exit(status, killed_by_us=False)
+            self.log.error("stash writer %d died between commands; it %s", old.pid, phrase)
+            self._proc = None
+            for stream in (old.stdin, old.stdout):
+                if stream is not None:
+                    stream.close()
         q = self.quotas
         # -I and cwd "/": no PYTHON* variables, nothing from the daemon's directory
         # on sys.path (the parser child is started the same way)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from common.dof_build import ProbeSpec, ProviderSpec, build_dof, build_helper
+from common.dof_build import ProbeSpec, ProviderSpec, build_dof, build_helper, many_probes_dof
 from common.limits import ParseLimits
 from common.records import Err
 from parserd.dof_parse import parse_dof
@@ -160,3 +160,21 @@ def test_child_failure_exits_3_with_a_message(known_dof: Path) -> None:
     assert proc.returncode == 3
     assert proc.stdout == ""
     assert "closed its pipe in the middle of a request; it exited with status 1" in proc.stderr
+
+
+def test_reader_going_away_ends_quietly_with_the_verdict(tmp_path: Path) -> None:
+    """`dtprobed-parse --json big.dof | head -1`: no traceback, exit status still the verdict."""
+    big = tmp_path / "big.dof"
+    big.write_bytes(many_probes_dof(2000).data)  # ~6000 lines, far more than a pipe holds
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dtprobed.parse_cli", "--json", str(big)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    first = proc.stdout.readline()
+    proc.stdout.close()  # the reader goes away
+    stderr = proc.stderr.read()
+    assert proc.wait(60) == 0
+    assert first.startswith(b'{"type":"provider"')
+    assert stderr == b""
