@@ -46,9 +46,11 @@ from __future__ import annotations
 import concurrent.futures
 import errno
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Final, Protocol
 
 from common.dof_abi import DOF_HELPER
@@ -149,34 +151,50 @@ class Receiver:
             self._queued_bytes -= size
 
     def _run(self, request: HelperRequest, reply: Reply, size: int) -> None:
+        # The client is blocked in its ioctl: answer first, log afterwards (a log
+        # line costs the client ~0.05 ms otherwise).
+        report: Callable[[], None]
         try:
             if request.kind == "adddof":
-                result = self._adddof(request, size)
+                result, report = self._adddof(request, size)
             else:
-                result = self._remove(request)
+                result, report = self._remove(request)
         except RequestRejected as err:
             # The client's fault: the parser's (or our check's) message, at WARNING.
-            log.warning("%d: dtprobed: %s", request.tid, err.reason)
+            report = partial(log.warning, "%d: dtprobed: %s", request.tid, err.reason)
             result = -errno.EINVAL
         except ChildFailed as err:
-            log.error("%d: dtprobed: request failed, child broke: %s", request.tid, err)
+            report = partial(
+                log.error, "%d: dtprobed: request failed, child broke: %s", request.tid, err
+            )
             result = -errno.EINVAL
         except StashError as err:
-            log.error("%d: dtprobed: I/O error stashing DOF: %s", request.tid, err)
+            report = partial(
+                log.error, "%d: dtprobed: I/O error stashing DOF: %s", request.tid, err
+            )
             result = -errno.EINVAL
         except DtprobedError as err:
-            log.error("%d: dtprobed: %s: %s", request.tid, type(err).__name__, err)
+            report = partial(
+                log.error, "%d: dtprobed: %s: %s", request.tid, type(err).__name__, err
+            )
             result = -errno.EINVAL
         except Exception:
-            log.exception("%d: dtprobed: internal error (a bug)", request.tid)
+            report = partial(
+                log.error,
+                "%d: dtprobed: internal error (a bug)",
+                request.tid,
+                exc_info=sys.exc_info(),
+            )
             result = -errno.EIO
         finally:
             self._release(size)
         _safe_reply(reply, result)
+        report()
 
     # --- ADDDOF -------------------------------------------------------------------
 
-    def _adddof(self, request: HelperRequest, size: int) -> int:
+    def _adddof(self, request: HelperRequest, size: int) -> tuple[int, Callable[[], None]]:
+        """The generation, and the log lines to write once the client has it."""
         started = time.monotonic()
         helper = request.helper
         if len(helper) != DOF_HELPER.size:
@@ -208,23 +226,28 @@ class Receiver:
             self._watcher.watch(caller.pid, caller.take_pidfd())
         finally:
             caller.close()
-        log.debug(
-            "%d: identify and parse %.1f ms, check and stash %.1f ms",
-            caller.pid,
-            (parsed - started) * 1000,
-            (time.monotonic() - parsed) * 1000,
-        )
-        log.info(
-            "%d: registered generation %d: module %s, %s, %d probes, %d bytes of DOF (%.1f ms)",
-            caller.pid,
-            gen,
-            _module_name(helper),
-            f"{caller.dev}-{caller.ino}",
-            len(probes),
-            size,
-            (time.monotonic() - started) * 1000,
-        )
-        return gen
+        done = time.monotonic()
+        module = _module_name(helper)
+
+        def report() -> None:
+            log.debug(
+                "%d: identify and parse %.1f ms, check and stash %.1f ms",
+                caller.pid,
+                (parsed - started) * 1000,
+                (done - parsed) * 1000,
+            )
+            log.info(
+                "%d: registered generation %d: module %s, %s, %d probes, %d bytes of DOF (%.1f ms)",
+                caller.pid,
+                gen,
+                module,
+                f"{caller.dev}-{caller.ino}",
+                len(probes),
+                size,
+                (done - started) * 1000,
+            )
+
+        return gen, report
 
     def _register(
         self, caller: Caller, helper: bytes, dof: bytes, probes: list[ParsedProbe]
@@ -258,11 +281,10 @@ class Receiver:
 
     # --- REMOVE -------------------------------------------------------------------
 
-    def _remove(self, request: HelperRequest) -> int:
+    def _remove(self, request: HelperRequest) -> tuple[int, Callable[[], None]]:
         pid = tgid_of(request.tid)
         self._writer_call(lambda: _done(self._writer.remove, pid, request.gen))
-        log.info("%d: removed generation %d", pid, request.gen)
-        return 0
+        return 0, partial(log.info, "%d: removed generation %d", pid, request.gen)
 
     # --- exits --------------------------------------------------------------------
 

@@ -46,7 +46,8 @@ def test_register_one_provider(daemon: DaemonHandle, clients: Clients, tmp_path:
     raw = daemon.state_dir / "stash" / "dof-pid" / str(client.pid) / key / "raw"
     assert raw.read_bytes()[8:] == dof.read_bytes()  # 8-byte base prefix, then the DOF
     daemon.verify()
-    assert "registered generation 0" in daemon.log_text()
+    # the client has its answer before the daemon writes the log line
+    daemon.wait_for("the log line", lambda: "registered generation 0" in daemon.log_text())
 
 
 def test_several_providers_and_generations(
@@ -118,9 +119,10 @@ def test_tracepoint_outside_own_code_is_refused(
         answer = client.register(write_dof(tmp_path, what.split(",")[0], data), **extra)
         assert answer.get("errno") == errno.EINVAL, (what, answer)
     assert snapshot(daemon.state_dir) == before
-    log = daemon.log_text()
-    assert "is not mapped" in log
-    assert "not executable" in log
+    daemon.wait_for(
+        "the refusals' log lines",
+        lambda: "is not mapped" in daemon.log_text() and "not executable" in daemon.log_text(),
+    )
     daemon.verify()
 
 

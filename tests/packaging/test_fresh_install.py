@@ -116,7 +116,12 @@ def test_readme_install_command_on_a_host_without_systemd(
         log = host.run("cat", "/var/log/dtprobed.log").stdout
         assert hello.get("register", {}).get("gen") == 0, (hello, log)
         pid = hello["pid"]
-        assert f"{pid}: registered generation 0" in log, log
+        # the client has its answer before the daemon writes the log line
+        deadline = time.monotonic() + 10
+        while f"{pid}: registered generation 0" not in log:
+            assert time.monotonic() < deadline, log
+            time.sleep(0.05)
+            log = host.run("cat", "/var/log/dtprobed.log").stdout
         listing = host.run("dtprobed-stash", "list", "--json")
         assert listing.returncode == 0 and str(pid) in listing.stdout, listing
 
