@@ -18,7 +18,7 @@ import time
 
 from common.dof_build import build_helper, many_probes_dof
 from common.limits import ParseLimits
-from dtprobed.parser_client import ParserChild
+from dtprobed.children.parser import ParserChild
 from parserd.dof_parse import parse_dof
 
 

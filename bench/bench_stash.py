@@ -25,8 +25,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common.grammar import check_stream
-from dtprobed.stash import Stash, proc_start_time
-from dtprobed.stash_client import StashWriterChild
+from dtprobed.children.writer import StashWriterChild
+from dtprobed.oslib.procfs import start_time_of as proc_start_time
+from dtprobed.stash.store import Stash
 from tests.stash.support import many_records, registration
 
 SIZES = (3, 2000, 20000)

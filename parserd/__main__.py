@@ -3,7 +3,7 @@
     python -m parserd [--no-sandbox] [--max-dof-size N] [--max-providers N]
                       [--max-probes N] [--max-tracepoints N] [--cpu-limit SECONDS]
 
-Started by the daemon (:class:`dtprobed.parser_client.ParserChild`) and by
+Started by the daemon (:class:`dtprobed.children.parser.ParserChild`) and by
 ``dtprobed-parse``, with fd 0 and fd 1 on pipes.  Parses options, builds its
 codecs, warms up, locks itself (:mod:`parserd.sandbox`), sends one ``Log``
 record saying how it is locked, then serves requests until fd 0 ends.
@@ -21,18 +21,12 @@ from typing import Final, NoReturn
 
 import msgspec
 
+from common.argtypes import positive_int
 from common.limits import ParseLimits
 
 #: RLIMIT_CPU soft limit; the host restarts the child long before (see ParserChild).
 DEFAULT_CPU_LIMIT: Final = 1200
 EXIT_LOCK_FAILED: Final = 1
-
-
-def _positive(text: str) -> int:
-    value = int(text, 0)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text}: must be at least 1")
-    return value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -41,13 +35,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--no-sandbox", action="store_true", help="do not load the seccomp filter (debugging only)"
     )
-    parser.add_argument("--max-dof-size", type=_positive, default=defaults.max_dof_size)
-    parser.add_argument("--max-providers", type=_positive, default=defaults.max_providers)
-    parser.add_argument("--max-probes", type=_positive, default=defaults.max_probes)
-    parser.add_argument("--max-tracepoints", type=_positive, default=defaults.max_tracepoints)
+    parser.add_argument("--max-dof-size", type=positive_int, default=defaults.max_dof_size)
+    parser.add_argument("--max-providers", type=positive_int, default=defaults.max_providers)
+    parser.add_argument("--max-probes", type=positive_int, default=defaults.max_probes)
+    parser.add_argument("--max-tracepoints", type=positive_int, default=defaults.max_tracepoints)
     parser.add_argument(
         "--cpu-limit",
-        type=_positive,
+        type=positive_int,
         default=DEFAULT_CPU_LIMIT,
         metavar="SECONDS",
         help="RLIMIT_CPU of the child over its whole life (default %(default)s)",

@@ -43,12 +43,12 @@ from typing import Any, Final
 
 import pyseccomp
 
+from common.process_name import set_process_name
 from parserd.allowlist import ALLOWLIST, DEBUG_EXTRA, Rule
 
 DEBUG_ENV: Final = "DTPROBED_SECCOMP_DEBUG"
 PROCESS_NAME: Final = b"dtprobed-parse"
 
-_PR_SET_NAME: Final = 15
 _PR_SET_NO_NEW_PRIVS: Final = 38
 
 #: Address space on top of what the interpreter already maps: the request frame,
@@ -149,7 +149,7 @@ def lock(
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C is for the daemon
     applied = set_rlimits(max_dof_size=max_dof_size, cpu_seconds=cpu_seconds)
     _prctl(_PR_SET_NO_NEW_PRIVS, 1)
-    _prctl(_PR_SET_NAME, PROCESS_NAME)
+    set_process_name(PROCESS_NAME)
     summary = " ".join(f"{k}={v}" for k, v in applied.items())
     if not seccomp:
         return f"NOT sandboxed (--no-sandbox); {summary}"

@@ -18,7 +18,8 @@ import sys
 import threading
 from types import FrameType
 
-from dtprobed.device import HelperRequest, Reply, open_device
+from dtprobed.device.opener import open_device
+from dtprobed.device.request import HelperRequest, Reply
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ import pytest
 
 from common.dof_build import ProbeSpec, ProviderSpec, build_dof, build_helper, many_probes_dof
 from common.ioctl import DTRACEHIOC_ADDDOF, DTRACEHIOC_REMOVE
-from dtprobed.cuse import DOF_CHUNK, CuseDevice, devname_for
+from dtprobed.device.cuse import DOF_CHUNK, CuseDevice, devname_for
 from tests.device.fake_kernel import FakeCuseKernel, FakeMemory, IoctlTrace
 from tests.device.test_fuse_device import Recorder
 

@@ -17,8 +17,10 @@ from pathlib import Path
 import pytest
 
 from common.dof_build import ProbeSpec, ProviderSpec, build_dof, many_probes_dof
-from dtprobed.device import DeviceBusy, DeviceError, HelperRequest, Reply, open_device
-from dtprobed.fusedev import FuseFileDevice
+from dtprobed.device.errors import DeviceBusy, DeviceError
+from dtprobed.device.fusefile import FuseFileDevice
+from dtprobed.device.opener import open_device
+from dtprobed.device.request import HelperRequest, Reply
 
 REPO = Path(__file__).resolve().parents[2]
 SMALL_DOF = build_dof([ProviderSpec("prov", [ProbeSpec("f", "p", [1])])]).data

@@ -6,7 +6,7 @@ import pytest
 
 from common import fuse_abi as abi
 from common.errors import ProtocolError
-from dtprobed import fuse_proto as proto
+from dtprobed.device import fuse_proto as proto
 
 
 def header(size: int, opcode: int, extlen: int = 0) -> bytes:

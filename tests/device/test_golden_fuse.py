@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from common import fuse_abi as abi
-from dtprobed import fuse_proto as proto
+from dtprobed.device import fuse_proto as proto
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "fuse"
 SAMPLES = sorted(GOLDEN.glob("*.hex"))

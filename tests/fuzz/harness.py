@@ -4,7 +4,7 @@ Invariants per input (a breach is a *finding*):
 
 1. the child answers: records ending in exactly one ``Eof`` or ``Err``, every
    record within the schema and the stream within the grammar and the limits
-   — :class:`~dtprobed.parser_client.ParserChild` checks all of that and
+   — :class:`~dtprobed.children.parser.ParserChild` checks all of that and
    raises ``ChildFailed`` otherwise;
 2. no request exceeds the timeout (``ChildTimeout``);
 3. the child never dies (``ChildFailed``/``SandboxViolation``; the child
@@ -36,7 +36,7 @@ from common.dof_build import build_helper
 from common.errors import ChildFailed
 from common.limits import ParseLimits
 from common.records import Eof, Err
-from dtprobed.parser_client import ParserChild
+from dtprobed.children.parser import ParserChild
 from parserd.dof_parse import parse_dof
 from tests.fuzz.generator import Case, generate
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from common.errors import RequestRejected
-from dtprobed.identity import (
+from dtprobed.daemon.identity import (
     AddressSpace,
     glibc_makedev,
     identify,

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from common.dof_build import ProbeSpec, ProviderSpec, build_dof
-from dtprobed.receiver import SMALL_DOF
+from dtprobed.daemon.receiver import SMALL_DOF
 from tests.support.client import CODE_ADDR
 from tests.support.clients import ClientHandle, Clients, code_dof, wait_until, write_dof
 from tests.support.daemon import DaemonFactory, DaemonHandle, mounted

@@ -94,7 +94,7 @@ def test_exec_start_names_the_installed_daemon(staged: StagedInstall) -> None:
             assert str(staged.root) not in text, installed
     daemon = staged.path("/usr/local/sbin/dtprobed").read_text().splitlines()
     assert daemon[0] == "#!/usr/local/lib/dtprobed/bin/python3 -I"
-    assert "from dtprobed.__main__ import main" in daemon
+    assert "from dtprobed.daemon.main import main" in daemon
 
 
 def test_entry_points_run_where_installed(staged: StagedInstall) -> None:

@@ -15,8 +15,8 @@ MAN = REPO / "docs" / "man"
 #: (man page, the command's module, its subcommands whose --help is read too)
 PAGES = [
     ("dtprobed.8", "dtprobed", []),
-    ("dtprobed-parse.1", "dtprobed.parse_cli", []),
-    ("dtprobed-stash.1", "dtprobed.stash_cli", ["list", "show", "verify"]),
+    ("dtprobed-parse.1", "dtprobed.cli.parse", []),
+    ("dtprobed-stash.1", "dtprobed.cli.stash", ["list", "show", "verify"]),
 ]
 
 

@@ -167,7 +167,7 @@ def test_reader_going_away_ends_quietly_with_the_verdict(tmp_path: Path) -> None
     big = tmp_path / "big.dof"
     big.write_bytes(many_probes_dof(2000).data)  # ~6000 lines, far more than a pipe holds
     proc = subprocess.Popen(
-        [sys.executable, "-m", "dtprobed.parse_cli", "--json", str(big)],
+        [sys.executable, "-m", "dtprobed.cli.parse", "--json", str(big)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )

@@ -32,7 +32,7 @@ from common.grammar import check_stream
 from common.limits import ParseLimits
 from common.records import Eof, Err, Log, ParserRecord
 from common.requests import ParseRequest
-from dtprobed.parser_client import _CPU_CHECK_EVERY, ParserChild
+from dtprobed.children.parser import _CPU_CHECK_EVERY, ParserChild
 from parserd.dof_parse import parse_dof
 
 REPO = Path(__file__).resolve().parents[2]

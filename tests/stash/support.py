@@ -22,8 +22,8 @@ from common.records import (
     Tracepoint,
 )
 from common.stash_protocol import Registration
-from dtprobed.identity import current_exec_token
-from dtprobed.stash import proc_start_time
+from dtprobed.oslib.procfs import current_exec_token
+from dtprobed.oslib.procfs import start_time_of as proc_start_time
 
 EXEC_DEV = 64768  # fd:00
 EXEC_INO = 1234

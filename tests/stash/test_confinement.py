@@ -14,7 +14,7 @@ import pytest
 from common.errors import StashError
 from common.records import Eof, Err, Probe, Provider, ResultRecord, Tracepoint
 from common.stash_protocol import StashQuotas
-from dtprobed.stash import Stash
+from dtprobed.stash.store import Stash
 from tests.stash.support import (
     WORKED,
     Proc,

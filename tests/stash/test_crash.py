@@ -18,7 +18,7 @@ import pytest
 from common.errors import StashError
 from common.framing import FrameEncoder
 from common.stash_protocol import Register, Remove
-from dtprobed.stash import Stash
+from dtprobed.stash.store import Stash
 from tests.stash.support import (
     Proc,
     dof_bytes,
@@ -128,14 +128,14 @@ def test_sigkill_at_random_points_then_recover(tmpfs_path: Path) -> None:
 
 @pytest.mark.timeout(120)
 def test_sigkill_of_the_real_writer_process(tmp_path: Path) -> None:
-    """The same through `python -m dtprobed.stash_writer`, killed while it writes."""
+    """The same through `python -m dtprobed.stash.writer`, killed while it writes."""
     state = str(tmp_path / "run")
     rng = random.Random(99)
     enc = FrameEncoder()
     with sleepers(1) as (p,):
         for i in range(6):
             writer = subprocess.Popen(
-                [sys.executable, "-m", "dtprobed.stash_writer", "--state-dir", state],
+                [sys.executable, "-m", "dtprobed.stash.writer", "--state-dir", state],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
             )

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from dtprobed.stash import Stash
+from dtprobed.stash.store import Stash
 from tests.stash.support import (
     WORKED,
     Proc,

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from dtprobed.identity import current_exec_token
-from dtprobed.stash import Stash, proc_start_time
+from dtprobed.oslib.procfs import current_exec_token
+from dtprobed.oslib.procfs import start_time_of as proc_start_time
+from dtprobed.stash.store import Stash
 from tests.stash.support import WORKED, exec_finished, registration
 
 # Run only where exec moves AT_RANDOM: with ASLR off the token repeats (documented limit).

@@ -13,7 +13,9 @@ import sys
 import pytest
 
 from common.grammar import check_stream
-from dtprobed.stash import Stash, proc_start_time, verify_tree
+from dtprobed.oslib.procfs import start_time_of as proc_start_time
+from dtprobed.stash.store import Stash
+from dtprobed.stash.verify import verify_tree
 from tests.stash.support import records_for, registration
 
 NPROBES = 2000

@@ -19,9 +19,9 @@ import pytest
 from common.errors import StashError
 from common.grammar import check_stream
 from common.stash_protocol import StashQuotas
-from dtprobed.stash import Stash
-from dtprobed.stash_cli import main as cli_main
-from dtprobed.stash_client import StashWriterChild
+from dtprobed.children.writer import StashWriterChild
+from dtprobed.cli.stash import main as cli_main
+from dtprobed.stash.store import Stash
 from tests.stash.support import (
     WORKED,
     Proc,
@@ -86,7 +86,7 @@ def test_writer_operations(writer: StashWriterChild, procs: list[Proc], tmp_path
 
 def _raw_writer(state: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-m", "dtprobed.stash_writer", "--state-dir", state],
+        [sys.executable, "-m", "dtprobed.stash.writer", "--state-dir", state],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -161,7 +161,7 @@ def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, s
 
 
 def test_cli(tmp_path: Path, procs: list[Proc], capsys: pytest.CaptureFixture[str]) -> None:
-    from dtprobed.stash import Stash
+    from dtprobed.stash.store import Stash
 
     a, _ = procs
     state = str(tmp_path / "run")
@@ -228,7 +228,7 @@ def test_cli_reader_going_away_ends_quietly(tmp_path: Path, procs: list[Proc]) -
     stash.register(registration(p.pid, p.start_time), many_records(2000))  # ~10000 lines
     stash.close()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "dtprobed.stash_cli", "-s", str(tmp_path), "show", str(p.pid)],
+        [sys.executable, "-m", "dtprobed.cli.stash", "-s", str(tmp_path), "show", str(p.pid)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )

@@ -102,7 +102,7 @@ class DaemonHandle:
             argv = " ".join(cmdline(child))
             if "parserd" in argv:
                 roles["parser"].append(child)
-            elif "stash_writer" in argv:
+            elif "dtprobed.stash.writer" in argv:
                 roles["writer"].append(child)
             else:
                 roles["other"].append(child)
@@ -128,7 +128,7 @@ class DaemonHandle:
 
     def stash_cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "dtprobed.stash_cli", "-s", str(self.state_dir), *args],
+            [sys.executable, "-m", "dtprobed.cli.stash", "-s", str(self.state_dir), *args],
             capture_output=True,
             text=True,
             timeout=60,

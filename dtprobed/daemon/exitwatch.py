@@ -29,14 +29,9 @@ import select
 import threading
 from collections.abc import Callable
 
+from dtprobed.oslib.pidfd import pidfd_exited
+
 log = logging.getLogger("dtprobed")
-
-
-def _is_dead(pidfd: int) -> bool:
-    # poll, not select: pidfds go far beyond FD_SETSIZE (1024)
-    poller = select.poll()
-    poller.register(pidfd, select.POLLIN)
-    return bool(poller.poll(0))
 
 
 class ExitWatcher:
@@ -100,7 +95,7 @@ class ExitWatcher:
             mine = False
             if event is None:
                 pidfd = self._pidfds.get(pid)
-                if pidfd is None or not _is_dead(pidfd):
+                if pidfd is None or not pidfd_exited(pidfd):
                     return
                 event = self._claim(pid, pidfd)
                 mine = True

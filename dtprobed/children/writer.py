@@ -1,7 +1,7 @@
 """Host side of the stash writer child: :class:`StashWriterChild`.
 
 The daemon never writes under the state directory itself; it sends one
-command at a time to the writer child (:mod:`dtprobed.stash_writer`) and
+command at a time to the writer child (:mod:`dtprobed.stash.writer`) and
 waits, bounded by *timeout*, for the one reply.  A child that dies, hangs or
 answers out of protocol is killed and reaped and :class:`ChildFailed` (or
 :class:`ChildTimeout`) is raised; the next call starts a new child, which
@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import logging
 import os
-import selectors
-import subprocess
 import sys
 import threading
 import time
 from collections.abc import Sequence
 
-from common.errors import ChildFailed, ChildTimeout, ProtocolError, StashError
-from common.framing import HEADER_SIZE, FrameDecoder, FrameEncoder
+from common.errors import ChildFailed, ProtocolError, StashError
+from common.framing import FrameDecoder, FrameEncoder
 from common.grammar import ParsedProbe
 from common.records import Eof, ResultRecord
 from common.stash_protocol import (
@@ -45,7 +43,7 @@ from common.stash_protocol import (
     Verify,
     WriteReparsed,
 )
-from dtprobed.parser_client import classify_exit
+from dtprobed.children.process import ChildSlot, RunningChild
 
 
 def probes_to_records(probes: Sequence[ParsedProbe]) -> list[ResultRecord]:
@@ -83,126 +81,73 @@ class StashWriterChild:
         self.timeout = timeout
         self.quotas = quotas if quotas is not None else StashQuotas()
         self.log = log if log is not None else logging.getLogger("dtprobed.stash_client")
-        self._proc: subprocess.Popen[bytes] | None = None
         self._lock = threading.Lock()
+        self._slot = ChildSlot("stash writer", self.argv, self.log)
         self._encoder = FrameEncoder()
         self._decoder: FrameDecoder[StashReply] = FrameDecoder(StashReply, MAX_REPLY_FRAME)
 
     @property
     def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
+        return self._slot.pid
 
-    def start(self) -> None:
-        with self._lock:
-            self._start()
-
-    def _start(self) -> None:
-        old = self._proc
-        if old is not None:
-            status = old.poll()
-            if status is None:
-                return
-            # It died between commands: no command failed, so this one goes to a new
-            # writer; say so, and release the dead one's pipes.
-            _, phrase = classify_exit(status, killed_by_us=False)
-            self.log.error("stash writer %d died between commands; it %s", old.pid, phrase)
-            self._proc = None
-            for stream in (old.stdin, old.stdout):
-                if stream is not None:
-                    stream.close()
+    def argv(self) -> list[str]:
         q = self.quotas
-        # -I and cwd "/": no PYTHON* variables, nothing from the daemon's directory
-        # on sys.path (the parser child is started the same way)
-        cmd = [
+        return [
             sys.executable,
             "-I",
             "-m",
-            "dtprobed.stash_writer",
+            "dtprobed.stash.writer",
             "--state-dir",
             os.path.abspath(self.state_dir),
             f"--max-generations={q.max_generations}",
             f"--max-probes-per-pid={q.max_probes_per_pid}",
             f"--max-probes-total={q.max_probes_total}",
         ]
-        self._proc = subprocess.Popen(
-            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0, cwd="/"
-        )
+
+    def start(self) -> None:
+        with self._lock:
+            self._ready_child()
 
     def stop(self) -> None:
         with self._lock:
-            self._stop(kill=False)
+            self._slot.stop("stopping")
 
-    def _stop(self, *, kill: bool) -> None:
-        proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        assert proc.stdin is not None and proc.stdout is not None
-        if kill:
-            proc.kill()
-        else:
-            proc.stdin.close()  # EOF between frames: the writer exits cleanly
-        try:
-            proc.wait(timeout=self.timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        proc.stdin.close()
-        proc.stdout.close()
+    def _ready_child(self) -> RunningChild:
+        """The live writer; one that died between commands is reported and replaced.
+
+        No command was in flight, so none fails: the next one goes to a new writer.
+        """
+        child = self._slot.child
+        if child is not None:
+            idle = self._slot.read_idle(child)
+            if idle == b"":
+                self._slot.failed(child, "died between commands", kill=False)
+                child = None
+            elif idle is not None:
+                self._slot.failed(child, "sent bytes between commands", kill=True)
+                child = None
+        return child if child is not None else self._slot.start()
 
     # --------------------------------------------------------------- exchange
 
     def _exchange(self, command: Command) -> StashReply:
         with self._lock:
-            self._start()
-            proc = self._proc
-            assert proc is not None and proc.stdin is not None and proc.stdout is not None
+            child = self._ready_child()
             frame = self._encoder.encode(command)
             deadline = time.monotonic() + self.timeout
-            try:
-                self._send(proc, frame, deadline)
-                return self._receive(proc, deadline)
-            except ChildTimeout:
-                self._stop(kill=True)
-                raise
-            except (ProtocolError, OSError) as err:
-                status = proc.poll()
-                self._stop(kill=True)
-                raise ChildFailed(f"stash writer failed (status {status}): {err}") from err
-
-    def _send(self, proc: subprocess.Popen[bytes], frame: bytes, deadline: float) -> None:
-        assert proc.stdin is not None
-        fd = proc.stdin.fileno()
-        view = memoryview(frame)
-        with selectors.DefaultSelector() as sel:
-            sel.register(fd, selectors.EVENT_WRITE)
-            while view:
-                if not sel.select(max(0.0, deadline - time.monotonic())):
-                    raise ChildTimeout(f"stash writer did not take a command in {self.timeout} s")
-                view = view[os.write(fd, view[: 1 << 16]) :]
-
-    def _receive(self, proc: subprocess.Popen[bytes], deadline: float) -> StashReply:
-        assert proc.stdout is not None
-        fd = proc.stdout.fileno()
-
-        def read_exactly(n: int) -> bytes:
-            chunks: list[bytes] = []
-            with selectors.DefaultSelector() as sel:
-                sel.register(fd, selectors.EVENT_READ)
-                while n > 0:
-                    if not sel.select(max(0.0, deadline - time.monotonic())):
-                        raise ChildTimeout(f"stash writer did not answer in {self.timeout} s")
-                    chunk = os.read(fd, min(n, 1 << 20))
-                    if not chunk:
-                        break
-                    chunks.append(chunk)
-                    n -= len(chunk)
-            return b"".join(chunks)
-
-        header = read_exactly(HEADER_SIZE)
-        if len(header) != HEADER_SIZE:
-            raise ProtocolError("stash writer closed its pipe")
-        body = read_exactly(self._decoder.check_length(header))
-        return self._decoder.decode_body(body)
+            self._slot.send(child, memoryview(frame), deadline, self.timeout)
+            pending = bytearray()
+            while True:
+                pending += self._slot.receive_some(child, deadline, self.timeout)
+                try:
+                    replies, used = self._decoder.split(pending)
+                    if replies and (len(replies) > 1 or used != len(pending)):
+                        raise ProtocolError("more than one reply to one command")
+                except ProtocolError as err:
+                    raise self._slot.failed(child, f"broke the protocol: {err}", kill=True) from err
+                if replies:
+                    self._slot.succeeded(child)
+                    return replies[0]
 
     def _call(self, command: Command, expected: type) -> StashReply:
         reply = self._exchange(command)
@@ -210,7 +155,9 @@ class StashWriterChild:
             raise StashError(type(command).__name__, "stash", reply.errno, reply.message)
         if not isinstance(reply, expected):
             with self._lock:
-                self._stop(kill=True)
+                child = self._slot.child
+                if child is not None:
+                    self._slot.failed(child, "answered out of protocol", kill=True)
             raise ChildFailed(
                 f"stash writer answered {type(reply).__name__} to {type(command).__name__}"
             )

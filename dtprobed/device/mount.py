@@ -42,7 +42,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final
 
-from dtprobed.device import DeviceBusy, DeviceError
+from dtprobed.device.errors import DeviceBusy, DeviceError
 
 CLONE_NEWNS: Final = 0x00020000
 MS_NOSUID: Final = 2

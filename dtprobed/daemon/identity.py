@@ -42,25 +42,17 @@ from __future__ import annotations
 import bisect
 import errno
 import os
-import select
-import struct
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final
 
 from common.errors import RequestRejected
+from dtprobed.oslib.pidfd import pidfd_exited
+from dtprobed.oslib.procfs import AT_PHDR, exec_token, parse_auxv, parse_start_time, read_proc
 
 assert sys.platform == "linux"
 
-AT_NULL: Final = 0
-AT_PHDR: Final = 3
-AT_RANDOM: Final = 25
-
-#: A /proc file larger than this is not one we asked for (maps of 65530
-#: mappings with long paths stays well below).
-_MAX_PROC_READ: Final = 64 << 20
-_STAT_START_TIME_FIELD: Final = 22
 _DELETED: Final = " (deleted)"
 
 
@@ -196,74 +188,6 @@ def parse_maps(text: bytes) -> list[Mapping]:
     return out
 
 
-def parse_start_time(stat: bytes) -> int:
-    """Field 22 of ``/proc/PID/stat``, counting after the last ``)`` (comm may hold any byte)."""
-    close = stat.rfind(b")")
-    if close < 0:
-        raise ValueError("stat without ')'")
-    fields = stat[close + 1 :].split()
-    # fields[0] is field 3 (state)
-    index = _STAT_START_TIME_FIELD - 3
-    if len(fields) <= index:
-        raise ValueError("stat too short")
-    return int(fields[index])
-
-
-def parse_auxv(data: bytes) -> dict[int, int]:
-    """Decode an auxiliary vector; 64-bit words, or 32-bit for a compat process."""
-    for fmt in ("=QQ", "=II"):
-        size = struct.calcsize(fmt)
-        if len(data) % size:
-            continue
-        entries = [pair for pair in struct.iter_unpack(fmt, data)]
-        if entries and entries[-1] == (AT_NULL, 0) and all(t < 4096 for t, _ in entries):
-            return {t: v for t, v in entries if t != AT_NULL}
-    raise ValueError("unrecognised auxv")
-
-
-def exec_token(auxv: dict[int, int]) -> str:
-    """What changes with every ``execve()`` of a process, even of the same binary.
-
-    ``AT_RANDOM`` points at 16 random bytes on the new stack, so its address
-    moves on every exec while ASLR is on; with ASLR off it repeats (an exec of
-    the same binary is then missed).  Empty when the vector has no AT_RANDOM.
-    """
-    random = auxv.get(AT_RANDOM)
-    return f"at_random:{random:x}" if random else ""
-
-
-def current_exec_token(pid: int) -> str | None:
-    """The exec token of running process *pid*; None if its auxv can't be read."""
-    try:
-        return exec_token(parse_auxv(_read_proc(f"/proc/{pid}/auxv")))
-    except (OSError, ValueError):
-        return None
-
-
-def _read_proc(path: str) -> bytes:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        chunks: list[bytes] = []
-        total = 0
-        while True:
-            chunk = os.read(fd, 1 << 16)
-            if not chunk:
-                return b"".join(chunks)
-            total += len(chunk)
-            if total > _MAX_PROC_READ:
-                raise OSError(errno.EFBIG, f"{path} larger than {_MAX_PROC_READ} bytes")
-            chunks.append(chunk)
-    finally:
-        os.close(fd)
-
-
-def _pidfd_readable(pidfd: int) -> bool:
-    """A pidfd polls readable once its process has exited (poll: fds beyond FD_SETSIZE)."""
-    poller = select.poll()
-    poller.register(pidfd, select.POLLIN)
-    return bool(poller.poll(0))
-
-
 def _vanished(pid: int, err: OSError | ValueError) -> RequestRejected:
     return RequestRejected(errno.EINVAL, f"cannot read process {pid} (process dead?): {err}")
 
@@ -273,7 +197,7 @@ def tgid_of(tid: int) -> int:
     if tid <= 0:
         raise RequestRejected(errno.EINVAL, "caller is outside the daemon's pid namespace")
     try:
-        status = _read_proc(f"/proc/{tid}/status")
+        status = read_proc(f"/proc/{tid}/status")
     except OSError as err:
         raise _vanished(tid, err) from err
     for line in status.splitlines():
@@ -310,7 +234,7 @@ class Caller:
         """True while the process we read is running (its pidfd is not yet readable)."""
         if self.pidfd < 0:
             return False
-        return not _pidfd_readable(self.pidfd)
+        return not pidfd_exited(self.pidfd)
 
 
 def _exec_mapping(pid: int, space: AddressSpace, auxv: dict[int, int]) -> Mapping | None:
@@ -350,10 +274,10 @@ def identify(tid: int, dof_addr: int) -> Caller:
             raise _vanished(pid, err) from err
     handed_over = False
     try:
-        start_time = parse_start_time(_read_proc(f"/proc/{pid}/stat"))
-        space = AddressSpace.from_maps(_read_proc(f"/proc/{pid}/maps"))
+        start_time = parse_start_time(read_proc(f"/proc/{pid}/stat"))
+        space = AddressSpace.from_maps(read_proc(f"/proc/{pid}/maps"))
         try:
-            auxv = parse_auxv(_read_proc(f"/proc/{pid}/auxv"))
+            auxv = parse_auxv(read_proc(f"/proc/{pid}/auxv"))
         except ValueError:
             auxv = {}
         dof_map = space.find(dof_addr)

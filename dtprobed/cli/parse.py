@@ -2,7 +2,7 @@
 
 A user's tool for looking inside DOF, and the parser's command-line test
 driver.  It starts the same sandboxed child the daemon uses (through
-:class:`dtprobed.parser_client.ParserChild`, so every record is checked
+:class:`dtprobed.children.parser.ParserChild`, so every record is checked
 against the schema and grammar) and prints the records of the answer:
 
 * ``--json``: one compact JSON object per line, keys in the order of
@@ -27,6 +27,7 @@ from typing import Any, Final
 
 import msgspec
 
+from common.argtypes import positive_int, positive_seconds
 from common.dof_abi import DOF_HELPER
 from common.errors import ChildFailed
 from common.limits import ParseLimits
@@ -42,7 +43,7 @@ from common.records import (
     ResultRecord,
     Tracepoint,
 )
-from dtprobed.parser_client import ParserChild, size_error
+from dtprobed.children.parser import ParserChild, size_error
 
 EXIT_ACCEPTED: Final = 0
 EXIT_REJECTED: Final = 1
@@ -105,26 +106,6 @@ def record_text(rec: ResultRecord) -> str:
     raise TypeError(f"not a result record: {rec!r}")
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text}: must be at least 1")
-    return value
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text}: must be positive")
-    return value
-
-
 def _parser() -> argparse.ArgumentParser:
     defaults = ParseLimits()
     p = argparse.ArgumentParser(
@@ -142,7 +123,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "-t",
         "--timeout",
-        type=_seconds,
+        type=positive_seconds,
         default=DEFAULT_TIMEOUT,
         help="seconds the parser child may take (default %(default)s)",
     )
@@ -153,7 +134,7 @@ def _parser() -> argparse.ArgumentParser:
     for name in ("max_dof_size", "max_providers", "max_probes", "max_tracepoints"):
         p.add_argument(
             "--" + name.replace("_", "-"),
-            type=_positive,
+            type=positive_int,
             default=getattr(defaults, name),
             metavar="N",
             help="default %(default)s",

@@ -1,6 +1,6 @@
 """Pure codec for the FUSE/CUSE wire protocol: requests from bytes, replies to bytes.
 
-No I/O here: :mod:`dtprobed.fusedev` and :mod:`dtprobed.cuse` own the device
+No I/O here: :mod:`dtprobed.device.fusefile` and :mod:`dtprobed.device.cuse` own the device
 fds, the unit tests and the golden samples drive this module directly.
 
 Decoding (:func:`decode_request`) checks what the kernel promises and raises

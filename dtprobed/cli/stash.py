@@ -20,17 +20,17 @@ from typing import Any, Final, NoReturn
 from common.errors import StashFormatError
 from common.records import ArgsMap, ArgsNative, ArgsXlat
 from common.stash_format import VERSION, decode_probe_file
-from dtprobed.dirfd import DirFd
-from dtprobed.stash import (
+from dtprobed.oslib.dirfd import DirFd
+from dtprobed.oslib.procfs import start_time_of
+from dtprobed.stash.layout import (
     MAX_EXEC_MAPPING,
     XATTR_START_TIME,
     is_number,
-    proc_start_time,
     read_small,
     split_key,
     split_spec,
-    verify_tree,
 )
+from dtprobed.stash.verify import verify_tree
 
 EXIT_OK: Final = 0
 EXIT_PROBLEM: Final = 1
@@ -64,7 +64,7 @@ def _executable(pid: int, pid_fd: int) -> str:
         stored = os.getxattr(pid_fd, XATTR_START_TIME).decode()
     except OSError:
         stored = None
-    if stored is not None and stored.isdigit() and proc_start_time(pid) != int(stored):
+    if stored is not None and stored.isdigit() and start_time_of(pid) != int(stored):
         return "?"
     try:
         return os.readlink(f"/proc/{pid}/exe")

@@ -10,7 +10,7 @@ same path and issue the same ioctls.  Facts we rely on (fs/fuse/ioctl.c,
   and forwards them as the ioctl's in-data; the server may not ask for more
   (a RETRY reply gets EIO).  ``DTRACEHIOC_ADDDOF = _IOW(0xd8, 3, 80)`` thus
   delivers the 80-byte ``dof_helper_t``; the DOF itself is read from the
-  calling thread with ``process_vm_readv`` (:mod:`dtprobed.memory`): the
+  calling thread with ``process_vm_readv`` (:mod:`dtprobed.device.caller_memory`): the
   64-byte header first, ``dofh_loadsz`` checked against the limit before any
   allocation, then the remaining ``loadsz - 64`` bytes after it.  The header
   read first is the one delivered, so the size we checked is the size the
@@ -29,7 +29,7 @@ same path and issue the same ioctls.  Facts we rely on (fs/fuse/ioctl.c,
 
 The filesystem: root inode 1 is a regular file, mode 0666, owner root, size
 0; LOOKUP finds nothing; OPEN succeeds (``FOPEN_NOFLUSH``); everything else we
-do not need is ENOSYS.  See :mod:`dtprobed.mount` for mounting, the host mount
+do not need is ENOSYS.  See :mod:`dtprobed.device.mount` for mounting, the host mount
 namespace and stale mounts.
 """
 
@@ -46,20 +46,15 @@ from common import fuse_abi as abi
 from common.dof_abi import DOF_HDR, DOF_HELPER
 from common.errors import ProtocolError, RequestRejected
 from common.ioctl import DTRACEHIOC_ADDDOF, DTRACEHIOC_REMOVE
-from dtprobed import fuse_proto as proto
-from dtprobed import mount
-from dtprobed.device import (
-    DeviceError,
-    DeviceServer,
-    Handler,
-    HelperRequest,
-    check_dof_header,
-    helper_dof_address,
-)
-from dtprobed.memory import read_memory, read_memory_into
+from dtprobed.device import fuse_proto as proto
+from dtprobed.device import mount
+from dtprobed.device.caller_memory import read_memory, read_memory_into
+from dtprobed.device.errors import DeviceError
+from dtprobed.device.request import Handler, HelperRequest, check_dof_header, helper_dof_address
+from dtprobed.device.server import DeviceServer
 
 if TYPE_CHECKING:
-    from dtprobed.fuse_proto import Request
+    from dtprobed.device.fuse_proto import Request
 
 FUSE_DEVICE: Final = "/dev/fuse"
 INIT_TIMEOUT_S: Final = 5.0

@@ -51,19 +51,14 @@ from common import fuse_abi as abi
 from common.dof_abi import DOF_HDR, DOF_HELPER
 from common.errors import ProtocolError, RequestRejected
 from common.ioctl import DTRACEHIOC_ADDDOF, DTRACEHIOC_REMOVE
-from dtprobed import fuse_proto as proto
-from dtprobed import mount
-from dtprobed.device import (
-    DeviceError,
-    DeviceServer,
-    Handler,
-    HelperRequest,
-    check_dof_header,
-    helper_dof_address,
-)
+from dtprobed.device import fuse_proto as proto
+from dtprobed.device import mount
+from dtprobed.device.errors import DeviceError
+from dtprobed.device.request import Handler, HelperRequest, check_dof_header, helper_dof_address
+from dtprobed.device.server import DeviceServer
 
 if TYPE_CHECKING:
-    from dtprobed.fuse_proto import Request
+    from dtprobed.device.fuse_proto import Request
 
 CUSE_PATH: Final = "/dev/cuse"
 DOF_CHUNK: Final = 64 * 1024  # bytes per retry, as upstream (DOF_CHUNKSZ)

@@ -57,9 +57,9 @@ from common.dof_abi import DOF_HELPER
 from common.errors import ChildFailed, DtprobedError, RequestRejected, StashError
 from common.grammar import ParsedProbe
 from common.stash_protocol import Registration
-from dtprobed.device import HelperRequest
-from dtprobed.identity import Caller, identify, tgid_of
-from dtprobed.lifecycle import ExitWatcher
+from dtprobed.daemon.exitwatch import ExitWatcher
+from dtprobed.daemon.identity import Caller, identify, tgid_of
+from dtprobed.device.request import HelperRequest
 
 log = logging.getLogger("dtprobed")
 

@@ -13,32 +13,14 @@ starts a fresh child.  Bad data is never returned.
 
 Restarts: a child is replaced after ``restart_after_requests`` requests or
 ``restart_after_cpu`` CPU seconds (its RLIMIT_CPU, a lifetime backstop that
-cannot be reset under the filter, is twice that).  A child that keeps dying is
-not restarted in a tight loop: after a few consecutive failures each restart
-waits an exponentially growing, bounded time, and requests in that window fail
-at once with a message saying so.
-
-Facts we rely on:
-
-* an unreaped child keeps its pid, so killing ``Popen.pid`` before
-  ``wait()`` can never hit a recycled pid;
-* a seccomp ``KILL_PROCESS`` shows as death by SIGSYS in the wait status;
-* ``/proc/PID/stat`` fields 14 and 15 (after the ``comm`` field, which may
-  contain spaces and parentheses) are user and system CPU time in clock ticks;
-* Python ignores SIGPIPE, so writing to a dead child's pipe is ``EPIPE``.
+cannot be reset under the filter, is twice that).  Starting, deadlines,
+reaping, exit classification and back-off are :mod:`dtprobed.children.process`'s.
 """
 
 from __future__ import annotations
 
-import contextlib
-import enum
 import errno
-import fcntl
 import logging
-import os
-import select
-import signal
-import subprocess
 import sys
 import threading
 import time
@@ -50,54 +32,20 @@ import msgspec
 from common.dof_abi import DOF_HELPER
 from common.errors import (
     ChildFailed,
-    ChildTimeout,
     ProtocolError,
     RequestRejected,
-    SandboxViolation,
 )
 from common.framing import HEADER, HEADER_SIZE, MAX_RECORD_FRAME, FrameDecoder
 from common.grammar import ParsedProbe, StreamChecker
 from common.limits import ParseLimits
 from common.records import Err, Log, ParserRecord, Provider, ResultRecord
 from common.requests import ParseRequest
+from dtprobed.children.process import ChildSlot, RunningChild
 
 #: Log records one request may carry before the child counts as misbehaving.
 MAX_LOG_RECORDS: Final = 64
-#: Consecutive failures that restart at once; later ones back off.
-FREE_RESTARTS: Final = 3
-BACKOFF_FIRST: Final = 0.5
-BACKOFF_MAX: Final = 30.0
-#: How long a child that closed its pipe gets to finish exiting before SIGKILL.
-_EXIT_GRACE: Final = 1.0
-_READ_CHUNK: Final = 1 << 20
 #: Requests between two reads of the child's CPU time (a /proc read each).
 _CPU_CHECK_EVERY: Final = 64
-_F_SETPIPE_SZ: Final = 1031
-_PIPE_SIZE: Final = 1 << 20  # fewer wake-ups for big DOF; best effort
-_CLOCK_TICKS: Final = os.sysconf("SC_CLK_TCK")
-
-
-class ExitKind(enum.Enum):
-    CLEAN = "exited cleanly"
-    ERROR = "exited with an error status"
-    SANDBOX_VIOLATION = "killed by its sandbox (SIGSYS)"
-    KILLED = "killed by us"
-    CRASH = "crashed"
-
-
-def classify_exit(returncode: int, *, killed_by_us: bool) -> tuple[ExitKind, str]:
-    """What a child's exit status means, and a phrase for the log line."""
-    if returncode == 0:
-        return ExitKind.CLEAN, "exited with status 0"
-    if returncode > 0:
-        return ExitKind.ERROR, f"exited with status {returncode}"
-    sig = -returncode
-    name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
-    if sig == signal.SIGSYS:
-        return ExitKind.SANDBOX_VIOLATION, "was killed by its seccomp filter (SIGSYS)"
-    if sig == signal.SIGKILL and killed_by_us:
-        return ExitKind.KILLED, "was killed by us (SIGKILL)"
-    return ExitKind.CRASH, f"crashed with signal {name}"
 
 
 def size_error(size: int, limits: ParseLimits) -> Err | None:
@@ -105,30 +53,6 @@ def size_error(size: int, limits: ParseLimits) -> Err | None:
     if size <= limits.max_dof_size:
         return None
     return Err(errno=errno.E2BIG, message=f"data size {size} exceeds maximum {limits.max_dof_size}")
-
-
-class _Running:
-    """One live child and its parent-side pipe ends."""
-
-    def __init__(self, proc: subprocess.Popen[bytes], to_child: int, from_child: int) -> None:
-        self.proc = proc
-        self.to_child = to_child
-        self.from_child = from_child
-        self.requests = 0
-        self.started = time.monotonic()
-        self.killed_by_us = False
-        self.poll_in = select.poll()
-        self.poll_in.register(from_child, select.POLLIN)
-        self.poll_out = select.poll()
-        self.poll_out.register(to_child, select.POLLOUT)
-
-    def cpu_seconds(self) -> float:
-        try:
-            with open(f"/proc/{self.proc.pid}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-        except OSError:
-            return 0.0
-        return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
 
 
 class ParserChild:
@@ -157,9 +81,7 @@ class ParserChild:
         self.restart_after_cpu = restart_after_cpu
         self._command = list(command) if command is not None else None
         self._lock = threading.Lock()
-        self._child: _Running | None = None
-        self._failures = 0
-        self._not_before = 0.0
+        self._slot = ChildSlot("parser child", self.argv, self.log)
         self._decoder: FrameDecoder[list[ParserRecord]] = FrameDecoder(
             list[ParserRecord], MAX_RECORD_FRAME
         )
@@ -168,8 +90,12 @@ class ParserChild:
     # --- lifecycle ----------------------------------------------------------------
     @property
     def pid(self) -> int | None:
-        child = self._child
-        return child.proc.pid if child is not None else None
+        return self._slot.pid
+
+    @property
+    def _child(self) -> RunningChild | None:
+        """The live child (tests play a broken host on its pipes)."""
+        return self._slot.child
 
     def argv(self) -> list[str]:
         if self._command is not None:
@@ -190,87 +116,13 @@ class ParserChild:
     def start(self) -> None:
         """Start the child now (otherwise the first :meth:`parse` does)."""
         with self._lock:
-            if self._child is None:
-                self._start()
+            if self._slot.child is None:
+                self._slot.start()
 
     def stop(self) -> None:
         """Close the request pipe, give the child a moment to exit, then kill it."""
         with self._lock:
-            if self._child is not None:
-                self._stop_gracefully("stopping")
-
-    def _start(self) -> None:
-        now = time.monotonic()
-        if now < self._not_before:
-            raise ChildFailed(
-                f"parser child failed {self._failures} times in a row; "
-                f"not restarting it for another {self._not_before - now:.1f} s"
-            )
-        req_r, req_w = os.pipe()
-        rec_r, rec_w = os.pipe()
-        try:
-            for fd in (req_w, rec_w):
-                # over /proc/sys/fs/pipe-max-size for unprivileged users: keep 64 KiB
-                with contextlib.suppress(OSError):
-                    fcntl.fcntl(fd, _F_SETPIPE_SZ, _PIPE_SIZE)
-            proc = subprocess.Popen(self.argv(), stdin=req_r, stdout=rec_w, close_fds=True, cwd="/")
-        except BaseException:
-            for fd in (req_r, req_w, rec_r, rec_w):
-                os.close(fd)
-            raise
-        os.close(req_r)
-        os.close(rec_w)
-        os.set_blocking(req_w, False)
-        os.set_blocking(rec_r, False)
-        self._child = _Running(proc, req_w, rec_r)
-        self.log.debug("parser child %d started: %s", proc.pid, " ".join(self.argv()))
-
-    def _close_pipes(self, child: _Running) -> None:
-        for fd in (child.to_child, child.from_child):
-            with contextlib.suppress(OSError):
-                os.close(fd)
-
-    def _reap(self, child: _Running, *, kill: bool, grace: float = _EXIT_GRACE) -> int:
-        """Kill (if asked or if it outlives *grace*), reap, close; the child is forgotten."""
-        self._child = None
-        if kill and child.proc.poll() is None:
-            child.killed_by_us = True
-            child.proc.kill()
-        self._close_pipes(child)  # after the kill: a closed fd 0 would let it exit 0 first
-        try:
-            return child.proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            child.killed_by_us = True
-            child.proc.kill()
-            return child.proc.wait()
-
-    def _stop_gracefully(self, why: str) -> None:
-        child = self._child
-        assert child is not None
-        status = self._reap(child, kill=False)  # closing fd 0 makes it exit(0)
-        kind, phrase = classify_exit(status, killed_by_us=child.killed_by_us)
-        level = logging.DEBUG if kind is ExitKind.CLEAN else logging.WARNING
-        self.log.log(level, "parser child %d %s (%s)", child.proc.pid, phrase, why)
-
-    def _failed(
-        self, child: _Running, why: str, *, kill: bool, timeout: bool = False
-    ) -> ChildFailed:
-        """Discard a broken child; log its exit; return the exception to raise."""
-        status = self._reap(child, kill=kill)
-        kind, phrase = classify_exit(status, killed_by_us=child.killed_by_us)
-        pid = child.proc.pid
-        message = f"parser child {pid} {why}; it {phrase}"
-        self._failures += 1
-        if self._failures > FREE_RESTARTS:
-            delay = min(BACKOFF_FIRST * 2 ** (self._failures - FREE_RESTARTS - 1), BACKOFF_MAX)
-            self._not_before = time.monotonic() + delay
-            message += f"; {self._failures} failures in a row, next start in {delay:.1f} s"
-        self.log.error("%s", message)
-        if kind is ExitKind.SANDBOX_VIOLATION:
-            return SandboxViolation(message)
-        if timeout:
-            return ChildTimeout(message)
-        return ChildFailed(message)
+            self._slot.stop("stopping")
 
     # --- one exchange ----------------------------------------------------------------
     def parse(
@@ -312,74 +164,57 @@ class ParserChild:
         with self._lock:
             child = self._ready_child()
             result = self._exchange(child, memoryview(body), meanwhile)
-            self._failures = 0
-            child.requests += 1
+            self._slot.succeeded(child)
             if child.requests >= self.restart_after_requests:
-                self._stop_gracefully(f"scheduled restart after {child.requests} requests")
+                self._slot.stop(f"scheduled restart after {child.requests} requests")
             elif (
                 child.requests % _CPU_CHECK_EVERY == 0
                 and (cpu := child.cpu_seconds()) >= self.restart_after_cpu
             ):
-                self._stop_gracefully(f"scheduled restart after {cpu:.0f} CPU seconds")
+                self._slot.stop(f"scheduled restart after {cpu:.0f} CPU seconds")
             return result
 
-    def _ready_child(self) -> _Running:
+    def _ready_child(self) -> RunningChild:
         """The live child, after checking that nothing arrived since the last request."""
-        child = self._child
+        child = self._slot.child
         if child is not None:
             try:
                 self._drain_idle(child)
             except ChildFailed as err:
                 self.log.warning("%s", err)
                 child = None
-        if child is None:
-            self._start()
-            child = self._child
-            assert child is not None
-        return child
+        return child if child is not None else self._slot.start()
 
-    def _drain_idle(self, child: _Running) -> None:
+    def _drain_idle(self, child: RunningChild) -> None:
         """Between requests only Log records may arrive; EOF means the child died idle."""
         pending = bytearray()
-        while child.poll_in.poll(0):
-            data = self._read_some(child)
-            if data is None:
-                break
+        while (data := self._slot.read_idle(child)) is not None:
             if not data:
-                raise self._failed(child, "closed its pipe between requests", kill=False)
+                raise self._slot.failed(child, "closed its pipe between requests", kill=False)
             pending += data
             try:
                 batches, used = self._decoder.split(pending)
             except ProtocolError as err:
-                raise self._failed(child, f"sent a bad frame: {err}", kill=True) from err
+                raise self._slot.failed(child, f"sent a bad frame: {err}", kill=True) from err
             del pending[:used]
             for batch in batches:
                 for rec in batch:
                     if not isinstance(rec, Log):
-                        raise self._failed(
+                        raise self._slot.failed(
                             child, f"sent {type(rec).__name__} between requests", kill=True
                         )
                     self._emit(rec)
         if pending:
-            raise self._failed(child, "left a partial frame between requests", kill=True)
-
-    def _read_some(self, child: _Running) -> bytes | None:
-        """What the pipe holds now: None if nothing (spurious wake-up), b"" at EOF."""
-        try:
-            return os.read(child.from_child, _READ_CHUNK)
-        except BlockingIOError:
-            return None
-        except OSError:
-            return b""
+            raise self._slot.failed(child, "left a partial frame between requests", kill=True)
 
     def _exchange(
         self,
-        child: _Running,
+        child: RunningChild,
         frame: memoryview,
         meanwhile: Callable[[], object] | None = None,
     ) -> _Checked:
         deadline = time.monotonic() + self.timeout
-        self._send(child, frame, deadline)
+        self._slot.send(child, frame, deadline, self.timeout)
         side_error: BaseException | None = None
         if meanwhile is not None:
             try:
@@ -391,26 +226,11 @@ class ParserChild:
             raise side_error
         return checked
 
-    def _receive(self, child: _Running, deadline: float) -> _Checked:
+    def _receive(self, child: RunningChild, deadline: float) -> _Checked:
         checked = _Checked(self.limits)
         pending = bytearray()
         while not checked.done:
-            left = deadline - time.monotonic()
-            if left <= 0 or not child.poll_in.poll(max(1, int(left * 1000))):
-                if time.monotonic() < deadline:
-                    continue
-                raise self._failed(
-                    child, f"sent no answer within {self.timeout:g} s", kill=True, timeout=True
-                )
-            try:
-                data = os.read(child.from_child, _READ_CHUNK)
-            except BlockingIOError:
-                continue
-            except OSError as err:
-                raise self._failed(child, f"record pipe failed: {err}", kill=True) from err
-            if not data:
-                raise self._failed(child, "closed its pipe in the middle of a request", kill=False)
-            pending += data
+            pending += self._slot.receive_some(child, deadline, self.timeout)
             try:
                 batches, used = self._decoder.split(pending)
                 del pending[:used]
@@ -419,27 +239,8 @@ class ParserChild:
                 if checked.done and pending:
                     raise ProtocolError("bytes after the end of the stream")
             except ProtocolError as err:
-                raise self._failed(child, f"broke the protocol: {err}", kill=True) from err
+                raise self._slot.failed(child, f"broke the protocol: {err}", kill=True) from err
         return checked
-
-    def _send(self, child: _Running, frame: memoryview, deadline: float) -> None:
-        while frame:
-            try:
-                written = os.write(child.to_child, frame)
-            except BlockingIOError:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise self._failed(
-                        child,
-                        f"did not read its request within {self.timeout:g} s",
-                        kill=True,
-                        timeout=True,
-                    ) from None
-                child.poll_out.poll(max(1, int(left * 1000)))
-                continue
-            except BrokenPipeError:
-                raise self._failed(child, "closed its request pipe", kill=False) from None
-            frame = frame[written:]
 
     def _emit(self, rec: Log) -> None:
         level = rec.level if rec.level > 0 else logging.DEBUG

@@ -1,70 +1,7 @@
-"""The DOF stash: the daemon's only state, and its contract with the ``dtrace`` consumer.
+"""The stash writer's operations on the tree: register, remove, prune, reparse, recover.
 
-Why: ``dtrace`` finds USDT probes of running processes by globbing files
-under the state directory (default ``/run/dtrace``); the daemon needs the raw
-DOF again to reparse after an upgrade and to remove a process's probes when
-it exits, execs or sends DTRACEHIOC_REMOVE.  The layout and the bytes are
-upstream's newest (``DOF_PARSED_VERSION 3``, raw files with the 8-byte base
-prefix), so the real consumer reads this stash and upstream's dtprobed and
-ours can take over each other's state directory.
-
-Layout (``$dev`` is glibc ``makedev`` encoding, ``$dev-$ino`` is ``%ju-%ju``;
-``$dev-$ino`` = ``0-<dofhp_dof>`` for DOF in anonymous memory)::
-
-  stash/dof/$dev-$ino
-      raw block: u64 base (0 for DOF) + the DOF bytes.  Shared, by hard link,
-      among registrations of the same mapping whose bytes are *identical*;
-      unlinked when its link count drops to 1.  Never for anonymous DOF.
-  stash/dof-pid/$pid/
-      one directory per registered process; xattrs
-      ``trusted.dtprobed.start_time`` (decimal clock ticks, /proc/PID/stat
-      field 22) and ``trusted.dtprobed.exec_token`` keep our extra identity
-      state out of upstream's file layout.  Removed with its last generation.
-  stash/dof-pid/$pid/next-gen
-      sparse file; its size is the next generation number (generations
-      start at 0 when the directory is created).
-  stash/dof-pid/$pid/exec-mapping
-      ``"$dev-$ino\\0"`` of the main executable; differs → the process exec'd.
-  stash/dof-pid/$pid/$gen -> $dev-$ino
-      relative symlink, one per ADDDOF.  **The commit point**: a mapping
-      directory that no generation points at is an interrupted operation and
-      is rolled back at start-up.  Several generations may point at one
-      mapping (the same mapping registered twice); the directory goes with
-      the last of them.
-  stash/dof-pid/$pid/$dev-$ino/raw
-      hard link to stash/dof/$dev-$ino (link count > 1), or — when this
-      registration's bytes differ from the shared file, or the DOF is
-      anonymous — a private file of the same format (link count 1).
-  stash/dof-pid/$pid/$dev-$ino/dh
-      the 80-byte ``dof_helper_t`` as received.
-  stash/dof-pid/$pid/$dev-$ino/parsed/version
-      u64 ``DOF_PARSED_VERSION``; written *last*, so a mapping without it
-      has no (or partial) parsed files and is reparsed at start-up.
-  stash/dof-pid/$pid/$dev-$ino/parsed/$prv:$mod:$fun:$prb
-      one per probe (provider name without pid): u64 version, PROVIDER,
-      PROBE, [ARGS_NATIVE [ARGS_XLAT ARGS_MAP]], ntp × TRACEPOINT in the C
-      layout of :mod:`common.stash_format`.  Created as an ``O_TMPFILE`` and
-      linked into place complete, so no half-written file is ever visible.
-  probes/$pid/$prv$pid/$mod/$fun/$prb
-      hard link to one parsed file of that process (the first mapping that
-      provided the probe; on its removal another mapping's file takes over).
-
-Directories are 0755 and files 0644 whatever the umask.  Only the stash
-writer process changes this tree, holding an exclusive ``flock`` on the state
-directory; readers (``dtprobed-stash``) take a shared one.
-
-Version word: ``DOF_PARSED_VERSION`` (:mod:`common.stash_format`) changes only
-together with upstream's; every parsed file and ``parsed/version`` carry it,
-and mappings whose ``parsed/version`` differs are reparsed at start-up.
-
-Facts we rely on:
-
-* ``open(dir, O_TMPFILE)`` then ``linkat("/proc/self/fd/N", …,
-  AT_SYMLINK_FOLLOW)`` gives a file a name only when it is complete (tmpfs
-  and ext4 support O_TMPFILE; the writer runs as root with /proc mounted).
-* ``link()`` and ``symlink()`` never replace an existing name (``EEXIST``),
-  so they are our ``O_EXCL`` for names.
-* ``flock`` needs an fd opened for reading, not ``O_PATH``.
+The layout they keep is described in :mod:`dtprobed.stash.layout`.  Only the
+writer process (:mod:`dtprobed.stash.writer`) uses this module.
 """
 
 from __future__ import annotations
@@ -75,140 +12,44 @@ import fcntl
 import functools
 import logging
 import os
-import re
 import shutil
 import stat
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, TypeVar
+from typing import Any, TypeVar
 
-from common.dof_abi import DOF_HELPER, DOF_MAG_STRING, DOF_MAXSZ
-from common.errors import ProtocolError, StashError, StashFormatError
+from common.dof_abi import DOF_MAG_STRING, DOF_MAXSZ
+from common.errors import ProtocolError, StashError
 from common.grammar import ParsedProbe, check_stream
-from common.names import NameRefused, check_probespec, printable
+from common.names import printable
 from common.records import Provider, ResultRecord
 from common.stash_format import (
-    DOF_PARSED_VERSION,
-    VERSION,
     VERSION_BYTES,
-    decode_probe_file,
     encode_probe_file,
     encode_record,
 )
 from common.stash_protocol import REPLY_BUDGET, Registration, ReparseItem, StashQuotas
-from dtprobed.dirfd import DirFd
-from dtprobed.identity import current_exec_token
+from dtprobed.oslib.dirfd import DirFd
+from dtprobed.oslib.fdio import write_all
+from dtprobed.oslib.procfs import current_exec_token, start_time_of
+from dtprobed.stash.layout import (
+    _OPEN_FILE,
+    DIR_MODE,
+    FILE_MODE,
+    HELPER_SIZE,
+    MAX_EXEC_MAPPING,
+    RAW_PREFIX,
+    XATTR_EXEC_TOKEN,
+    XATTR_START_TIME,
+    is_number,
+    mapping_key,
+    read_small,
+    split_key,
+    split_spec,
+)
+from dtprobed.stash.verify import verify_tree
 
 log = logging.getLogger("dtprobed.stash")
-
-DIR_MODE: Final = 0o755
-FILE_MODE: Final = 0o644
-RAW_PREFIX: Final = bytes(8)  # u64 base = 0: block 0 of a DOF registration
-HELPER_SIZE: Final = DOF_HELPER.size
-XATTR_START_TIME: Final = "trusted.dtprobed.start_time"
-XATTR_EXEC_TOKEN: Final = "trusted.dtprobed.exec_token"
-MAX_EXEC_MAPPING: Final = 64
-
-_KEY_RE: Final = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
-_NUM_RE: Final = re.compile(r"0|[1-9][0-9]{0,9}")
-_OPEN_FILE: Final = os.O_CLOEXEC | os.O_NOFOLLOW
-
-#: Every name the tree may hold, relative to the state directory: the same
-#: patterns as the docstring, used by ``verify`` to find what is not ours.
-LAYOUT: Final[tuple[tuple[str, str, str], ...]] = (
-    ("stash", "dir", "private to the daemon"),
-    ("stash/dof", "dir", "shared raw blocks"),
-    ("stash/dof/$dev-$ino", "file", "u64 base + DOF; hard-linked"),
-    ("stash/dof-pid", "dir", "per-process state"),
-    ("stash/dof-pid/$pid", "dir", "one process; xattrs start_time, exec_token"),
-    ("stash/dof-pid/$pid/next-gen", "file", "sparse; size = next generation"),
-    ("stash/dof-pid/$pid/exec-mapping", "file", '"$dev-$ino\\0"'),
-    ("stash/dof-pid/$pid/$gen", "symlink", "-> $dev-$ino; the commit point"),
-    ("stash/dof-pid/$pid/$dev-$ino", "dir", "one mapping"),
-    ("stash/dof-pid/$pid/$dev-$ino/raw", "file", "link to stash/dof/$dev-$ino or private"),
-    ("stash/dof-pid/$pid/$dev-$ino/dh", "file", "80-byte dof_helper_t"),
-    ("stash/dof-pid/$pid/$dev-$ino/parsed", "dir", "parsed records"),
-    ("stash/dof-pid/$pid/$dev-$ino/parsed/version", "file", "u64 DOF_PARSED_VERSION"),
-    ("stash/dof-pid/$pid/$dev-$ino/parsed/$prv:$mod:$fun:$prb", "file", "one probe"),
-    ("probes", "dir", "what the consumer globs"),
-    ("probes/$pid/$prv$pid/$mod/$fun/$prb", "file", "link to a parsed file"),
-)
-
-
-def mapping_key(dev: int, ino: int) -> str:
-    return f"{dev}-{ino}"
-
-
-def split_key(name: str) -> tuple[int, int] | None:
-    """Upstream's strict ``split_dof_name``: two unsigned decimals joined by '-'."""
-    if not _KEY_RE.fullmatch(name):
-        return None
-    dev, ino = (int(x) for x in name.split("-"))
-    if dev >= 1 << 64 or ino >= 1 << 64:
-        return None
-    return dev, ino
-
-
-def is_number(name: str) -> bool:
-    return _NUM_RE.fullmatch(name) is not None
-
-
-def split_spec(name: str) -> tuple[str, str, str, str] | None:
-    """``prv:mod:fun:prb`` → its parts, or None when the name breaks the policy."""
-    parts = name.split(":")
-    if len(parts) != 4:
-        return None
-    prv, mod, fun, prb = parts
-    try:
-        check_probespec(prv, mod, fun, prb)
-    except NameRefused:
-        return None
-    return prv, mod, fun, prb
-
-
-def proc_start_time(pid: int) -> int | None:
-    """Field 22 of /proc/PID/stat, or None when the process does not exist."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read(4096)
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    # comm (field 2) may contain spaces and ')'; fields after the last ')' start at 3.
-    fields = data[data.rfind(b")") + 2 :].split()
-    return int(fields[22 - 3])
-
-
-def read_small(dir_fd: int, name: str, limit: int) -> bytes:
-    """Read a regular file of at most *limit* bytes; anything else is refused, not followed."""
-    fd = os.open(name, os.O_RDONLY | _OPEN_FILE | os.O_NONBLOCK, dir_fd=dir_fd)
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise OSError(errno.EINVAL, f"{name} is not a regular file")
-        if st.st_size > limit:
-            raise OSError(errno.EFBIG, f"{name} is {st.st_size} bytes, more than {limit}")
-        return _read_all(fd, st.st_size)
-    finally:
-        os.close(fd)
-
-
-def _read_all(fd: int, size: int) -> bytes:
-    chunks = []
-    left = size
-    while left > 0:
-        chunk = os.read(fd, min(left, 1 << 24))
-        if not chunk:
-            break
-        chunks.append(chunk)
-        left -= len(chunk)
-    return b"".join(chunks)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
 
 
 def _unlink_quiet(dir_fd: int, name: str) -> None:
@@ -345,7 +186,7 @@ class Stash:
         """An anonymous complete file in *dir_fd*; the caller links it and closes it."""
         fd = os.open(".", os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, FILE_MODE, dir_fd=dir_fd)
         try:
-            _write_all(fd, data)
+            write_all(fd, data)
             if self._fix_modes:
                 os.fchmod(fd, FILE_MODE)
         except BaseException:
@@ -943,7 +784,7 @@ class Stash:
             except OSError:
                 return True
             return True
-        if proc_start_time(pid) != start:
+        if start_time_of(pid) != start:
             return False
         token = stored[1] if stored is not None else None
         if token:
@@ -1236,251 +1077,3 @@ class Stash:
     def verify(self) -> list[str]:
         with self.locked():
             return verify_tree(self.root.fd)
-
-
-# ====================================================================== verify
-
-
-def verify_tree(root_fd: int) -> list[str]:
-    """Every invariant of the layout; returns the problems found (empty = consistent).
-
-    Read-only: callers hold a shared (reader) or exclusive (writer) flock.
-    """
-    return _Verifier(root_fd).run()
-
-
-class _Verifier:
-    def __init__(self, root_fd: int) -> None:
-        self.root = root_fd
-        self.problems: list[str] = []
-        self.raw_links: dict[str, list[int]] = {}  # key → inodes of mapping raw files
-        self.parsed: dict[int, dict[str, set[int]]] = {}  # pid → spec → parsed inodes
-        self.bound: set[int] = set()  # parsed inodes reachable from probes/
-
-    def bad(self, text: str) -> None:
-        self.problems.append(text)
-
-    def run(self) -> list[str]:
-        try:
-            stash = DirFd(self.root, "stash", readable=True)
-            dof = DirFd(stash.fd, "dof", readable=True)
-            dofpid = DirFd(stash.fd, "dof-pid", readable=True)
-            probes = DirFd(self.root, "probes", readable=True)
-        except OSError as err:
-            return [f"state directory incomplete: {err}"]
-        with stash, dof, dofpid, probes:
-            for item in sorted(os.listdir(self.root)):
-                if item not in ("stash", "probes"):
-                    self.bad(f"unexpected entry {printable(item)} in the state directory")
-            for item in sorted(os.listdir(stash.fd)):
-                if item not in ("dof", "dof-pid"):
-                    self.bad(f"unexpected entry stash/{printable(item)}")
-            pids = []
-            for name in sorted(os.listdir(dofpid.fd)):
-                st = os.lstat(name, dir_fd=dofpid.fd)
-                if not is_number(name) or not stat.S_ISDIR(st.st_mode):
-                    self.bad(f"unexpected entry stash/dof-pid/{printable(name)}")
-                    continue
-                pids.append(int(name))
-            for pid in sorted(pids):
-                with DirFd(dofpid.fd, str(pid), readable=True) as pdir:
-                    self.check_pid(pid, pdir.fd)
-            self.check_shared_raw(dof.fd)
-            self.check_probes(probes.fd, pids)
-        return self.problems
-
-    def check_pid(self, pid: int, pid_fd: int) -> None:
-        where = f"stash/dof-pid/{pid}"
-        gens: dict[int, str] = {}
-        keys: list[str] = []
-        for name in sorted(os.listdir(pid_fd)):
-            st = os.lstat(name, dir_fd=pid_fd)
-            if name in ("next-gen", "exec-mapping"):
-                if not stat.S_ISREG(st.st_mode):
-                    self.bad(f"{where}/{name} is not a regular file")
-            elif is_number(name) and stat.S_ISLNK(st.st_mode):
-                gens[int(name)] = os.readlink(name, dir_fd=pid_fd)
-            elif split_key(name) is not None and stat.S_ISDIR(st.st_mode):
-                keys.append(name)
-            else:
-                self.bad(f"unexpected entry {where}/{printable(name)}")
-        if not gens:
-            self.bad(f"{where} has no generations")
-        for gen, target in sorted(gens.items()):
-            if target not in keys:
-                self.bad(f"{where}/{gen} -> {printable(target)}: target is not a mapping directory")
-        for key in keys:
-            if key not in gens.values():
-                self.bad(f"{where}/{key} is referenced by no generation (orphan)")
-        try:
-            size = os.lstat("next-gen", dir_fd=pid_fd).st_size
-            if gens and size < max(gens) + 1:
-                self.bad(f"{where}/next-gen is {size}, highest generation is {max(gens)}")
-        except FileNotFoundError:
-            self.bad(f"{where}/next-gen is missing")
-        try:
-            em = read_small(pid_fd, "exec-mapping", MAX_EXEC_MAPPING)
-            if not (em.endswith(b"\0") and split_key(em[:-1].decode("ascii", "replace"))):
-                self.bad(f'{where}/exec-mapping is {em!r}, not "$dev-$ino\\0"')
-        except OSError as err:
-            self.bad(f"{where}/exec-mapping: {err.strerror}")
-        self.parsed[pid] = {}
-        for key in keys:
-            with DirFd(pid_fd, key, readable=True) as mdir:
-                self.check_mapping(pid, key, mdir.fd, f"{where}/{key}")
-
-    def check_mapping(self, pid: int, key: str, map_fd: int, where: str) -> None:
-        names = set(os.listdir(map_fd))
-        for extra in sorted(names - {"raw", "dh", "parsed"}):
-            self.bad(f"unexpected entry {where}/{printable(extra)}")
-        try:
-            st = os.lstat("raw", dir_fd=map_fd)
-            if not stat.S_ISREG(st.st_mode):
-                self.bad(f"{where}/raw is not a regular file")
-            else:
-                if st.st_nlink > 1:
-                    self.raw_links.setdefault(key, []).append(st.st_ino)
-                raw = read_small(map_fd, "raw", len(RAW_PREFIX) + DOF_MAXSZ)
-                if raw[:4] != DOF_MAG_STRING and (
-                    raw[:8] != RAW_PREFIX or raw[8:12] != DOF_MAG_STRING
-                ):
-                    self.bad(f"{where}/raw is neither u64 base 0 + DOF nor legacy DOF")
-        except OSError as err:
-            self.bad(f"{where}/raw: {err.strerror}")
-        try:
-            dh = read_small(map_fd, "dh", HELPER_SIZE + 1)
-            if len(dh) != HELPER_SIZE:
-                self.bad(f"{where}/dh is {len(dh)} bytes, not {HELPER_SIZE}")
-        except OSError as err:
-            self.bad(f"{where}/dh: {err.strerror}")
-        try:
-            parsed = DirFd(map_fd, "parsed", readable=True)
-        except OSError as err:
-            self.bad(f"{where}/parsed: {err.strerror}")
-            return
-        with parsed:
-            entries = sorted(os.listdir(parsed.fd))
-            has_version = "version" in entries
-            if has_version:
-                try:
-                    v = read_small(parsed.fd, "version", 8)
-                    if v != VERSION_BYTES:
-                        found = VERSION.unpack(v)[0] if len(v) == 8 else v
-                        self.bad(
-                            f"{where}/parsed/version is {found!r}, not {DOF_PARSED_VERSION} (needs reparse)"
-                        )
-                except OSError as err:
-                    self.bad(f"{where}/parsed/version: {err.strerror}")
-            for name in entries:
-                if name == "version":
-                    continue
-                self.check_parsed_file(pid, parsed.fd, name, f"{where}/parsed", has_version)
-
-    def check_parsed_file(
-        self, pid: int, parsed_fd: int, name: str, where: str, has_version: bool
-    ) -> None:
-        parts = split_spec(name)
-        path = f"{where}/{printable(name)}"
-        if parts is None:
-            self.bad(f"{path}: not a valid prv:mod:fun:prb name")
-            return
-        if not has_version:
-            self.bad(f"{path}: parsed file in a mapping without parsed/version")
-        try:
-            st = os.lstat(name, dir_fd=parsed_fd)
-            data = read_small(parsed_fd, name, 1 << 26)
-        except OSError as err:
-            self.bad(f"{path}: {err.strerror}")
-            return
-        try:
-            pf = decode_probe_file(data)
-        except StashFormatError as err:
-            self.bad(f"{path}: format invalid: {err}")
-        else:
-            inside = (pf.provider.name, pf.probe.mod, pf.probe.fun, pf.probe.prb)
-            if inside != parts:
-                self.bad(f"{path}: holds probe {':'.join(inside)}")
-        self.parsed[pid].setdefault(name, set()).add(st.st_ino)
-        if st.st_nlink not in (1, 2):
-            self.bad(f"{path}: link count {st.st_nlink}, expected 1 or 2")
-
-    def check_shared_raw(self, dof_fd: int) -> None:
-        seen = set()
-        for name in sorted(os.listdir(dof_fd)):
-            st = os.lstat(name, dir_fd=dof_fd)
-            ids = split_key(name)
-            if ids is None or not stat.S_ISREG(st.st_mode):
-                self.bad(f"unexpected entry stash/dof/{printable(name)}")
-                continue
-            seen.add(name)
-            if ids[0] == 0:
-                self.bad(f"stash/dof/{name}: anonymous DOF must not be shared")
-            links = self.raw_links.get(name, [])
-            users = sum(1 for ino in links if ino == st.st_ino)
-            if users == 0:
-                self.bad(f"stash/dof/{name} is used by no registration (orphan)")
-            if st.st_nlink != users + 1:
-                self.bad(
-                    f"stash/dof/{name}: link count {st.st_nlink}, {users} registrations link it"
-                )
-            if any(ino != st.st_ino for ino in links):
-                self.bad(f"a raw file of mapping {name} with links is not stash/dof/{name}")
-        for key in sorted(set(self.raw_links) - seen):
-            self.bad(f"raw files of mapping {key} have links but stash/dof/{key} is missing")
-
-    def check_probes(self, probes_fd: int, pids: list[int]) -> None:
-        for name in sorted(os.listdir(probes_fd)):
-            st = os.lstat(name, dir_fd=probes_fd)
-            if not is_number(name) or not stat.S_ISDIR(st.st_mode):
-                self.bad(f"unexpected entry probes/{printable(name)}")
-                continue
-            pid = int(name)
-            if pid not in pids:
-                self.bad(f"probes/{pid} belongs to no registered process (orphan)")
-                continue
-            with DirFd(probes_fd, name, readable=True) as d:
-                self.walk_probes(pid, d.fd, f"probes/{pid}", [])
-        for pid, specs in self.parsed.items():
-            for spec, inodes in sorted(specs.items()):
-                if not inodes & self.bound:
-                    prv, mod, fun, prb = spec.split(":")
-                    self.bad(
-                        f"probes/{pid}/{prv}{pid}/{mod}/{fun}/{prb} is missing for parsed/{spec}"
-                    )
-
-    def walk_probes(self, pid: int, dir_fd: int, where: str, path: list[str]) -> None:
-        names = sorted(os.listdir(dir_fd))
-        if not names:
-            self.bad(f"{where} is an empty directory (orphan)")
-        for name in names:
-            st = os.lstat(name, dir_fd=dir_fd)
-            here = f"{where}/{printable(name)}"
-            if len(path) < 3:
-                if not stat.S_ISDIR(st.st_mode):
-                    self.bad(f"{here} is not a directory")
-                    continue
-                if not path and not (name.endswith(str(pid)) and len(name) > len(str(pid))):
-                    self.bad(f"{here}: provider directory does not end in the pid")
-                with DirFd(dir_fd, name, readable=True) as d:
-                    self.walk_probes(pid, d.fd, here, [*path, name])
-                continue
-            prv = path[0][: -len(str(pid))]
-            spec = f"{prv}:{path[1]}:{path[2]}:{name}"
-            if not stat.S_ISREG(st.st_mode):
-                self.bad(f"{here} is not a regular file")
-            elif st.st_ino not in self.parsed.get(pid, {}).get(spec, set()):
-                self.bad(f"{here} is not a link to a parsed/{printable(spec)} of PID {pid}")
-            else:
-                self.bound.add(st.st_ino)
-
-
-__all__ = [
-    "LAYOUT",
-    "Stash",
-    "mapping_key",
-    "proc_start_time",
-    "read_small",
-    "split_key",
-    "split_spec",
-    "verify_tree",
-]

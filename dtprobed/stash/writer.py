@@ -1,13 +1,13 @@
 """The stash writer child: the only process that writes under the state directory.
 
-    python -m dtprobed.stash_writer --state-dir DIR [--max-generations N]
+    python -m dtprobed.stash.writer --state-dir DIR [--max-generations N]
         [--max-probes-per-pid N] [--max-probes-total N]
 
 It reads :mod:`common.stash_protocol` command frames on stdin (fd 0) and
 answers each with exactly one reply frame on stdout (fd 1).  Every frame is
 hostile input: the frame size is bounded before it is read, the body must
 decode as a command (schema bounds), and the record stream is re-checked
-(grammar, names, counts, quotas) by :class:`~dtprobed.stash.Stash` before the
+(grammar, names, counts, quotas) by :class:`~dtprobed.stash.store.Stash` before the
 first write.  An operation that fails answers ``Failure(errno, message)`` and
 leaves nothing behind; a frame that breaks the protocol ends the process with
 status 3 (the supervisor restarts it).  At start-up it recovers the tree left
@@ -17,7 +17,6 @@ by a killed predecessor (:meth:`Stash._recover`) before it reads a command.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import errno
 import logging
 import os
@@ -25,8 +24,10 @@ import sys
 from collections.abc import Sequence
 from typing import Final
 
+from common.argtypes import positive_int
 from common.errors import PeerClosed, ProtocolError, StashError
 from common.framing import FrameDecoder, FrameEncoder
+from common.process_name import set_process_name
 from common.stash_protocol import (
     MAX_COMMAND_FRAME,
     Done,
@@ -46,36 +47,11 @@ from common.stash_protocol import (
     Verify,
     WriteReparsed,
 )
-from dtprobed.stash import Stash
+from dtprobed.oslib.fdio import read_exactly, write_all
+from dtprobed.stash.store import Stash
 
 EXIT_PROTOCOL: Final = 3
 log = logging.getLogger("dtprobed.stash_writer")
-
-
-def _set_name(name: bytes) -> None:
-    """prctl(PR_SET_NAME) so ps shows the role."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(15, ctypes.c_char_p(name), 0, 0, 0)
-    except OSError:
-        pass
-
-
-def _read_exactly(fd: int, n: int) -> bytes:
-    chunks: list[bytes] = []
-    while n > 0:
-        chunk = os.read(fd, min(n, 1 << 20))
-        if not chunk:
-            break
-        chunks.append(chunk)
-        n -= len(chunk)
-    return b"".join(chunks)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
 
 
 def handle(stash: Stash, cmd: StashCommand) -> StashReply:
@@ -115,26 +91,26 @@ def serve(stash: Stash, rfd: int, wfd: int) -> None:
     encoder = FrameEncoder()
     while True:
         try:
-            cmd = decoder.read(lambda n: _read_exactly(rfd, n))
+            cmd = decoder.read(lambda n: read_exactly(rfd, n))
         except PeerClosed:
             return
-        _write_all(wfd, encoder.encode(handle(stash, cmd)))
+        write_all(wfd, encoder.encode(handle(stash, cmd)))
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dtprobed.stash_writer", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m dtprobed.stash.writer", description=__doc__)
     p.add_argument("--state-dir", required=True)
     defaults = StashQuotas()
-    p.add_argument("--max-generations", type=int, default=defaults.max_generations)
-    p.add_argument("--max-probes-per-pid", type=int, default=defaults.max_probes_per_pid)
-    p.add_argument("--max-probes-total", type=int, default=defaults.max_probes_total)
+    p.add_argument("--max-generations", type=positive_int, default=defaults.max_generations)
+    p.add_argument("--max-probes-per-pid", type=positive_int, default=defaults.max_probes_per_pid)
+    p.add_argument("--max-probes-total", type=positive_int, default=defaults.max_probes_total)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="dtprobed-stash: %(message)s")
-    _set_name(b"dtprobed-stash")
+    set_process_name(b"dtprobed-stash")
     os.umask(0o022)  # modes are then exactly the 0755/0644 we pass
     quotas = StashQuotas(args.max_generations, args.max_probes_per_pid, args.max_probes_total)
     stash = Stash(args.state_dir, quotas)  # recovers what a killed predecessor left

@@ -1,0 +1,465 @@
+"""``dtprobed``: the DTrace USDT helper daemon (command line, start-up, main loop).
+
+Start-up order follows upstream (reference §5): set up the helper device
+first (so bad options, a missing ``/dev/fuse`` and a device already served by
+a live daemon fail at once, before the stash is touched), start the stash
+writer (which recovers an interrupted operation), prune dead processes,
+reparse what has an outdated parsed version (one mapping per exchange), then
+tell the service manager ``READY=1`` and serve.  Processes still alive in the
+stash are watched from then on like new registrations.
+
+Signals: SIGTERM, SIGINT and SIGHUP stop the daemon cleanly (queued requests
+answered, children stopped, device removed, stash left intact, ``STOPPING=1``,
+exit 0).  SIGUSR2 forces a reparse of the whole stash (upstream only does
+this in its test mode; here it is always on, and runs in the main loop, not
+in the signal handler).
+
+Exit status: 0 after a clean stop; 1 fatal (bad options, unusable or already
+served device, unusable state directory) — the unit's
+``RestartPreventExitStatus=1`` keeps systemd from looping on it; 2 when a
+restart may help (the stash writer cannot be kept running).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import resource
+import selectors
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Final, NoReturn
+
+from common.argtypes import positive_int, positive_seconds
+from common.errors import DtprobedError, RequestRejected
+from common.limits import (
+    DEFAULT_MAX_DOF_SIZE,
+    DEFAULT_MAX_PROBES,
+    DEFAULT_MAX_PROVIDERS,
+    DEFAULT_MAX_TRACEPOINTS,
+    ParseLimits,
+)
+from common.stash_protocol import (
+    DEFAULT_MAX_GENERATIONS,
+    DEFAULT_MAX_PROBES_PER_PID,
+    DEFAULT_MAX_PROBES_TOTAL,
+    StashQuotas,
+)
+from dtprobed.children.parser import ParserChild
+from dtprobed.children.writer import StashWriterChild
+from dtprobed.daemon.exitwatch import ExitWatcher
+from dtprobed.daemon.logsetup import setup_logging
+from dtprobed.daemon.notify import Notifier
+from dtprobed.daemon.receiver import Receiver
+from dtprobed.device.errors import DeviceError, DeviceGone
+from dtprobed.device.opener import open_device
+from dtprobed.device.request import HelperRequest
+
+EXIT_OK: Final = 0
+EXIT_FATAL: Final = 1
+EXIT_RESTART: Final = 2
+
+DEFAULT_DEVNAME: Final = "dtrace/helper"
+DEFAULT_STATE_DIR: Final = "/run/dtrace"
+DEFAULT_TIMEOUT: Final = 5.0
+#: Prune dead processes this often, to catch what pidfds can't see (exec, pid reuse).
+PRUNE_INTERVAL: Final = 60.0
+
+log = logging.getLogger("dtprobed")
+
+try:
+    from importlib.metadata import version as _pkg_version
+
+    VERSION = _pkg_version("dtprobed-py")
+except Exception:  # not installed: running from a checkout
+    VERSION = "0+unknown"
+
+
+class UsageError(Exception):
+    """Bad command line; the message is one line."""
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse exits 2 on a bad option; a typo must be fatal (exit 1) for systemd."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = _ArgumentParser(
+        prog="dtprobed",
+        description="DTrace USDT helper daemon: receives DOF from programs over the helper "
+        "device, parses it in a sandboxed child and keeps the DOF stash.",
+    )
+    ap.add_argument("-F", "--foreground", action="store_true", help="log to stderr")
+    ap.add_argument("-d", "--debug", action="store_true", help="debug logging")
+    ap.add_argument(
+        "-n",
+        "--devname",
+        metavar="DEVNAME",
+        help=f"device name under /dev (default {DEFAULT_DEVNAME})",
+    )
+    ap.add_argument("--device", metavar="PATH", help="absolute path of the helper device")
+    ap.add_argument(
+        "--device-mode",
+        choices=("auto", "cuse", "fuse"),
+        default="auto",
+        help="CUSE character device, FUSE file, or CUSE when /dev/cuse works (default)",
+    )
+    ap.add_argument(
+        "-s", "--state-dir", metavar="DIR", default=DEFAULT_STATE_DIR, help="the stash root"
+    )
+    ap.add_argument(
+        "-t",
+        "--timeout",
+        type=positive_seconds,
+        default=DEFAULT_TIMEOUT,
+        metavar="SECONDS",
+        help="bound on each exchange with a child (default 5)",
+    )
+    ap.add_argument(
+        "--no-sandbox",
+        action="store_true",
+        help="run the parser without its seccomp filter (debugging only)",
+    )
+    ap.add_argument(
+        "--mount-ns-pid",
+        type=positive_int,
+        default=1,
+        metavar="PID",
+        help="FUSE mode: mount the helper in PID's mount namespace (default 1, the host's)",
+    )
+    ap.add_argument("--ready-fd", type=int, metavar="FD", help="write one byte to FD when ready")
+    limits = ap.add_argument_group("parser limits (per DOF)")
+    limits.add_argument("--max-dof-size", type=positive_int, default=DEFAULT_MAX_DOF_SIZE)
+    limits.add_argument("--max-providers", type=positive_int, default=DEFAULT_MAX_PROVIDERS)
+    limits.add_argument("--max-probes", type=positive_int, default=DEFAULT_MAX_PROBES)
+    limits.add_argument("--max-tracepoints", type=positive_int, default=DEFAULT_MAX_TRACEPOINTS)
+    quotas = ap.add_argument_group("stash quotas")
+    quotas.add_argument("--max-generations", type=positive_int, default=DEFAULT_MAX_GENERATIONS)
+    quotas.add_argument(
+        "--max-probes-per-pid", type=positive_int, default=DEFAULT_MAX_PROBES_PER_PID
+    )
+    quotas.add_argument("--max-probes-total", type=positive_int, default=DEFAULT_MAX_PROBES_TOTAL)
+    ap.add_argument("--version", action="version", version=f"dtprobed {VERSION}")
+    return ap
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if args.devname is not None and args.device is not None:
+        raise UsageError("-n/--devname and --device are mutually exclusive")
+    if args.device is None:
+        name = args.devname if args.devname is not None else DEFAULT_DEVNAME
+        if not name or name.startswith("/") or ".." in name.split("/"):
+            raise UsageError(
+                f"bad device name {name!r}: give a name under /dev, like dtrace/helper"
+            )
+        args.device = f"/dev/{name}"
+    elif not os.path.isabs(args.device):
+        raise UsageError(f"--device needs an absolute path, not {args.device!r}")
+    if args.device_mode == "cuse" and not args.device.startswith("/dev/"):
+        raise UsageError(f"CUSE mode needs a device path under /dev, not {args.device}")
+    if not os.path.isabs(args.state_dir):
+        args.state_dir = os.path.abspath(args.state_dir)
+    try:
+        args.limits = ParseLimits(
+            max_dof_size=args.max_dof_size,
+            max_providers=args.max_providers,
+            max_probes=args.max_probes,
+            max_tracepoints=args.max_tracepoints,
+        )
+        args.quotas = StashQuotas(
+            max_generations=args.max_generations,
+            max_probes_per_pid=args.max_probes_per_pid,
+            max_probes_total=args.max_probes_total,
+        )
+    except (TypeError, ValueError) as err:
+        raise UsageError(str(err)) from None
+    return args
+
+
+def raise_nofile_limit() -> int:
+    """One pidfd per registered process: lift the soft fd limit to the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            return hard
+    return soft
+
+
+class Daemon:
+    """The running daemon: owns the device, the children, the watcher and the receiver."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.notifier = Notifier()
+        self._exit_status: int | None = None
+        self._exit_reason = ""
+        self._stop_lock = threading.Lock()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._reparse_requested = False
+
+    # --- stopping -------------------------------------------------------------------
+
+    def request_stop(self, status: int, reason: str) -> None:
+        """Make the main loop end with *status* (first caller wins); any thread."""
+        with self._stop_lock:
+            if self._exit_status is None:
+                self._exit_status = status
+                self._exit_reason = reason
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"x")
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        if signum == signal.SIGUSR2:
+            self._reparse_requested = True
+            with contextlib.suppress(OSError):
+                self._wake_w.send(b"r")
+        else:
+            self.request_stop(EXIT_OK, f"{signal.Signals(signum).name} received")
+
+    # --- start-up -------------------------------------------------------------------
+
+    def run(self) -> int:
+        # Every path is absolute by now; leave the directory we were started
+        # from (e.g. by install.sh) so a long-lived daemon does not pin it.
+        os.chdir("/")
+        nofile = raise_nofile_limit()
+        log.debug("RLIMIT_NOFILE is %d", nofile)
+        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2):
+            signal.signal(sig, self._on_signal)
+        with contextlib.ExitStack() as stack:
+            try:
+                self._start(stack)
+            except FatalStartup as err:
+                log.error("%s", err)
+                return err.status
+            self._serve()
+            self.notifier.stopping()
+            log.info("stopping: %s", self._exit_reason)
+        # ExitStack unwound: device removed, requests answered, children stopped.
+        status = self._exit_status if self._exit_status is not None else EXIT_OK
+        log.info("stopped (exit status %d)", status)
+        return status
+
+    def _start(self, stack: contextlib.ExitStack) -> None:
+        args = self.args
+        self.writer = StashWriterChild(
+            args.state_dir,
+            timeout=args.timeout,
+            quotas=args.quotas,
+            log=logging.getLogger("dtprobed.stash"),
+        )
+        self.small_parser = self._parser()
+        self.large_parser = self._parser()
+        # Device first: a bad or already-served device is fatal before anything else.
+        try:
+            self.device = open_device(
+                args.device_mode,
+                args.device,
+                self._handle,
+                max_dof_size=args.limits.max_dof_size,
+                log=logging.getLogger("dtprobed.device"),
+                host_ns_pid=args.mount_ns_pid,
+            )
+        except DeviceError as err:
+            raise FatalStartup(EXIT_FATAL, f"cannot serve {args.device}: {err}") from err
+        stack.callback(self.device.close)
+        stack.callback(self.writer.stop)
+        self.writer.start()
+        self.small_parser.start()
+        stack.callback(self.small_parser.stop)
+        stack.callback(self.large_parser.stop)
+        self.watcher = ExitWatcher(self._prune_exited)
+        stack.callback(self.watcher.stop)
+        self.receiver = Receiver(
+            small_parser=self.small_parser,
+            large_parser=self.large_parser,
+            writer=self.writer,
+            watcher=self.watcher,
+            on_fatal=self.request_stop,
+        )
+        stack.callback(self.receiver.close)  # runs before the watcher and children stop
+        try:
+            pruned = self.writer.prune_dead()
+            if pruned:
+                log.info("pruned %d dead or exec'd processes: %s", len(pruned), _pid_list(pruned))
+            self._reparse(force=False)
+        except DtprobedError as err:
+            # upstream: a stash that can't be initialised or reparsed is fatal (exit 1)
+            raise FatalStartup(
+                EXIT_FATAL, f"cannot prepare the stash in {args.state_dir}: {err}"
+            ) from err
+        for pid in self._live_stash_pids():
+            if not self.watcher.watch_pid(pid):
+                self.receiver.prune_exited(pid)
+        self.watcher.start()
+        self.notifier.ready()
+        if args.ready_fd is not None:
+            with contextlib.suppress(OSError):
+                os.write(args.ready_fd, b"R")
+                os.close(args.ready_fd)
+        log.info(
+            "ready: serving %s (%s mode), state directory %s, %d processes watched",
+            args.device,
+            self.device.mode,
+            args.state_dir,
+            len(self.watcher),
+        )
+
+    def _parser(self) -> ParserChild:
+        return ParserChild(
+            limits=self.args.limits,
+            timeout=self.args.timeout,
+            sandbox=not self.args.no_sandbox,
+            log=logging.getLogger("dtprobed.parser"),
+        )
+
+    def _live_stash_pids(self) -> list[int]:
+        """Processes with registrations in the stash (all alive after prune_dead)."""
+        try:
+            names = os.listdir(os.path.join(self.args.state_dir, "stash", "dof-pid"))
+        except FileNotFoundError:
+            return []
+        return sorted(int(n) for n in names if n.isdigit())
+
+    def _reparse(self, *, force: bool) -> None:
+        """Reparse outdated (or, forced, all) mappings, one exchange each."""
+        items = self.writer.reparse_scan(force)
+        done = failed = 0
+        for item in items:
+            try:
+                probes = self.large_parser.parse(item.helper, item.dof)
+            except DtprobedError as err:
+                level = logging.WARNING if isinstance(err, RequestRejected) else logging.ERROR
+                log.log(
+                    level,
+                    "%d: cannot reparse %d-%d (ignored): %s",
+                    item.pid,
+                    item.dev,
+                    item.ino,
+                    err,
+                )
+                self.writer.write_reparsed(item, None)
+                failed += 1
+                continue
+            self.writer.write_reparsed(item, probes)
+            done += 1
+        if items or force:
+            log.info(
+                "reparse%s: %d mappings reparsed, %d failed",
+                " (forced)" if force else "",
+                done,
+                failed,
+            )
+
+    # --- serving --------------------------------------------------------------------
+
+    def _handle(self, request: HelperRequest, reply: Callable[[int], None]) -> None:
+        self.receiver.handle(request, reply)
+
+    def _prune_exited(self, pid: int) -> None:
+        self.receiver.prune_exited(pid) if hasattr(self, "receiver") else self.writer.remove_pid(
+            pid
+        )
+
+    def _serve(self) -> None:
+        sel = selectors.DefaultSelector()
+        sel.register(self._wake_r, selectors.EVENT_READ)
+        sel.register(self.device.fileno(), selectors.EVENT_READ)
+        interval = self.notifier.watchdog_interval
+        next_watchdog = time.monotonic() if interval else float("inf")
+        next_prune = time.monotonic() + PRUNE_INTERVAL
+        try:
+            while self._exit_status is None:
+                now = time.monotonic()
+                if now >= next_watchdog:
+                    self.notifier.watchdog()
+                    next_watchdog = now + interval  # type: ignore[operator]
+                if now >= next_prune:
+                    self._periodic_prune()
+                    next_prune = now + PRUNE_INTERVAL
+                timeout = max(0.0, min(next_watchdog, next_prune) - time.monotonic())
+                for key, _ in sel.select(timeout):
+                    if key.fileobj is self._wake_r:
+                        with contextlib.suppress(BlockingIOError):
+                            while self._wake_r.recv(4096):
+                                pass
+                    else:
+                        self._serve_device()
+                if self._reparse_requested:
+                    self._reparse_requested = False
+                    self._forced_reparse()
+        finally:
+            sel.close()
+
+    def _serve_device(self) -> None:
+        try:
+            while self.device.serve_once():
+                pass
+        except DeviceGone as err:
+            self.request_stop(EXIT_RESTART, f"the helper device went away: {err}")
+        except OSError as err:
+            self.request_stop(EXIT_RESTART, f"reading the helper device failed: {err}")
+
+    def _periodic_prune(self) -> None:
+        try:
+            pruned = self.writer.prune_dead()
+        except DtprobedError as err:
+            log.error("periodic prune failed: %s", err)
+            return
+        if pruned:
+            log.info("pruned %d dead or exec'd processes: %s", len(pruned), _pid_list(pruned))
+
+    def _forced_reparse(self) -> None:
+        log.info("SIGUSR2: forced reparse of the whole stash")
+        try:
+            self._reparse(force=True)
+        except DtprobedError as err:
+            log.error("forced reparse failed: %s", err)
+
+
+class FatalStartup(Exception):
+    """Start-up cannot proceed; *status* is the exit status."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _pid_list(pids: Sequence[int], limit: int = 20) -> str:
+    text = " ".join(str(p) for p in pids[:limit])
+    return text + (f" … (+{len(pids) - limit})" if len(pids) > limit else "")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = parse_args(argv)
+    except UsageError as err:
+        print(f"dtprobed: error: {err} (see dtprobed --help)", file=sys.stderr)
+        return EXIT_FATAL
+    setup_logging(foreground=args.foreground, debug=args.debug)
+    try:
+        return Daemon(args).run()
+    except Exception:
+        log.exception("dtprobed: internal error")
+        return EXIT_RESTART
+
+
+if __name__ == "__main__":
+    sys.exit(main())

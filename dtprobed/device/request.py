@@ -1,0 +1,54 @@
+"""One client request as the device layer hands it to the receiver, and its reply.
+
+``Reply(result)`` answers the client's ``ioctl``: ``result >= 0`` is the
+ioctl's return value (the generation), ``-errno`` makes it fail with that errno.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from common.dof_abi import DOF_HDR, DOF_HELPER
+from common.errors import RequestRejected
+
+
+@dataclass(frozen=True)
+class HelperRequest:
+    """One complete client request, as the receiver sees it.
+
+    ``tid`` is the calling thread (``fuse_in_header.pid``; convert it to the
+    process with ``/proc``).  ADDDOF: ``helper`` is the 80-byte
+    ``dof_helper_t``, ``dof`` exactly ``dofh_loadsz`` bytes whose first 64 are
+    the header whose ``loadsz`` was checked, ``gen`` is -1.  REMOVE: ``helper``
+    and ``dof`` are empty and ``gen`` is the generation the client passed.
+    """
+
+    tid: int
+    kind: Literal["adddof", "remove"]
+    helper: bytes
+    dof: bytes
+    gen: int
+
+
+Reply = Callable[[int], None]
+Handler = Callable[[HelperRequest, Reply], None]
+
+
+def check_dof_header(header: bytes, max_dof_size: int) -> int:
+    """``dofh_loadsz`` of a 64-byte DOF header, bounded before anything is allocated."""
+    if len(header) != DOF_HDR.size:
+        raise RequestRejected(_errno.EINVAL, f"DOF header of {len(header)} bytes")
+    loadsz = int(DOF_HDR.unpack_from(header).loadsz)
+    if loadsz < DOF_HDR.size:
+        raise RequestRejected(_errno.EINVAL, f"dofh_loadsz {loadsz} smaller than its header")
+    if loadsz > max_dof_size:
+        raise RequestRejected(_errno.EINVAL, f"dofh_loadsz {loadsz} exceeds limit {max_dof_size}")
+    return loadsz
+
+
+def helper_dof_address(helper: bytes) -> int:
+    """``dofhp_dof`` of an 80-byte ``dof_helper_t``."""
+    return int(DOF_HELPER.unpack_from(helper).dof)
