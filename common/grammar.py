@@ -5,7 +5,7 @@ Both the receiver (checking what the parser child sends) and the stash writer
 :class:`StreamChecker`.  A record that is not allowed in the current state
 rejects the whole request: the sender is treated as broken or compromised.
 
-    stream   := ERR | provider* EOF
+    stream   := ERR | [OBJECT_BASE] provider* EOF
     provider := PROVIDER probe{nprobes}
     probe    := PROBE [ARGS_NATIVE [ARGS_XLAT ARGS_MAP]] TRACEPOINT{ntp}
 
@@ -28,6 +28,7 @@ from common.records import (
     ArgsXlat,
     Eof,
     Err,
+    ObjectBase,
     Probe,
     Provider,
     ResultRecord,
@@ -51,7 +52,7 @@ class ParsedProbe(NamedTuple):
 
 
 class _State(enum.Enum):
-    START = "provider, EOF or ERR"
+    START = "OBJECT_BASE, PROVIDER, EOF or ERR"
     PROBE = "PROBE"
     NATIVE = "ARGS_NATIVE"
     XLAT = "ARGS_XLAT"
@@ -62,7 +63,7 @@ class _State(enum.Enum):
 
 
 _ALLOWED: Final[dict[_State, frozenset[type]]] = {
-    _State.START: frozenset((Provider, Eof, Err)),
+    _State.START: frozenset((ObjectBase, Provider, Eof, Err)),
     _State.PROBE: frozenset((Probe,)),
     _State.NATIVE: frozenset((ArgsNative,)),
     _State.XLAT: frozenset((ArgsXlat,)),
@@ -98,6 +99,7 @@ class StreamChecker:
         self._count = 0
         self._handlers: dict[type, Callable[[Any], None]] = {
             Err: self._on_err,
+            ObjectBase: self._on_base,
             Eof: self._on_eof,
             Provider: self._on_provider,
             Probe: self._on_probe,
@@ -109,6 +111,8 @@ class StreamChecker:
         self.probes: list[ParsedProbe] = []
         self.providers: list[Provider] = []
         self.error: Err | None = None
+        #: The ``ObjectBase`` the stream began with (ELF notes), else None.
+        self.base: ObjectBase | None = None
 
     @property
     def expected(self) -> str:
@@ -136,6 +140,10 @@ class StreamChecker:
     def _on_err(self, rec: Err) -> None:
         self.error = rec
         self._goto(_State.DONE)
+
+    def _on_base(self, rec: ObjectBase) -> None:
+        self.base = rec
+        self._goto(_State.NEXT)  # PROVIDER or EOF: an accepted stream, never ERR
 
     def _on_eof(self, rec: Eof) -> None:
         self._goto(_State.DONE)

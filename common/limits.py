@@ -18,6 +18,19 @@ DEFAULT_MAX_DOF_SIZE: Final = DOF_MAXSZ
 DEFAULT_MAX_PROVIDERS: Final = 256
 DEFAULT_MAX_PROBES: Final = 65536
 DEFAULT_MAX_TRACEPOINTS: Final = 262144
+#: ELF-notes objects (``ParseNotes``): how many ``ReadAt`` one request may make, and how
+#: many bytes they may fetch in all.  A ``.note.usdt`` of a 20000-probe object is about
+#: 2 MiB, its ``.rodata`` function names a few KiB to a few MiB, the headers a few KiB:
+#: 64 reads of at most :data:`MAX_OBJECT_READ` (1 MiB) each, 64 MiB in all, admit that
+#: with a wide margin and keep a hostile object from making the daemon read a huge file.
+DEFAULT_MAX_OBJECT_READS: Final = 64
+DEFAULT_MAX_OBJECT_BYTES: Final = 64 << 20
+#: Largest single ``ReadAt``: as large as a record batch frame (``MAX_RECORD_FRAME``), so
+#: the ``ObjectBytes`` answer frame has the same kind of small, fixed bound, and one read
+#: covers the notes of a typical object.
+MAX_OBJECT_READ: Final = 1 << 20
+#: Upper bound of ``max_object_bytes`` (an option can raise it this far, no further).
+MAX_OBJECT_BYTES: Final = 1 << 30
 
 Positive = Annotated[int, msgspec.Meta(ge=1)]
 
@@ -29,3 +42,7 @@ class ParseLimits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_providers: Positive = DEFAULT_MAX_PROVIDERS
     max_probes: Positive = DEFAULT_MAX_PROBES
     max_tracepoints: Positive = DEFAULT_MAX_TRACEPOINTS
+    max_object_reads: Annotated[int, msgspec.Meta(ge=1, le=1 << 16)] = DEFAULT_MAX_OBJECT_READS
+    max_object_bytes: Annotated[int, msgspec.Meta(ge=4096, le=MAX_OBJECT_BYTES)] = (
+        DEFAULT_MAX_OBJECT_BYTES
+    )

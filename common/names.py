@@ -30,6 +30,10 @@ MAX_NAME_BYTES: Final = {
 }
 MAX_ARGTYPE_BYTES: Final = DTRACE_ARGTYPELEN - 1
 NAME_MAX: Final = 255  # the full "prv:mod:fun:prb" is one file name
+#: Longest source-argument string of a ``usdt`` note (``-4@%edi -8@%rsi``), in bytes
+#: without its NUL: 255 arguments (nargc is a u8) of up to 16 bytes each
+#: (``-8@-1234(%rbp)`` and a separator) fit; dtrace 2.0.7's are under 200 bytes.
+MAX_SARGS_BYTES: Final = 4096
 
 _FORBIDDEN_IN_NAME: Final = re.compile(r"[\x00-\x1f\x7f/:]")
 _FORBIDDEN_IN_ARGTYPE: Final = re.compile(r"[\x00-\x1f\x7f]")
@@ -104,6 +108,22 @@ def check_argtype(value: str) -> None:
         )
 
 
+def check_sargs(value: str) -> None:
+    """A tracepoint's source-argument string: may be empty; no control characters; bounded."""
+    if value.isascii() and value.isprintable() and len(value) <= MAX_SARGS_BYTES:
+        return
+    bad = _FORBIDDEN_IN_ARGTYPE.search(value)
+    if bad is not None:
+        raise NameRefused(
+            f'argument string "{printable(value)}" contains forbidden character {bad.group()!r}'
+        )
+    size = len(value.encode("utf-8"))
+    if size > MAX_SARGS_BYTES:
+        raise NameRefused(
+            f'argument string "{printable(value[:64])}..." too long: {size} bytes > {MAX_SARGS_BYTES}'
+        )
+
+
 def decode_name(kind: str, raw: bytes) -> str:
     """Decode a C string from hostile input and apply the policy to it."""
     try:
@@ -112,6 +132,8 @@ def decode_name(kind: str, raw: bytes) -> str:
         raise NameRefused(f'{kind} name "{printable(raw)}" is not valid UTF-8') from None
     if kind == "argtype":
         check_argtype(value)
+    elif kind == "sargs":
+        check_sargs(value)
     else:
         check_name(kind, value)
     return value

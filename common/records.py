@@ -13,10 +13,13 @@ smuggle ``../x`` past the host.
 
 The stream grammar for one request (checked by :mod:`common.grammar`):
 
-    ( PROVIDER ( PROBE [ARGS_NATIVE [ARGS_XLAT ARGS_MAP]] TRACEPOINT{ntp} ){nprobes} )* EOF
+    [OBJECT_BASE] ( PROVIDER ( PROBE [ARGS_NATIVE [ARGS_XLAT ARGS_MAP]] TRACEPOINT{ntp} ){nprobes} )* EOF
   | ERR
 
-``Log`` records may appear anywhere before the end and are not part of it.
+``Log`` records may appear anywhere before the end and are not part of it;
+neither may ``ReadAt`` (the ELF-notes path asking the host for file bytes),
+which is always the last record of its batch.  ``ObjectBase`` (notes only)
+has no C form: the host puts its value in the stored ``dof_helper_t``.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ from typing import Annotated, Final
 
 import msgspec
 
-from common.names import NameRefused, check_argtype, check_name
+from common.limits import MAX_OBJECT_READ
+from common.names import MAX_SARGS_BYTES, NameRefused, check_argtype, check_name, check_sargs
 
 DIT_PROVIDER: Final = 0
 DIT_PROBE: Final = 1
@@ -36,6 +40,8 @@ DIT_ARGS_NATIVE: Final = 5
 DIT_ARGS_XLAT: Final = 6
 DIT_ARGS_MAP: Final = 7
 LOG_TAG: Final = 100
+READ_AT_TAG: Final = 101
+OBJECT_BASE_TAG: Final = 102
 
 #: Hard caps on counts a record may carry, whatever the configured limits.
 MAX_NPROBES: Final = 1 << 24
@@ -97,8 +103,19 @@ class Probe(Record, tag=DIT_PROBE, frozen=True):
 
 
 class Tracepoint(Record, tag=DIT_TRACEPOINT, frozen=True):
+    """A probe site.  ``args`` is None for DOF; the source-argument string for ELF notes."""
+
     addr: U64
     is_enabled: bool
+    # code points bound the bytes from below only; check_sargs counts bytes
+    args: Annotated[str, msgspec.Meta(max_length=MAX_SARGS_BYTES)] | None = None
+
+    def __post_init__(self) -> None:
+        if self.args is not None:
+            try:
+                check_sargs(self.args)
+            except NameRefused as err:
+                raise _refuse(err) from None
 
 
 class Err(Record, tag=DIT_ERR, frozen=True):
@@ -140,6 +157,41 @@ class Log(Record, tag=LOG_TAG, frozen=True):
     message: Message
 
 
-ParserRecord = Provider | Probe | ArgsNative | ArgsXlat | ArgsMap | Tracepoint | Err | Eof | Log
-#: The records that make up a parse result (everything but ``Log``).
-ResultRecord = Provider | Probe | ArgsNative | ArgsXlat | ArgsMap | Tracepoint | Err | Eof
+class ReadAt(Record, tag=READ_AT_TAG, frozen=True):
+    """Parser → host: send the object's bytes ``[offset, offset + size)`` as one ``ObjectBytes``.
+
+    Always the last record of its batch frame; the child then blocks until the
+    answer arrives.  Not part of the result stream.
+    """
+
+    offset: U64
+    size: Annotated[int, msgspec.Meta(ge=1, le=MAX_OBJECT_READ)]
+
+
+class ObjectBase(Record, tag=OBJECT_BASE_TAG, frozen=True):
+    """First result record of an accepted notes parse: the load base the parser derived.
+
+    ``dofhp_addr`` for ET_DYN, 0 for ET_EXEC (as upstream); the host stores it as
+    the ``dofhp_addr`` of the registration's ``dof_helper_t``.
+    """
+
+    base: U64
+
+
+ParserRecord = (
+    Provider
+    | Probe
+    | ArgsNative
+    | ArgsXlat
+    | ArgsMap
+    | Tracepoint
+    | Err
+    | Eof
+    | Log
+    | ReadAt
+    | ObjectBase
+)
+#: The records that make up a parse result (everything but ``Log`` and ``ReadAt``).
+ResultRecord = (
+    Provider | Probe | ArgsNative | ArgsXlat | ArgsMap | Tracepoint | Err | Eof | ObjectBase
+)

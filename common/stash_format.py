@@ -9,6 +9,10 @@ Facts we rely on (``libcommon/usdt_parser.h``, ``DOF_PARSED_VERSION 3``, x86_64;
 * PROBE = ``u64 ntp, nargc, xargc`` + ``mod\\0fun\\0prb\\0`` (head 40);
 * TRACEPOINT from DOF = ``u64 addr, u32 is_enabled`` then zeros up to
   ``sizeof(dof_parsed_t)`` = 48 (the empty ``args`` string included);
+  TRACEPOINT from ELF notes = the same head (28) then the source-argument
+  string and its NUL, ``28 + len + 1`` bytes.  Decoding tells them apart:
+  exactly 48 bytes with an all-zero payload is the DOF form (``args`` None),
+  anything else must be one NUL-terminated string filling the payload;
 * ARGS_NATIVE / ARGS_XLAT = the strings, each with its NUL (head 16);
   ARGS_MAP = ``xargc`` bytes (head 16); ERR = ``int err_no`` + message + NUL
   (head 20); EOF = 16 bytes, size and type only (never written to files);
@@ -85,9 +89,13 @@ def encode_record(rec: ResultRecord) -> bytes:
         case Probe(mod=mod, fun=fun, prb=prb, ntp=ntp, nargc=nargc, xargc=xargc):
             tail = _strings((mod, fun, prb))
             return _PROBE.pack(40 + len(tail), DIT_PROBE, ntp, nargc, xargc) + tail
-        case Tracepoint(addr=addr, is_enabled=is_enabled):
+        case Tracepoint(addr=addr, is_enabled=is_enabled, args=None):
             head = _TRACEPOINT.pack(SIZEOF_DOF_PARSED, DIT_TRACEPOINT, addr, int(is_enabled))
             return head + _TRACEPOINT_PAD
+        case Tracepoint(addr=addr, is_enabled=is_enabled, args=str() as sargs):
+            tail = sargs.encode("utf-8") + b"\0"
+            head = _TRACEPOINT.pack(28 + len(tail), DIT_TRACEPOINT, addr, int(is_enabled))
+            return head + tail
         case ArgsNative(args=args) | ArgsXlat(args=args):
             tail = _strings(args)
             kind = DIT_ARGS_NATIVE if isinstance(rec, ArgsNative) else DIT_ARGS_XLAT
@@ -99,7 +107,7 @@ def encode_record(rec: ResultRecord) -> bytes:
             return _ERR.pack(20 + len(tail), DIT_ERR, errno) + tail
         case Eof():
             return _HEAD.pack(16, DIT_EOF)
-    raise TypeError(f"not a parser result record: {rec!r}")
+    raise TypeError(f"not a record with a stash form: {rec!r}")
 
 
 def encode_probe_file(
@@ -175,9 +183,15 @@ def _decode_one(kind: int, rec: bytes, payload: bytes) -> ResultRecord:
         return Probe(mod=mod, fun=fun, prb=prb, ntp=ntp, nargc=nargc, xargc=xargc)
     if kind == DIT_TRACEPOINT:
         addr, is_enabled = struct.unpack_from("<QI", rec, 16)
-        if payload[:1] not in (b"", b"\0"):
-            raise ValueError("tracepoint argument strings are not supported for DOF")
-        return Tracepoint(addr=addr, is_enabled=bool(is_enabled))
+        if len(rec) == SIZEOF_DOF_PARSED and payload == _TRACEPOINT_PAD:
+            return Tracepoint(addr=addr, is_enabled=bool(is_enabled))  # DOF: no args
+        if not payload.endswith(b"\0") or payload.find(b"\0") != len(payload) - 1:
+            raise ValueError("tracepoint argument string is not one NUL-terminated string")
+        try:
+            sargs = payload[:-1].decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError("tracepoint argument string is not UTF-8") from err
+        return Tracepoint(addr=addr, is_enabled=bool(is_enabled), args=sargs)
     if kind in (DIT_ARGS_NATIVE, DIT_ARGS_XLAT):
         count = payload.count(b"\0")
         if payload and not payload.endswith(b"\0"):

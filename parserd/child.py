@@ -1,4 +1,4 @@
-"""The parser child's request loop: ParseRequest frames in on fd 0, record batches out on fd 1.
+"""The parser child's request loop: request frames in on fd 0, record batches out on fd 1.
 
 Protocol (``docs/protocol.md``, "Parser protocol"): each request is one frame
 whose body is a msgpack ``ParseRequest``; the answer is one or more frames
@@ -6,6 +6,13 @@ whose body is a msgpack array (a batch) of records, each frame at most
 :data:`~common.framing.MAX_RECORD_FRAME` bytes of body.  The stream of one
 request ends with exactly one ``Eof`` or ``Err``.  ``Log`` records may come
 before it.
+
+A ``ParseNotes`` request is an exchange: while it parses, the child sends
+batches ending in one ``ReadAt`` and reads exactly one ``ObjectBytes`` frame
+(bounded by :data:`~common.limits.MAX_OBJECT_READ`) on fd 0 for each; the
+same two fds, so the seccomp allowlist needs nothing new.  Anything else in
+answer to a ``ReadAt``, or an ``ObjectBytes`` as a request, is a protocol
+error (exit :data:`EXIT_PROTOCOL`).
 
 The child never logs by itself (``logging`` would call ``getpid`` and write to
 stderr, both forbidden): it sends ``Log`` records.  It leaves only with
@@ -22,7 +29,7 @@ import io
 import logging
 import os
 from collections.abc import Sequence
-from typing import Final, NoReturn
+from typing import Any, Final, NoReturn
 
 import msgspec
 
@@ -30,11 +37,13 @@ from common.dof_abi import DOF_HELPER
 from common.dof_build import ProbeSpec, ProviderSpec, build_dof
 from common.errors import ProtocolError
 from common.framing import HEADER, HEADER_SIZE, MAX_RECORD_FRAME, FrameDecoder
-from common.limits import ParseLimits
-from common.records import MAX_MESSAGE, Log, ParserRecord, ResultRecord
-from common.requests import ParseRequest
+from common.limits import MAX_OBJECT_READ, ParseLimits
+from common.notes_build import warm_up_objects
+from common.records import MAX_MESSAGE, Log, ParserRecord, ReadAt, ResultRecord
+from common.requests import ObjectBytes, ParseNotes, ParseRequest, ParserRequest
 from parserd.allowlist import RECORD_FD, REQUEST_FD
 from parserd.dof_parse import parse_dof
+from parserd.elf_notes import parse_notes
 
 EXIT_PROTOCOL: Final = 65  # EX_DATAERR: the host sent a bad frame
 EXIT_INTERNAL: Final = 70  # EX_SOFTWARE: the parser raised (a bug)
@@ -72,9 +81,14 @@ class ChildLoop:
 
     def __init__(self, limits: ParseLimits) -> None:
         self.limits = limits
-        self._requests: FrameDecoder[ParseRequest] = FrameDecoder(
-            ParseRequest, limits.max_dof_size + 4096
+        self._requests: FrameDecoder[ParserRequest] = FrameDecoder(
+            ParserRequest, limits.max_dof_size + 4096
         )
+        self._object_bytes: FrameDecoder[ObjectBytes] = FrameDecoder(
+            ObjectBytes, MAX_OBJECT_READ + 64
+        )
+        #: in warm-up, ReadAt is answered from this object instead of the pipes
+        self._warm_object: bytes | None = None
         self._encoder = msgspec.msgpack.Encoder()
         self._out = bytearray(64 * 1024)
         # FileIO.readinto is one read(2) into our buffer: no extra copy, no readv.
@@ -137,23 +151,53 @@ class ChildLoop:
             got += n
         return got
 
-    def read_request(self) -> ParseRequest | None:
-        """The next request; None at EOF between requests; ProtocolError otherwise."""
+    def _read_frame(self, decoder: FrameDecoder[Any], what: str) -> Any:
         header = bytearray(HEADER_SIZE)
         got = self._read_into(memoryview(header))
         if got == 0:
             return None
         if got != HEADER_SIZE:
-            raise ProtocolError(f"short request header: {got} of {HEADER_SIZE} bytes")
-        length = self._requests.check_length(memoryview(header))
+            raise ProtocolError(f"short {what} header: {got} of {HEADER_SIZE} bytes")
+        length = decoder.check_length(memoryview(header))
         body = bytearray(length)
         got = self._read_into(memoryview(body))
         if got != length:
-            raise ProtocolError(f"short request body: {got} of {length} bytes")
-        return self._requests.decode_body(memoryview(body))
+            raise ProtocolError(f"short {what} body: {got} of {length} bytes")
+        return decoder.decode_body(memoryview(body))
+
+    def read_request(self) -> ParserRequest | None:
+        """The next request; None at EOF between requests; ProtocolError otherwise."""
+        request: ParserRequest | None = self._read_frame(self._requests, "request")
+        if isinstance(request, ObjectBytes):
+            raise ProtocolError("ObjectBytes frame without a ReadAt")
+        return request
+
+    def read_object(self, offset: int, size: int) -> bytes:
+        """One ReadAt / ObjectBytes round trip (the notes parser's ``read``)."""
+        if self._warm_object is not None:
+            data = self._warm_object[offset : offset + size]
+            self._encode_read_at(offset, size)  # the real path, minus the pipes
+            frame = self._encoder.encode(ObjectBytes(data=data))
+            return self._object_bytes.decode_body(frame).data
+        self.send(self._encode_read_at(offset, size))
+        answer: ObjectBytes | None = self._read_frame(self._object_bytes, "object bytes")
+        if answer is None:
+            raise ProtocolError(f"request pipe closed while waiting for ReadAt({offset}, {size})")
+        if len(answer.data) > size:
+            raise ProtocolError(f"ObjectBytes of {len(answer.data)} bytes for a ReadAt of {size}")
+        return answer.data
+
+    def _encode_read_at(self, offset: int, size: int) -> bytes:
+        self._out.clear()
+        self._append_batch([ReadAt(offset=offset, size=size)])
+        return bytes(self._out)
 
     # --- the loop -------------------------------------------------------------
-    def answer(self, request: ParseRequest) -> bytes:
+    def answer(self, request: ParserRequest) -> bytes:
+        if isinstance(request, ParseNotes):
+            records = parse_notes(request.helper, request.size, self.read_object, self.limits)
+            return self.encode_answer(records)
+        assert isinstance(request, ParseRequest)  # read_request refuses ObjectBytes
         return self.encode_answer(parse_dof(request.helper, request.dof, self.limits))
 
     def warm_up(self) -> None:
@@ -164,6 +208,16 @@ class ChildLoop:
         for dof in _warm_up_dofs():
             frame = self._encoder.encode(ParseRequest(helper=helper, dof=dof))
             self.answer(self._requests.decode_body(frame))
+        notes_helper = DOF_HELPER.pack(b"warm.so", 0x7F0000000000, 0)
+        for obj in warm_up_objects():
+            frame = self._encoder.encode(ParseNotes(helper=notes_helper, size=len(obj)))
+            self._warm_object = obj
+            try:
+                self.answer(self._requests.decode_body(frame))
+            finally:
+                self._warm_object = None
+        with contextlib.suppress(ProtocolError):
+            self._object_bytes.decode_body(b"\xc1")
         _describe(ValueError("warm-up"))
         try:
             raise ProtocolError("warm-up")
@@ -181,7 +235,11 @@ class ChildLoop:
                 os._exit(0)
             try:
                 data = self.answer(request)
-            except Exception as err:  # parse_dof's contract is never to raise
+            except ProtocolError as err:  # the host broke the ReadAt exchange
+                del request
+                self.log(logging.ERROR, f"bad object bytes from the host, exiting: {err}")
+                os._exit(EXIT_PROTOCOL)
+            except Exception as err:  # the parsers' contract is never to raise
                 del request
                 self.log(logging.CRITICAL, f"internal parser error: {_describe(err)}")
                 os._exit(EXIT_INTERNAL)

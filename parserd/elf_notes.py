@@ -1,0 +1,905 @@
+"""The ELF-notes parser: an object's ``.note.usdt`` → records, reading the file only through *read*.
+
+Since dtrace 2.0.3, ``dtrace -G`` describes providers and probes in ELF notes
+(``shared/design.md``, "Two registration protocols"; reference §3.7).  Upstream's
+daemon finds the sections with libelf in the *privileged* process (where its
+2026 CVEs are: CVE-2026-21996, a divide-by-zero on corrupted section headers;
+CVE-2026-35233, an out-of-bounds read building a symbol table).  Here every
+byte of the object is interpreted in the sandbox: :func:`parse_notes` gets a
+``read(offset, size) -> bytes`` callable (in the child, the ``ReadAt`` /
+``ObjectBytes`` exchange over its pipes) and the file size, and never raises
+for any file contents.  It answers ``[Err(errno, message)]`` or
+``[ObjectBase(base), PROVIDER …, EOF]``.
+
+Structure handling (ours; upstream leaves it to libelf)
+-------------------------------------------------------
+ELFCLASS64, little-endian, ``EV_CURRENT``, x86_64, ET_EXEC or ET_DYN only.
+``e_shentsize`` must be 64 (we never divide by it); the section header table,
+every section used and every name are bounds-checked with exact integers
+(Python ints do not wrap); extended section numbering (``e_shnum`` 0,
+``e_shstrndx`` ``SHN_XINDEX``) is followed; ``sh_name`` must lie inside the
+section-name table and end in a NUL inside it.  No symbol table is built: the
+function names come from ``.rodata`` at the addresses the notes give, each
+looked for within its 128 bytes (``DTRACE_FUNCNAMELEN``) and inside
+``.rodata``.  Every read is bounded by the file size, by
+:data:`~common.limits.MAX_OBJECT_READ` per read (longer ranges are split), and
+by the request's budgets ``max_object_reads`` / ``max_object_bytes`` (E2BIG
+when the parse would need more).  ``.rodata`` is read whole when it fits one
+read, else only the windows holding the names the notes point at.
+
+Rules and messages (upstream's ``libcommon/usdt_parser_notes.c``, in its order)
+-------------------------------------------------------------------------------
+Daemon side (upstream ``handle_usdt_notes``): ``no .note.usdt section in MOD``,
+``no .rodata section in MOD`` (upstream names the file; the parser knows only
+``dofhp_mod``).  Note walk, per note: ``Invalid ELF note offset N``,
+``Invalid name size N``, ``Invalid desc size N`` (``%d`` of a u32: values
+≥ 2^31 print negative, as upstream), name ``prov`` / ``usdt`` / ``dver`` /
+``utsn`` (ignored) / other: ``Unknown note: NAME``.  ``prov``: provider name,
+``Incomplete note data``, ``Duplicate provider: P`` (EEXIST); per probe:
+``Incomplete note data``, ``Duplicate probe: P:MOD::PRB`` (EEXIST), native
+and translated types (``Incomplete note data``).  ``usdt`` (type 2 is
+is-enabled, any other type a regular probe, as upstream): ``Incomplete note
+data``, ``Invalid function name offset``, probe name with ``__`` → ``-``,
+``Duplicate probe: P:MOD:FUN:PRB`` (EEXIST), source-argument count and string.
+Then each tracepoint: ``No such provider: P`` (ENOENT), ``No such probe:
+P:::PRB`` (ENOENT), ``P:::PRB[ (is-enabled)] prototype mismatch: N passed, M
+expected`` (``%hhd``: counts ≥ 128 print negative, as upstream).  A tracepoint's
+address is ``off + base``; its function is the ``.rodata`` string; its module
+is ``dofhp_mod``; a probe inherits the argument types of the ``prov`` probe of
+that name; probes without tracepoints and providers without probes are not
+emitted.
+
+Ours (EINVAL unless a limit, E2BIG): the name policy on every provider,
+module, function, probe name and argument type (after upstream's checks of
+that note), on the ``prv:mod:fun:prb`` length, and the control-character and
+length policy on the source-argument string; a translated type's map entry
+must be below ``nargc`` (``bad native argument index for arg K: M (max N)``,
+the DOF parser's message); strings must end inside their note (upstream's
+``strlen`` may run past it: for the ``xargc`` byte and the last map byte it
+reads outside the note); the note section's file offset must be 4-aligned
+(``Pointer to note header not aligned``); tracepoint offsets must fit 32 bits
+(upstream keeps them in a ``uint32_t`` and silently truncates) and ``base +
+off`` must not pass 2^64; ``max_providers``, ``max_probes`` (probes defined in
+``prov`` notes, and probes emitted), ``max_tracepoints`` (``usdt`` notes) and
+at most 131070 tracepoints in one probe.
+
+Emission order (the finding)
+----------------------------
+Upstream emits in the iteration order of its ``dt_htab`` hash tables, not in
+file order: providers in ``prvmap`` order (key ``str2hval(name, 0)``), each
+provider's probes in its ``pmap`` order, and it validates tracepoints in
+``prbmap`` order (so *which* error a bad object reports depends on it).  A
+``dt_htab`` starts with one slot, doubles when ``nbuckets / 2 > size`` at a
+new bucket's insertion, prepends new buckets to their slot, and its resize
+walks the old slots in order, prepending, so bucket order within a slot
+reverses.  The order is deterministic, so :class:`_Htab` reproduces it
+exactly (with ``str2hval``'s signed ``char``), and we emit providers and
+probes, and report the first failing tracepoint, in upstream's order.
+
+The consumer does not depend on that order: every probe is its own stash file
+(``parsed/prv:mod:fun:prb``), found by ``glob``, and ``dt_pid.c`` handles each
+TRACEPOINT of a probe file independently (one ``provide_probe`` per record,
+no state carried between them).  Tracepoints within a probe are where we
+differ: upstream lists them as first-validated, then the rest in reverse; our
+grammar (shared with DOF) wants regular tracepoints first, then is-enabled,
+each ascending by address, so we sort them.
+
+Upstream bug we do not copy: the lookup of an already-created
+function-specific probe hashes its key with offset 0, while the probe was
+inserted with its first tracepoint's offset as hash seed.  Once a provider's
+table has more than one slot, a probe whose tracepoints are in one function
+(a probe fired twice, or an is-enabled test and its probe, the common
+pattern) is usually *not* found and is emitted again as a second PROBE record
+with the same ``prv:mod:fun:prb`` — which our grammar forbids.  We merge such
+tracepoints into the probe created first (at its position in upstream's order)
+and count it once in ``nprobes``.
+
+Other differences, on input upstream mishandles: a note name without a NUL
+inside ``namesz`` is an unknown note (upstream's ``strcmp`` reads on into the
+descriptor); a tracepoint with offset 0 and another of the same probe are
+reported as duplicates exactly when upstream's table puts them in one slot
+(its comparison ignores a zero offset), as upstream.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable, Iterator
+from errno import E2BIG, EEXIST, EINVAL, ENOENT
+from typing import Final, NamedTuple, NoReturn
+
+from common.dof_abi import DOF_HELPER, DTRACE_FUNCNAMELEN, DTRACE_MODNAMELEN
+from common.limits import MAX_OBJECT_READ, ParseLimits
+from common.names import NameRefused, check_probespec, decode_name, printable
+from common.records import (
+    MAX_MESSAGE,
+    MAX_NTP,
+    ArgsMap,
+    ArgsNative,
+    ArgsXlat,
+    Eof,
+    Err,
+    ObjectBase,
+    Probe,
+    Provider,
+    ResultRecord,
+    Tracepoint,
+)
+
+ReadFn = Callable[[int, int], bytes]
+
+_EHDR: Final = struct.Struct("<16sHHIQQQIHHHHHH")  # Elf64_Ehdr, 64 bytes
+_SHDR: Final = struct.Struct("<IIQQQQIIQQ")  # Elf64_Shdr, 64 bytes
+_NHDR: Final = struct.Struct("<III")  # Elf64_Nhdr: namesz, descsz, type
+_HELPER: Final = struct.Struct("<64sQQ")
+_U32: Final = struct.Struct("<I")
+_U64X2: Final = struct.Struct("<QQ")
+_U64_MAX: Final = (1 << 64) - 1
+
+ELFMAG: Final = b"\x7fELF"
+ELFCLASS64: Final = 2
+ELFDATA2LSB: Final = 1
+EV_CURRENT: Final = 1
+ET_EXEC: Final = 2
+ET_DYN: Final = 3
+EM_X86_64: Final = 62
+SHT_PROGBITS: Final = 1
+SHT_STRTAB: Final = 3
+SHT_NOTE: Final = 7
+SHN_UNDEF: Final = 0
+SHN_LORESERVE: Final = 0xFF00
+SHN_XINDEX: Final = 0xFFFF
+USDT_EN_NOTE_TYPE: Final = 2  # is-enabled probe (sys/usdt_note_defs.h)
+NOTES_SECTION: Final = ".note.usdt"
+RODATA_SECTION: Final = ".rodata"
+_ELLIPSIS: Final = "..."
+
+
+class _Rejected(Exception):
+    def __init__(self, errno: int, message: str) -> None:
+        super().__init__(errno, message)
+        self.errno = errno
+        self.message = message
+
+
+def _reject(message: str, errno: int = EINVAL) -> NoReturn:
+    raise _Rejected(errno, message)
+
+
+def _clamp(message: str) -> str:
+    if len(message) <= MAX_MESSAGE:
+        return message
+    return message[: MAX_MESSAGE - len(_ELLIPSIS)] + _ELLIPSIS
+
+
+def _s32(value: int) -> int:
+    """C ``%d`` of a 32-bit value."""
+    value &= 0xFFFFFFFF
+    return value - (1 << 32) if value & 0x80000000 else value
+
+
+def _s8(value: int) -> int:
+    """C ``%hhd`` of a byte."""
+    return value - 256 if value & 0x80 else value
+
+
+def _show(raw: bytes) -> str:
+    """Name bytes in a message: escaped and bounded (upstream prints them raw)."""
+    if len(raw) > 256:
+        return printable(raw[:256]) + _ELLIPSIS
+    return printable(raw)
+
+
+def str2hval(data: bytes, hval: int) -> int:
+    """Upstream's ``str2hval`` (ELF-style hash), with x86_64's signed ``char``."""
+    for byte in data:
+        hval = ((hval << 4) + (byte - 256 if byte & 0x80 else byte)) & 0xFFFFFFFF
+        g = hval & 0xF0000000
+        if g:
+            hval ^= g >> 24
+        hval &= ~g & 0xFFFFFFFF
+    return hval
+
+
+class _Htab:
+    """Just enough of upstream's ``dt_htab`` to reproduce its lookups and iteration order.
+
+    Each slot is a list of buckets, newest first; a bucket here holds one entry
+    (upstream only inserts after a failed lookup, so no bucket ever gets a second).
+    """
+
+    def __init__(self) -> None:
+        self.size = 1
+        self.nbuckets = 0
+        self.slots: list[list[tuple[int, object]]] = [[]]
+
+    def lookup(self, hval: int, same: Callable[[object], bool]) -> object | None:
+        for _hval, entry in self.slots[hval & (self.size - 1)]:
+            if same(entry):
+                return entry
+        return None
+
+    def insert(self, hval: int, entry: object) -> None:
+        if (self.nbuckets >> 1) > self.size:
+            size = self.size << 1
+            slots: list[list[tuple[int, object]]] = [[] for _ in range(size)]
+            for slot in self.slots:
+                for bucket in slot:
+                    slots[bucket[0] & (size - 1)].insert(0, bucket)
+            self.slots, self.size = slots, size
+        self.slots[hval & (self.size - 1)].insert(0, (hval, entry))
+        self.nbuckets += 1
+
+    def __iter__(self) -> Iterator[object]:
+        for slot in self.slots:
+            for _hval, entry in slot:
+                yield entry
+
+
+class _Section(NamedTuple):
+    num: int
+    name: int
+    type: int
+    addr: int
+    offset: int
+    size: int
+    link: int
+
+
+class _Defined:
+    """A probe of a ``prov`` note (upstream: a ``dt_probe_t`` with a NULL function)."""
+
+    __slots__ = ("args", "name", "nargc", "xargc")
+
+    def __init__(self, name: bytes, nargc: int, xargc: int) -> None:
+        self.name = name
+        self.nargc = nargc
+        self.xargc = xargc
+        self.args: tuple[ResultRecord, ...] = ()
+
+
+class _Provider:
+    __slots__ = ("defined", "name", "pmap", "probes", "text")
+
+    def __init__(self, name: bytes, text: str) -> None:
+        self.name = name
+        self.text = text
+        self.pmap = _Htab()
+        self.defined: dict[bytes, _Defined] = {}
+        self.probes: dict[tuple[bytes, bytes], _Probe] = {}
+
+
+class _Site:
+    """One ``usdt`` note (upstream: a tracepoint ``dt_probe_t`` in ``prbmap``)."""
+
+    __slots__ = ("enabled", "fun", "off", "prb", "prv", "sargc", "sargs", "text")
+
+    def __init__(
+        self, prv: bytes, fun: bytes, prb: bytes, off: int, enabled: bool, sargc: int, sargs: str
+    ) -> None:
+        self.prv = prv
+        self.fun = fun
+        self.prb = prb
+        self.off = off
+        self.enabled = enabled
+        self.sargc = sargc
+        self.sargs = sargs
+        self.text: tuple[str, str, str] = ("", "", "")  # prv, fun, prb once the policy passed
+
+
+class _Probe:
+    """A function-specific probe being emitted: its records and tracepoints."""
+
+    __slots__ = ("defined", "fun", "prb", "sites")
+
+    def __init__(self, fun: bytes, prb: bytes, defined: _Defined) -> None:
+        self.fun = fun
+        self.prb = prb
+        self.defined = defined
+        self.sites: list[_Site] = []
+
+
+class _Reader:
+    """Budgeted reads of the object: every range inside the file, every byte counted."""
+
+    def __init__(self, read: ReadFn, file_size: int, limits: ParseLimits) -> None:
+        self._read = read
+        self.file_size = file_size
+        self.limits = limits
+        self.reads = 0
+        self.bytes = 0
+
+    def get(self, offset: int, size: int, what: str) -> bytes:
+        if size <= 0:
+            return b""
+        if offset < 0 or offset + size > self.file_size:
+            _reject(
+                f"{what} (offset {offset:#x}, size {size:#x}) extends past the end of the "
+                f"file ({self.file_size} bytes)"
+            )
+        nreads = -(-size // MAX_OBJECT_READ)
+        if self.reads + nreads > self.limits.max_object_reads:
+            _reject(
+                f"reading {what} needs more than {self.limits.max_object_reads} object reads "
+                f"(max_object_reads)",
+                E2BIG,
+            )
+        if self.bytes + size > self.limits.max_object_bytes:
+            _reject(
+                f"reading {what} needs {self.bytes + size} bytes of the object, more than "
+                f"{self.limits.max_object_bytes} (max_object_bytes)",
+                E2BIG,
+            )
+        parts = []
+        done = 0
+        while done < size:
+            want = min(MAX_OBJECT_READ, size - done)
+            self.reads += 1
+            self.bytes += want
+            got = self._read(offset + done, want)
+            if len(got) != want:
+                _reject(
+                    f"short read of {what} at offset {offset + done:#x}: {len(got)} of {want} "
+                    f"bytes (the file changed?)"
+                )
+            parts.append(got)
+            done += want
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def parse_notes(
+    helper: bytes, file_size: int, read: ReadFn, limits: ParseLimits | None = None
+) -> list[ResultRecord]:
+    """Parse the object's ``.note.usdt``; ``[Err]`` or ``[ObjectBase, …, Eof]``.
+
+    *read(offset, size)* must return the file's bytes there (exceptions it
+    raises propagate: they are the transport's, not the input's).  Nothing in
+    the file's contents makes this raise.
+    """
+    try:
+        return _NotesParser(helper, file_size, read, limits or ParseLimits()).parse()
+    except _Rejected as rejected:
+        return [Err(errno=rejected.errno, message=_clamp(rejected.message))]
+    except RecursionError:  # not reachable: no recursion here; belt and braces for the contract
+        return [Err(errno=EINVAL, message="object too complex")]
+
+
+class _NotesParser:
+    def __init__(self, helper: bytes, file_size: int, read: ReadFn, limits: ParseLimits) -> None:
+        self.helper = helper
+        self.limits = limits
+        self.reader = _Reader(read, file_size, limits)
+        self.file_size = file_size
+        self.module = ""
+        self.module_raw = b""
+        self.names: dict[tuple[str, bytes], str] = {}
+        self.argtypes: dict[bytes, str] = {}
+
+    # --- helpers ---------------------------------------------------------------------
+
+    def _name(self, kind: str, raw: bytes) -> str:
+        key = (kind, raw)
+        value = self.names.get(key)
+        if value is None:
+            try:
+                value = decode_name(kind, raw)
+            except NameRefused as err:
+                _reject(str(err))
+            self.names[key] = value
+        return value
+
+    # --- the parse -------------------------------------------------------------------
+
+    def parse(self) -> list[ResultRecord]:
+        if len(self.helper) != DOF_HELPER.size:
+            _reject(f"helper size incorrect: expected {DOF_HELPER.size}, not {len(self.helper)}")
+        mod_field, dofhp_addr, _dof = _HELPER.unpack(self.helper)
+        nul = mod_field.find(0)
+        if nul < 0:
+            _reject(
+                f"module name (dofhp_mod) is not NUL-terminated within {DTRACE_MODNAMELEN} bytes"
+            )
+        self.module_raw = mod_field[:nul]
+        self.module = self._name("module", self.module_raw)
+        e_type, sections, shstrtab = self._elf()
+        notes_sec = self._find(sections, shstrtab, NOTES_SECTION, SHT_NOTE)
+        rodata_sec = self._find(sections, shstrtab, RODATA_SECTION, SHT_PROGBITS)
+        if notes_sec.size > self.limits.max_object_bytes:
+            _reject(
+                f"section {NOTES_SECTION} size {notes_sec.size} exceeds maximum "
+                f"{self.limits.max_object_bytes} (max_object_bytes)",
+                E2BIG,
+            )
+        self._bounds(rodata_sec, RODATA_SECTION)
+        if notes_sec.offset % 4:
+            _reject("Pointer to note header not aligned")
+        notes = self.reader.get(notes_sec.offset, notes_sec.size, f"section {NOTES_SECTION}")
+        base = dofhp_addr if e_type == ET_DYN else 0
+        rodata = _Rodata(self, rodata_sec)
+        rodata.prefetch(_function_addresses(notes))
+        return self._notes(notes, rodata, base)
+
+    # --- ELF structure ---------------------------------------------------------------
+
+    def _elf(self) -> tuple[int, list[_Section], bytes]:
+        mod = self.module
+        size = self.file_size
+        head = self.reader.get(0, min(size, _EHDR.size), "ELF header") if size else b""
+        if len(head) < 4 or head[:4] != ELFMAG:
+            _reject(f"{mod}: not an ELF file")
+        if len(head) < 16:
+            _reject(f"{mod}: truncated ELF header ({size} bytes)")
+        if head[4] != ELFCLASS64:
+            _reject(f"{mod}: unsupported ELF class {head[4]} (only ELFCLASS64)")
+        if head[5] != ELFDATA2LSB:
+            _reject(f"{mod}: unsupported ELF data encoding {head[5]} (only little-endian)")
+        if head[6] != EV_CURRENT:
+            _reject(f"{mod}: unsupported ELF version {head[6]}")
+        if len(head) < _EHDR.size:
+            _reject(f"{mod}: truncated ELF header ({size} bytes)")
+        (
+            _ident, e_type, e_machine, _e_version, _entry, _phoff, e_shoff, _flags,
+            _ehsize, _phentsize, _phnum, e_shentsize, e_shnum, e_shstrndx,
+        ) = _EHDR.unpack(head)  # fmt: skip
+        if e_machine != EM_X86_64:
+            _reject(f"{mod}: unsupported ELF machine {e_machine} (only x86_64)")
+        if e_type not in (ET_EXEC, ET_DYN):
+            _reject(f"{mod}: unsupported ELF type {e_type} (only ET_EXEC and ET_DYN)")
+        if e_shoff == 0:
+            _reject(f"no {NOTES_SECTION} section in {mod}")
+        if e_shentsize != _SHDR.size:
+            _reject(f"{mod}: invalid section header size {e_shentsize}, expected {_SHDR.size}")
+        if e_shoff >= size or size - e_shoff < _SHDR.size:
+            _reject(
+                f"{mod}: section header table offset {e_shoff:#x} past the end of the file "
+                f"({size} bytes)"
+            )
+        shnum, shstrndx = e_shnum, e_shstrndx
+        if shnum == 0 or shstrndx == SHN_XINDEX:  # extended numbering: in section 0
+            first = self._shdrs(e_shoff, 1)[0]
+            if shnum == 0:
+                shnum = first.size
+            if shstrndx == SHN_XINDEX:
+                shstrndx = first.link
+        elif shstrndx >= SHN_LORESERVE:
+            _reject(f"{mod}: invalid section name table index {shstrndx:#x}")
+        if shnum == 0:
+            _reject(f"no {NOTES_SECTION} section in {mod}")
+        if shnum > (size - e_shoff) // _SHDR.size:
+            _reject(
+                f"{mod}: section header table ({shnum} entries at offset {e_shoff:#x}) extends "
+                f"past the end of the file ({size} bytes)"
+            )
+        if shstrndx == SHN_UNDEF:
+            _reject(f"no {NOTES_SECTION} section in {mod}")  # no names: nothing can match
+        if shstrndx >= shnum:
+            _reject(f"{mod}: section name table index {shstrndx} out of range ({shnum} sections)")
+        sections = self._shdrs(e_shoff, shnum)
+        strsec = sections[shstrndx]
+        if strsec.type != SHT_STRTAB:
+            _reject(f"{mod}: section name table (section {shstrndx}) is not SHT_STRTAB")
+        self._bounds(strsec, "section name table")
+        shstrtab = self.reader.get(strsec.offset, strsec.size, "section name table")
+        return e_type, sections, shstrtab
+
+    def _shdrs(self, offset: int, count: int) -> list[_Section]:
+        raw = self.reader.get(offset, count * _SHDR.size, "section header table")
+        out = []
+        for i, (name, kind, _flags, addr, off, sz, link, _info, _align, _entsize) in enumerate(
+            _SHDR.iter_unpack(raw)
+        ):
+            out.append(_Section(i, name, kind, addr, off, sz, link))
+        return out
+
+    def _bounds(self, sec: _Section, what: str) -> None:
+        if sec.offset > self.file_size or sec.size > self.file_size - sec.offset:
+            _reject(
+                f"{self.module}: {what} (section {sec.num}, offset {sec.offset:#x}, size "
+                f"{sec.size:#x}) extends past the end of the file ({self.file_size} bytes)"
+            )
+
+    def _find(self, sections: list[_Section], shstrtab: bytes, name: str, kind: int) -> _Section:
+        want = name.encode()
+        for sec in sections:
+            if sec.num == 0:
+                continue  # SHN_UNDEF's entry is no section (and holds extended counts)
+            if sec.name >= len(shstrtab):
+                _reject(
+                    f"{self.module}: section {sec.num}: name offset {sec.name:#x} outside "
+                    f"the section name table ({len(shstrtab)} bytes)"
+                )
+            end = shstrtab.find(0, sec.name)
+            if end < 0:
+                _reject(
+                    f"{self.module}: section {sec.num}: name at offset {sec.name:#x} is not "
+                    f"NUL-terminated in the section name table"
+                )
+            if sec.type == kind and shstrtab[sec.name : end] == want:
+                return sec
+        _reject(f"no {name} section in {self.module}")
+
+    # --- the notes -------------------------------------------------------------------
+
+    def _notes(self, data: bytes, rodata: _Rodata, base: int) -> list[ResultRecord]:
+        limits = self.limits
+        prvmap = _Htab()
+        providers: dict[bytes, _Provider] = {}
+        prbmap = _Htab()
+        mod = self.module_raw
+        nsites = 0
+        ndefined = 0
+        for name, ntype, desc in _walk(data):
+            if name == b"prov":
+                prov = self._prov(desc, providers, prvmap)
+                ndefined += len(prov.defined)
+                if len(providers) > limits.max_providers:
+                    _reject(
+                        f"provider count {len(providers)} exceeds maximum "
+                        f"{limits.max_providers} (max_providers)",
+                        E2BIG,
+                    )
+                if ndefined > limits.max_probes:
+                    _reject(
+                        f"probe count {ndefined} exceeds maximum {limits.max_probes} (max_probes)",
+                        E2BIG,
+                    )
+            elif name == b"usdt":
+                site = self._usdt(desc, ntype, rodata, prbmap)
+                nsites += 1
+                if nsites > limits.max_tracepoints:
+                    _reject(
+                        f"tracepoint count {nsites} exceeds maximum {limits.max_tracepoints} "
+                        f"(max_tracepoints)",
+                        E2BIG,
+                    )
+                if site.off > 0xFFFFFFFF:
+                    _reject(f"tracepoint offset {site.off:#x} does not fit 32 bits")
+                if base + site.off > _U64_MAX:
+                    _reject(f"tracepoint address overflow: {base:x} + {site.off:x}")
+            elif name in (b"dver", b"utsn"):
+                continue
+            else:
+                _reject(f"Unknown note: {_show(name)}")
+
+        # validation, in prbmap order (upstream's)
+        nprobes = 0
+        for entry in prbmap:
+            assert isinstance(entry, _Site)
+            site = entry
+            pvp = providers.get(site.prv)
+            if pvp is None:
+                _reject(f"No such provider: {_show(site.prv)}", ENOENT)
+            key = (site.fun, site.prb)
+            existing = pvp.pmap.lookup(
+                _probe_hval(site.prv, mod, site.fun, site.prb, 0), _same_probe(key)
+            )
+            probe = existing if isinstance(existing, _Probe) else None
+            defined = pvp.defined.get(site.prb) if probe is None else probe.defined
+            if defined is None:
+                _reject(f"No such probe: {_show(site.prv)}:::{_show(site.prb)}", ENOENT)
+            if site.sargc != defined.nargc and (not site.enabled or site.sargc != 1):
+                _reject(
+                    f"{_show(site.prv)}:::{_show(site.prb)}"
+                    f"{' (is-enabled)' if site.enabled else ''} prototype mismatch: "
+                    f"{_s8(site.sargc)} passed, {_s8(1 if site.enabled else defined.nargc)} "
+                    f"expected"
+                )
+            if probe is None:
+                probe = pvp.probes.get(key)  # upstream's lookup missed it: merge (docstring)
+            if probe is None:
+                prv_text, fun_text, prb_text = site.text
+                try:
+                    check_probespec(prv_text, self.module, fun_text, prb_text)
+                except NameRefused as err:
+                    _reject(str(err))
+                nprobes += 1
+                if nprobes > limits.max_probes:
+                    _reject(
+                        f"probe count {nprobes} exceeds maximum {limits.max_probes} (max_probes)",
+                        E2BIG,
+                    )
+                probe = pvp.probes[key] = _Probe(site.fun, site.prb, defined)
+                pvp.pmap.insert(_probe_hval(site.prv, mod, site.fun, site.prb, site.off), probe)
+            if len(probe.sites) >= MAX_NTP:
+                _reject(
+                    f"probe {pvp.text}:{self.module}:{site.text[1]}:{site.text[2]} has more than "
+                    f"{MAX_NTP} tracepoints",
+                    E2BIG,
+                )
+            probe.sites.append(site)
+
+        records: list[ResultRecord] = [ObjectBase(base=base)]
+        for entry in prvmap:
+            assert isinstance(entry, _Provider)
+            pvp = entry
+            if not pvp.probes:
+                continue
+            records.append(Provider(name=pvp.text, nprobes=len(pvp.probes)))
+            for pentry in pvp.pmap:
+                if not isinstance(pentry, _Probe):
+                    continue
+                first = pentry.sites[0]
+                records.append(
+                    Probe(
+                        mod=self.module,
+                        fun=first.text[1],
+                        prb=first.text[2],
+                        ntp=len(pentry.sites),
+                        nargc=pentry.defined.nargc,
+                        xargc=pentry.defined.xargc,
+                    )
+                )
+                records.extend(pentry.defined.args)
+                sites = sorted(pentry.sites, key=lambda s: (s.enabled, s.off))
+                records.extend(
+                    Tracepoint(addr=base + s.off, is_enabled=s.enabled, args=s.sargs) for s in sites
+                )
+        records.append(Eof())
+        return records
+
+    def _prov(self, desc: bytes, providers: dict[bytes, _Provider], prvmap: _Htab) -> _Provider:
+        end = len(desc)
+        nul = desc.find(0)
+        if nul < 0:
+            _reject("Incomplete note data")
+        name = desc[:nul]
+        p = _align4(nul + 1)
+        if p + 24 > end:
+            _reject("Incomplete note data")
+        if name in providers:
+            _reject(f"Duplicate provider: {_show(name)}", EEXIST)
+        pvp = _Provider(name, "")
+        providers[name] = pvp
+        prvmap.insert(str2hval(name, 0), pvp)
+        (probec,) = _U32.unpack_from(desc, p + 20)
+        p += 24
+        pending: list[tuple[bytes, list[bytes], list[bytes], bytes]] = []
+        for _ in range(probec):
+            p = _align4(p)
+            nul = desc.find(0, p) if p < end else -1
+            if nul < 0:
+                _reject("Incomplete note data")
+            prb = desc[p:nul]
+            p = nul + 1
+            if p + 2 > end:
+                _reject("Incomplete note data")
+            if prb in pvp.defined:
+                _reject(
+                    f"Duplicate probe: {_show(name)}:{_show(self.module_raw)}::{_show(prb)}",
+                    EEXIST,
+                )
+            nargc = desc[p]
+            p += 1
+            native = []
+            for _k in range(nargc):
+                nul = desc.find(0, p) if p < end else -1
+                if nul < 0:
+                    _reject("Incomplete note data")
+                native.append(desc[p:nul])
+                p = nul + 1
+            if p >= end:  # the xargc byte (upstream reads it even past the note)
+                _reject("Incomplete note data")
+            xargc = desc[p]
+            p += 1
+            xlat = []
+            argmap = bytearray()
+            for _k in range(xargc):
+                nul = desc.find(0, p) if p < end else -1
+                if nul < 0 or nul + 1 >= end:  # the string, then its map byte, inside the note
+                    _reject("Incomplete note data")
+                xlat.append(desc[p:nul])
+                argmap.append(desc[nul + 1])
+                p = nul + 2
+            pvp.defined[prb] = _Defined(prb, nargc, xargc)
+            pending.append((prb, native, xlat, bytes(argmap)))
+        # our policy, after upstream's checks of this note
+        pvp.text = self._name("provider", name)
+        for prb, native, xlat, amap in pending:
+            self._name("probe", prb)
+            nargc = len(native)
+            args: list[ResultRecord] = []
+            if xlat and not nargc:
+                _reject(f"bad native argument index for arg 0: {amap[0]} (max -1)")
+            for k, m in enumerate(amap):
+                if m >= nargc:
+                    _reject(f"bad native argument index for arg {k}: {m} (max {nargc - 1})")
+            if native:
+                args.append(ArgsNative(args=[self._argtype(t) for t in native]))
+            if xlat:
+                args.append(ArgsXlat(args=[self._argtype(t) for t in xlat]))
+                args.append(ArgsMap(map=list(amap)))
+            pvp.defined[prb].args = tuple(args)
+        return pvp
+
+    def _argtype(self, raw: bytes) -> str:
+        value = self.argtypes.get(raw)
+        if value is None:
+            try:
+                value = decode_name("argtype", raw)
+            except NameRefused as err:
+                _reject(str(err))
+            self.argtypes[raw] = value
+        return value
+
+    def _usdt(self, desc: bytes, ntype: int, rodata: _Rodata, prbmap: _Htab) -> _Site:
+        end = len(desc)
+        if end < 16:
+            _reject("Incomplete note data")
+        off, fno = _U64X2.unpack_from(desc)
+        nul = desc.find(0, 16)
+        if nul < 0:
+            _reject("Incomplete note data")
+        prv = desc[16:nul]
+        p = nul + 1
+        if not rodata.contains(fno):
+            _reject("Invalid function name offset")
+        nul = desc.find(0, p) if p < end else -1
+        if nul < 0:
+            _reject("Incomplete note data")
+        prb = desc[p:nul].replace(b"__", b"-")
+        p = nul + 1
+        fun = rodata.string(fno)  # ours: bounded, inside .rodata (upstream: unbounded strlen)
+        off32 = off & 0xFFFFFFFF  # upstream keeps the offset in a uint32_t
+        mod = self.module_raw
+        if prbmap.lookup(_probe_hval(prv, mod, fun, prb, off32), _same_site(prv, fun, prb, off32)):
+            _reject(f"Duplicate probe: {_show(prv)}:{_show(mod)}:{_show(fun)}:{_show(prb)}", EEXIST)
+        if p >= end:  # the source-argument count
+            _reject("Incomplete note data")
+        sargc = desc[p]
+        p += 1
+        nul = desc.find(0, p) if p < end else -1
+        if nul < 0:
+            _reject("Incomplete note data")
+        sargs_raw = desc[p:nul]
+        site = _Site(prv, fun, prb, off, ntype == USDT_EN_NOTE_TYPE, sargc, "")
+        prbmap.insert(_probe_hval(prv, mod, fun, prb, off32), site)
+        # our policy, after upstream's checks of this note
+        site.text = (
+            self._name("provider", prv),
+            self._name("function", fun),
+            self._name("probe", prb),
+        )
+        try:
+            site.sargs = decode_name("sargs", sargs_raw)
+        except NameRefused as err:
+            message = str(err)
+            if "UTF-8" in message:
+                message = f'argument string "{_show(sargs_raw)}" is not valid UTF-8'
+            _reject(message)
+        return site
+
+
+def _same_probe(key: tuple[bytes, bytes]) -> Callable[[object], bool]:
+    """Upstream's ``prb_cmp`` against a function-specific key with offset 0."""
+    return lambda e: isinstance(e, _Probe) and (e.fun, e.prb) == key
+
+
+def _same_site(prv: bytes, fun: bytes, prb: bytes, off32: int) -> Callable[[object], bool]:
+    """Upstream's ``prb_cmp`` between tracepoints: offsets compared only when both are non-zero."""
+
+    def same(e: object) -> bool:
+        if not isinstance(e, _Site) or (e.prv, e.fun, e.prb) != (prv, fun, prb):
+            return False
+        other = e.off & 0xFFFFFFFF
+        return not off32 or not other or other == off32
+
+    return same
+
+
+def _align4(value: int) -> int:
+    return (value + 3) & ~3
+
+
+def _probe_hval(prv: bytes, mod: bytes, fun: bytes | None, prb: bytes, off: int) -> int:
+    hval = str2hval(prv, off)
+    hval = str2hval(mod, hval)
+    if fun is not None:
+        hval = str2hval(fun, hval)
+    return str2hval(prb, hval)
+
+
+def _walk(data: bytes) -> Iterator[tuple[bytes, int, bytes]]:
+    """Upstream's ``get_note`` loop: (name, type, descriptor) of each note, in file order."""
+    size = len(data)
+    off = 0
+    while True:
+        if off >= size or _NHDR.size > size - off:
+            _reject(f"Invalid ELF note offset {off}")
+        namesz, descsz, ntype = _NHDR.unpack_from(data, off)
+        off += _NHDR.size
+        if off >= size or namesz > size - off:
+            _reject(f"Invalid name size {_s32(namesz)}")
+        raw_name = data[off : off + namesz]
+        off += _align4(namesz)
+        if off >= size or descsz > size - off:
+            _reject(f"Invalid desc size {_s32(descsz)}")
+        desc = data[off : off + descsz]
+        off += _align4(descsz)
+        nul = raw_name.find(0)
+        if nul < 0:  # a name must end inside namesz (upstream's strcmp would read on)
+            _reject(f"Unknown note: {_show(raw_name)}")
+        yield raw_name[:nul], ntype, desc
+        if off >= size:
+            return
+
+
+def _function_addresses(data: bytes) -> list[int]:
+    """The function-name addresses of the ``usdt`` notes, up to the first malformed note.
+
+    A tolerant pre-pass (never rejects), so that ``.rodata`` can be read before
+    the real walk reports errors in upstream's order.
+    """
+    out = []
+    size = len(data)
+    off = 0
+    while off < size and _NHDR.size <= size - off:
+        namesz, descsz, _ntype = _NHDR.unpack_from(data, off)
+        off += _NHDR.size
+        if off >= size or namesz > size - off:
+            break
+        name = data[off : off + namesz].partition(b"\0")
+        off += _align4(namesz)
+        if off >= size or descsz > size - off:
+            break
+        if name[0] == b"usdt" and name[1] and descsz >= 16:
+            out.append(_U64X2.unpack_from(data, off)[1])
+        off += _align4(descsz)
+    return out
+
+
+class _Rodata:
+    """The ``.rodata`` bytes the notes need: all of it when it fits one read, else windows."""
+
+    def __init__(self, parser: _NotesParser, sec: _Section) -> None:
+        self.parser = parser
+        self.sec = sec
+        self.windows: list[tuple[int, bytes]] = []  # (section offset, bytes), ascending
+        self.whole: bytes | None = None
+
+    def contains(self, addr: int) -> bool:
+        return addr >= self.sec.addr and addr - self.sec.addr < self.sec.size
+
+    def prefetch(self, addrs: list[int]) -> None:
+        sec = self.sec
+        offs = sorted({a - sec.addr for a in addrs if self.contains(a)})
+        if not offs:
+            return
+        if sec.size <= MAX_OBJECT_READ:
+            self.whole = self.parser.reader.get(sec.offset, sec.size, f"section {RODATA_SECTION}")
+            return
+        i = 0
+        while i < len(offs):
+            start = offs[i]
+            limit = min(start + MAX_OBJECT_READ, sec.size)
+            # one window covers every name whose 128 bytes (or the rest of .rodata) fit in it
+            j = i + 1
+            while j < len(offs) and min(offs[j] + DTRACE_FUNCNAMELEN, sec.size) <= limit:
+                j += 1
+            self._fetch(start, min(offs[j - 1] + DTRACE_FUNCNAMELEN, sec.size))
+            i = j
+
+    def _fetch(self, start: int, stop: int) -> bytes:
+        data = self.parser.reader.get(self.sec.offset + start, stop - start, "function names")
+        self.windows.append((start, data))
+        return data
+
+    def string(self, addr: int) -> bytes:
+        """The C string at *addr*, looked for within DTRACE_FUNCNAMELEN bytes and .rodata."""
+        off = addr - self.sec.addr
+        if self.whole is not None:
+            chunk = self.whole[off : off + DTRACE_FUNCNAMELEN]
+        else:
+            for start, data in self.windows:
+                if start <= off < start + len(data):
+                    chunk = data[off - start : off - start + DTRACE_FUNCNAMELEN]
+                    break
+            else:  # not prefetched (cannot happen; read it now, within the budget)
+                chunk = self._fetch(off, min(off + DTRACE_FUNCNAMELEN, self.sec.size))
+        nul = chunk.find(0)
+        if nul >= 0:
+            return chunk[:nul]
+        if off + len(chunk) >= self.sec.size:
+            _reject(f"function name at {addr:#x} is not NUL-terminated within {RODATA_SECTION}")
+        _reject(
+            f'function name "{_show(chunk)}..." too long: more than {DTRACE_FUNCNAMELEN - 1} bytes'
+        )
