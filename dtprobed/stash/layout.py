@@ -24,7 +24,10 @@ Layout (``$dev`` is glibc ``makedev`` encoding, ``$dev-$ino`` is ``%ju-%ju``;
       sparse file; its size is the next generation number (generations
       start at 0 when the directory is created).
   stash/dof-pid/$pid/exec-mapping
-      ``"$dev-$ino\\0"`` of the main executable; differs → the process exec'd.
+      ``"$dev-$ino"`` of the main executable, no trailing NUL (what the 2.0.7
+      release writes, measured); differs → the process exec'd.  Read with or
+      without one trailing NUL (upstream's development tree adds it; the
+      consumer and ``verify`` accept both); a NUL anywhere else is invalid.
   stash/dof-pid/$pid/$gen -> $dev-$ino
       relative symlink, one per ADDDOF.  **The commit point**: a mapping
       directory that no generation points at is an interrupted operation and
@@ -100,7 +103,7 @@ LAYOUT: Final[tuple[tuple[str, str, str], ...]] = (
     ("stash/dof-pid", "dir", "per-process state"),
     ("stash/dof-pid/$pid", "dir", "one process; xattrs start_time, exec_token"),
     ("stash/dof-pid/$pid/next-gen", "file", "sparse; size = next generation"),
-    ("stash/dof-pid/$pid/exec-mapping", "file", '"$dev-$ino\\0"'),
+    ("stash/dof-pid/$pid/exec-mapping", "file", '"$dev-$ino" (read: optional trailing NUL)'),
     ("stash/dof-pid/$pid/$gen", "symlink", "-> $dev-$ino; the commit point"),
     ("stash/dof-pid/$pid/$dev-$ino", "dir", "one mapping"),
     ("stash/dof-pid/$pid/$dev-$ino/raw", "file", "link to stash/dof/$dev-$ino or private"),
@@ -115,6 +118,22 @@ LAYOUT: Final[tuple[tuple[str, str, str], ...]] = (
 
 def mapping_key(dev: int, ino: int) -> str:
     return f"{dev}-{ino}"
+
+
+def exec_mapping_bytes(exec_dev: int, exec_ino: int) -> bytes:
+    """The bytes of ``exec-mapping`` as the 2.0.7 daemon writes them: no trailing NUL."""
+    return mapping_key(exec_dev, exec_ino).encode("ascii")
+
+
+def parse_exec_mapping(data: bytes) -> str | None:
+    """``$dev-$ino`` from an ``exec-mapping`` with or without one trailing NUL; None if invalid."""
+    if data.endswith(b"\0"):
+        data = data[:-1]
+    try:
+        text = data.decode("ascii")
+    except UnicodeError:
+        return None
+    return text if split_key(text) is not None else None
 
 
 def split_key(name: str) -> tuple[int, int] | None:

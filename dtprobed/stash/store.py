@@ -41,8 +41,10 @@ from dtprobed.stash.layout import (
     RAW_PREFIX,
     XATTR_EXEC_TOKEN,
     XATTR_START_TIME,
+    exec_mapping_bytes,
     is_number,
     mapping_key,
+    parse_exec_mapping,
     read_small,
     split_key,
     split_spec,
@@ -277,9 +279,8 @@ class Stash:
             start = self._getxattr(pdir.fd, XATTR_START_TIME)
             token = self._getxattr(pdir.fd, XATTR_EXEC_TOKEN)
             try:
-                raw = read_small(pdir.fd, "exec-mapping", MAX_EXEC_MAPPING)
-                mapping: str | None = raw[:-1].decode() if raw.endswith(b"\0") else raw.decode()
-            except (OSError, UnicodeError):
+                mapping = parse_exec_mapping(read_small(pdir.fd, "exec-mapping", MAX_EXEC_MAPPING))
+            except OSError:
                 mapping = None
         start_time = int(start) if start is not None and start.isdigit() else None
         return start_time, token, mapping
@@ -381,8 +382,9 @@ class Stash:
             os.setxattr(pdir.fd, XATTR_START_TIME, str(reg.start_time).encode())
             os.setxattr(pdir.fd, XATTR_EXEC_TOKEN, reg.exec_token.encode())
             self._write_file(pdir.fd, "next-gen", b"")
-            exec_map = mapping_key(reg.exec_dev, reg.exec_ino).encode() + b"\0"
-            self._write_file(pdir.fd, "exec-mapping", exec_map)
+            self._write_file(
+                pdir.fd, "exec-mapping", exec_mapping_bytes(reg.exec_dev, reg.exec_ino)
+            )
         except BaseException:
             pdir.close()
             raise
@@ -400,8 +402,9 @@ class Stash:
         try:
             os.lstat("exec-mapping", dir_fd=pdir.fd)
         except FileNotFoundError:
-            exec_map = mapping_key(reg.exec_dev, reg.exec_ino).encode() + b"\0"
-            self._write_file(pdir.fd, "exec-mapping", exec_map)
+            self._write_file(
+                pdir.fd, "exec-mapping", exec_mapping_bytes(reg.exec_dev, reg.exec_ino)
+            )
             undo.callback(_unlink_quiet, pdir.fd, "exec-mapping")
 
     def _add_mapping(

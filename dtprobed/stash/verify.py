@@ -19,6 +19,7 @@ from dtprobed.stash.layout import (
     MAX_EXEC_MAPPING,
     RAW_PREFIX,
     is_number,
+    parse_exec_mapping,
     read_small,
     split_key,
     split_spec,
@@ -104,8 +105,8 @@ class _Verifier:
             self.bad(f"{where}/next-gen is missing")
         try:
             em = read_small(pid_fd, "exec-mapping", MAX_EXEC_MAPPING)
-            if not (em.endswith(b"\0") and split_key(em[:-1].decode("ascii", "replace"))):
-                self.bad(f'{where}/exec-mapping is {em!r}, not "$dev-$ino\\0"')
+            if parse_exec_mapping(em) is None:
+                self.bad(f'{where}/exec-mapping is {em!r}, not "$dev-$ino" (optional NUL)')
         except OSError as err:
             self.bad(f"{where}/exec-mapping: {err.strerror}")
         self.parsed[pid] = {}

@@ -66,7 +66,9 @@ def test_worked_example_tree_and_143_bytes(state: Path, procs: list[Proc]) -> No
     link = state / f"probes/{a.pid}/test_prov{a.pid}/test/main/go"
     assert link.stat().st_ino == spec.stat().st_ino
     assert (state / f"stash/dof-pid/{a.pid}/0").readlink() == Path("64768-99")
-    assert (state / f"stash/dof-pid/{a.pid}/exec-mapping").read_bytes() == b"64768-1234\0"
+    assert (
+        state / f"stash/dof-pid/{a.pid}/exec-mapping"
+    ).read_bytes() == b"64768-1234"  # 2.0.7: no NUL
     assert (state / f"stash/dof-pid/{a.pid}/next-gen").stat().st_size == 1
     assert (state / "stash/dof/64768-99").read_bytes() == bytes(8) + dof_bytes()
     assert stash.verify() == []
@@ -251,3 +253,32 @@ def test_failed_reparse_leaves_mapping_unparsed_and_others_alone(
     assert not (state / f"probes/{a.pid}/test_prov{a.pid}").exists()
     assert stash.verify() == []
     assert [i.ino for i in stash.reparse_scan(force=False)] == [99]
+
+
+@pytest.mark.parametrize("content", [b"64768-1234", b"64768-1234\0"])
+def test_exec_mapping_read_with_or_without_nul(
+    state: Path, procs: list[Proc], content: bytes
+) -> None:
+    """2.0.7 writes no NUL, upstream's development tree one: both are the same executable."""
+    a = procs[0]
+    stash = Stash(str(state))
+    stash.register(registration(a.pid, a.start_time), WORKED)
+    em = state / f"stash/dof-pid/{a.pid}/exec-mapping"
+    em.unlink()
+    em.write_bytes(content)
+    assert stash.verify() == []
+    # same executable: the first generation stays (no exec detected)
+    assert stash.register(registration(a.pid, a.start_time, ino=5), WORKED) == 1
+    assert em.read_bytes() == content
+    assert stash.verify() == []
+
+
+@pytest.mark.parametrize("content", [b"64768\0-1234", b"64768-1234\0\0", b"x-1", b""])
+def test_verify_reports_a_bad_exec_mapping(state: Path, procs: list[Proc], content: bytes) -> None:
+    a = procs[0]
+    stash = Stash(str(state))
+    stash.register(registration(a.pid, a.start_time), WORKED)
+    em = state / f"stash/dof-pid/{a.pid}/exec-mapping"
+    em.unlink()
+    em.write_bytes(content)
+    assert any("exec-mapping" in p for p in stash.verify())
