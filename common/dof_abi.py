@@ -79,9 +79,17 @@ DOF_SECT_PRENOFFS: Final = 26
 DOF_SECT_NAMES: Final = map_namespace("DOF_SECT_", globals())
 
 
+#: ``DOF_SEC_ISLOADABLE``: a list of the *known* loadable types (ECBDESC … INTTAB,
+#: XLTAB … PRENOFFS).  NONE, COMMENTS, SOURCE, UTSNAME and every type upstream does not
+#: know are not loadable, so such a section without DOF_SECF_LOAD is skipped.
+_LOADABLE_TYPES: Final = frozenset(
+    [*range(DOF_SECT_ECBDESC, DOF_SECT_INTTAB + 1), *range(DOF_SECT_XLTAB, DOF_SECT_PRENOFFS + 1)]
+)
+
+
 def dof_sec_isloadable(sec_type: int) -> bool:
-    """``DOF_SEC_ISLOADABLE``: every type but NONE, COMMENTS, SOURCE and UTSNAME."""
-    return sec_type not in (DOF_SECT_NONE, DOF_SECT_COMMENTS, DOF_SECT_SOURCE, DOF_SECT_UTSNAME)
+    """``DOF_SEC_ISLOADABLE``: *sec_type* is one of the known loadable section types."""
+    return sec_type in _LOADABLE_TYPES
 
 
 # --- relocation types --------------------------------------------------------

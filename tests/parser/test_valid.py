@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from common.dof_abi import DOF_SECT_COMMENTS, DOF_SECT_DIF, DOF_SECT_PROVIDER
 from common.dof_build import ProbeSpec, ProviderSpec, build_dof, build_helper, many_probes_dof
 from common.grammar import check_stream
@@ -259,3 +261,13 @@ def test_parse_is_repeatable() -> None:
     other = providers_dof("x")
     parse_dof(other.helper, bytes(other.data))
     assert parse_dof(dof.helper, bytes(dof.data)) == first
+
+
+@pytest.mark.parametrize("unknown_type", [27, 99, 0xFFFFFFFF])
+def test_unknown_section_type_without_load_flag_is_skipped(unknown_type: int) -> None:
+    """Upstream's loadable test lists the known loadable types, so an unknown type
+    without DOF_SECF_LOAD is skipped like COMMENTS, and the DOF is accepted."""
+    base = 0x500000
+    dof = base_dof().set_helper(addr=base).set_section(5, "type", unknown_type)
+    dof.set_section(5, "flags", 0)
+    assert accepted(dof.helper, dof.data)[-3] == tp(BASE_ADDR + 0x10)
