@@ -77,6 +77,41 @@ def _remove_tree(dir_fd: int, name: str) -> None:
         os.unlink(name, dir_fd=dir_fd)
 
 
+def _open_in_place(dir_fd: int, name: str) -> int:
+    """Open a file the writer changes in place (``next-gen``) for writing, or refuse.
+
+    Never through a symlink (``O_NOFOLLOW``), never a FIFO or device (no
+    blocking open, then ``S_ISREG``), and never a file with a second link: a
+    hard link planted at *name* may lead outside the state directory, and
+    writing through it would change that file.  ``EMLINK``/``EINVAL`` say which.
+    """
+    fd = os.open(name, os.O_RDWR | os.O_NONBLOCK | _OPEN_FILE, dir_fd=dir_fd)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, f"{name} is not a regular file: not writing it")
+        if st.st_nlink != 1:
+            raise OSError(
+                errno.EMLINK,
+                f"{name} has {st.st_nlink} links (a hard link planted from elsewhere?): "
+                "refusing to write through it",
+            )
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def os_detail(err: OSError) -> str:
+    """What went wrong, precisely: the error's own text and the name it concerns."""
+    code = err.errno or errno.EIO
+    text = err.strerror or os.strerror(code)
+    names = [n for n in (err.filename, err.filename2) if isinstance(n, str) and n]
+    if names and not any(n in text for n in names):
+        text += f" ({' -> '.join(names)})"
+    return f"{text} [{errno.errorcode.get(code, code)}]"
+
+
 def _current_umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
@@ -95,8 +130,9 @@ def _stash_op(op: str) -> Callable[[_F], _F]:
             try:
                 return func(*args, **kwargs)
             except OSError as err:
-                name = err.filename if isinstance(err.filename, str) else "state directory"
-                raise StashError(op, name, err.errno or errno.EIO, str(err)) from err
+                raise StashError(
+                    op, "state directory", err.errno or errno.EIO, os_detail(err)
+                ) from err
 
         return inner  # type: ignore[return-value]
 
@@ -354,7 +390,9 @@ class Stash:
                     self._add_mapping(pdir, reg, key, probes, undo)
                 gen = self._add_generation(pdir, key, undo)
             except OSError as err:
-                raise StashError("add", f"PID {pid} mapping {key}", err.errno or errno.EIO) from err
+                raise StashError(
+                    "add", f"PID {pid} mapping {key}", err.errno or errno.EIO, os_detail(err)
+                ) from err
             undo.pop_all()
         pdir.close()
         entry = self._index.setdefault(pid, _PidEntry())
@@ -567,12 +605,9 @@ class Stash:
         return current
 
     def _add_generation(self, pdir: DirFd, key: str, undo: contextlib.ExitStack) -> int:
-        fd = os.open("next-gen", os.O_RDWR | _OPEN_FILE, dir_fd=pdir.fd)
+        fd = _open_in_place(pdir.fd, "next-gen")
         try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise OSError(errno.EINVAL, "next-gen is not a regular file")
-            gen = st.st_size
+            gen = os.fstat(fd).st_size
             if gen >= (1 << 31) - 1:
                 raise OSError(errno.EOVERFLOW, "generation numbers exhausted")
             # A crash between these two steps leaks a number, never reuses one.
@@ -917,7 +952,10 @@ class Stash:
                     self._total += len(probes)
             except OSError as err:
                 raise StashError(
-                    "reparse", f"PID {item.pid} mapping {key}", err.errno or errno.EIO
+                    "reparse",
+                    f"PID {item.pid} mapping {key}",
+                    err.errno or errno.EIO,
+                    os_detail(err),
                 ) from err
 
     # ------------------------------------------------------------ recovery
@@ -981,8 +1019,14 @@ class Stash:
 
     def _recover_next_gen(self, pid: int, pid_fd: int, needed: int, actions: list[str]) -> None:
         try:
-            fd = os.open("next-gen", os.O_RDWR | _OPEN_FILE, dir_fd=pid_fd)
-        except FileNotFoundError:
+            fd = _open_in_place(pid_fd, "next-gen")
+        except OSError as err:
+            if err.errno != errno.ENOENT:
+                # planted link or non-file: never written through; verify reports it
+                log.warning("stash recovery: PID %i: next-gen left alone: %s", pid, err)
+                return
+            fd = -1
+        if fd < 0:
             fd = os.open(
                 "next-gen",
                 os.O_RDWR | os.O_CREAT | os.O_EXCL | _OPEN_FILE,

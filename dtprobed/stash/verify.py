@@ -83,6 +83,8 @@ class _Verifier:
             if name in ("next-gen", "exec-mapping"):
                 if not stat.S_ISREG(st.st_mode):
                     self.bad(f"{where}/{name} is not a regular file")
+                else:
+                    self.single_link(st, f"{where}/{name}")
             elif is_number(name) and stat.S_ISLNK(st.st_mode):
                 gens[int(name)] = os.readlink(name, dir_fd=pid_fd)
             elif split_key(name) is not None and stat.S_ISDIR(st.st_mode):
@@ -114,6 +116,11 @@ class _Verifier:
             with DirFd(pid_fd, key, readable=True) as mdir:
                 self.check_mapping(pid, key, mdir.fd, f"{where}/{key}")
 
+    def single_link(self, st: os.stat_result, path: str) -> None:
+        """next-gen, exec-mapping, dh, parsed/version are private: link count 1."""
+        if st.st_nlink != 1:
+            self.bad(f"{path}: link count {st.st_nlink}, expected 1 (a planted hard link?)")
+
     def check_mapping(self, pid: int, key: str, map_fd: int, where: str) -> None:
         names = set(os.listdir(map_fd))
         for extra in sorted(names - {"raw", "dh", "parsed"}):
@@ -136,6 +143,7 @@ class _Verifier:
             dh = read_small(map_fd, "dh", HELPER_SIZE + 1)
             if len(dh) != HELPER_SIZE:
                 self.bad(f"{where}/dh is {len(dh)} bytes, not {HELPER_SIZE}")
+            self.single_link(os.lstat("dh", dir_fd=map_fd), f"{where}/dh")
         except OSError as err:
             self.bad(f"{where}/dh: {err.strerror}")
         try:
@@ -149,6 +157,9 @@ class _Verifier:
             if has_version:
                 try:
                     v = read_small(parsed.fd, "version", 8)
+                    self.single_link(
+                        os.lstat("version", dir_fd=parsed.fd), f"{where}/parsed/version"
+                    )
                     if v != VERSION_BYTES:
                         found = VERSION.unpack(v)[0] if len(v) == 8 else v
                         self.bad(

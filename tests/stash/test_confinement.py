@@ -226,3 +226,44 @@ def test_prune_dead_uses_start_time(tmp_path: Path) -> None:
         upstream.popen.wait()
         assert stash.prune_dead() == [upstream.pid]  # no xattr: kill(pid, 0) decides
         assert stash.verify() == []
+
+
+@pytest.mark.parametrize("content", [b"", b"\0" * 3])
+def test_planted_hard_link_at_next_gen_is_not_written_through(
+    dirs: tuple[Path, Path], proc: Proc, content: bytes
+) -> None:
+    """next-gen is the one file rewritten in place: a second link must stop the write."""
+    state, outside = dirs
+    stash = Stash(str(state))
+    stash.register(registration(proc.pid, proc.start_time), WORKED)
+    victim = outside / "next-gen-victim"
+    victim.write_bytes(content)
+    next_gen = state / f"stash/dof-pid/{proc.pid}/next-gen"
+    next_gen.unlink()
+    os.link(victim, next_gen)
+    before = snapshot(str(state))
+    with pytest.raises(StashError) as info:
+        stash.register(registration(proc.pid, proc.start_time, ino=5), WORKED)
+    assert info.value.errno == errno.EMLINK
+    assert "next-gen has 2 links" in str(info.value)
+    assert victim.read_bytes() == content and victim.stat().st_nlink == 2
+    assert snapshot(str(state)) == before
+    problems = stash.verify()
+    assert any("next-gen: link count 2, expected 1" in p for p in problems), problems
+    stash.close()
+    # recovery at start-up does not write through it either (needed: next-gen >= 1)
+    Stash(str(state)).close()
+    assert victim.read_bytes() == content
+
+
+@pytest.mark.parametrize("path", ["exec-mapping", "64768-99/dh", "64768-99/parsed/version"])
+def test_verify_reports_a_second_link_on_private_files(
+    dirs: tuple[Path, Path], proc: Proc, path: str
+) -> None:
+    state, outside = dirs
+    stash = Stash(str(state))
+    stash.register(registration(proc.pid, proc.start_time), WORKED)
+    assert stash.verify() == []
+    os.link(state / f"stash/dof-pid/{proc.pid}/{path}", outside / "second")
+    problems = stash.verify()
+    assert any(f"{path}: link count 2, expected 1" in p for p in problems), problems
