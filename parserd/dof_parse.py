@@ -88,6 +88,9 @@ provider-level error: up to 4 ERRs (3 in relocation)   exactly one ERR, the firs
 several providers: records of earlier ones, then ERR   exactly one ERR                                  appendix 9
 relocations rewrite headers read later, and string     headers read as received; a table whose final    upstream re-reads validated bytes after changing them
 table NULs checked before relocation                   NUL was relocated away is refused
+offset tables (PROFFS, PRENOFFS) sorted in place: a   sorted copies: names, addresses and headers      upstream's sort rewrites bytes it reads later; records
+table laid over other data rewrites names, addresses   stay as validated, tracepoints are the sorted    for such a (malformed) DOF differ (tested in
+or the header read after the sort                      values                                           ``test_offset_table_overlapping_the_string_table``)
 =====================================================  ===============================================  ======================================================
 
 Kept verbatim although odd: ``bad relocation offset: offset N, section size M)``

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import struct
+
 import pytest
 
-from common.dof_abi import DOF_SECT_COMMENTS, DOF_SECT_DIF, DOF_SECT_PROVIDER
+from common.dof_abi import (
+    DOF_SECT_COMMENTS,
+    DOF_SECT_DIF,
+    DOF_SECT_PROFFS,
+    DOF_SECT_PROVIDER,
+    DOF_SECT_STRTAB,
+)
 from common.dof_build import ProbeSpec, ProviderSpec, build_dof, build_helper, many_probes_dof
 from common.grammar import check_stream
 from common.records import (
@@ -271,3 +279,31 @@ def test_unknown_section_type_without_load_flag_is_skipped(unknown_type: int) ->
     dof = base_dof().set_helper(addr=base).set_section(5, "type", unknown_type)
     dof.set_section(5, "flags", 0)
     assert accepted(dof.helper, dof.data)[-3] == tp(BASE_ADDR + 0x10)
+
+
+def test_offset_table_overlapping_the_string_table_keeps_the_names() -> None:
+    """A documented difference from upstream (module docstring of parserd.dof_parse).
+
+    Here the PROFFS section is laid over the STRTAB, so the probe's offsets are
+    the string table's first words.  Upstream sorts the offsets *in place*, which
+    rewrites the string table before it reads the names back; we sort a copy, so
+    the names stay what was validated and the tracepoints are the sorted words.
+    """
+    dof = base_dof()
+    strtab = dof.sec(DOF_SECT_STRTAB)
+    proffs = dof.sec(DOF_SECT_PROFFS)
+    assert strtab.offset % 4 == 0 and strtab.size >= 8
+    dof.set_section(proffs.index, "offset", strtab.offset)
+    dof.set_section(proffs.index, "size", strtab.size - strtab.size % 4)
+    table = struct.unpack_from(f"<{strtab.size // 4}I", dof.data, strtab.offset)
+    # two neighbouring words out of order: upstream's in-place sort swaps them
+    first = next(i for i in range(len(table) - 1) if table[i] > table[i + 1] > 0)
+    dof.set_probe(0, "offidx", first).set_probe(0, "noffs", 2)
+    words = table[first : first + 2]
+    records = accepted(dof.helper, dof.data)
+    assert records[0] == Provider(name="prov", nprobes=1)
+    assert records[1] == Probe(mod="a.out", fun="fn", prb="pr", ntp=2, nargc=2, xargc=1)
+    tracepoints = [r for r in records if isinstance(r, Tracepoint)]
+    assert tracepoints == [tp(BASE_ADDR + w) for w in sorted(words)]
+    at = strtab.offset + 4 * first
+    assert bytes(dof.data[at : at + 8]) == struct.pack("<2I", *words)  # ours sorted a copy
