@@ -1,7 +1,8 @@
 """``python -m parserd``: the sandboxed DOF parser child.
 
     python -m parserd [--no-sandbox] [--max-dof-size N] [--max-providers N]
-                      [--max-probes N] [--max-tracepoints N] [--cpu-limit SECONDS]
+                      [--max-probes N] [--max-tracepoints N] [--max-object-reads N]
+                      [--max-object-bytes N] [--cpu-limit SECONDS]
 
 Started by the daemon (:class:`dtprobed.children.parser.ParserChild`) and by
 ``dtprobed-parse``, with fd 0 and fd 1 on pipes.  Parses options, builds its
@@ -39,6 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-providers", type=positive_int, default=defaults.max_providers)
     parser.add_argument("--max-probes", type=positive_int, default=defaults.max_probes)
     parser.add_argument("--max-tracepoints", type=positive_int, default=defaults.max_tracepoints)
+    parser.add_argument("--max-object-reads", type=positive_int, default=defaults.max_object_reads)
+    parser.add_argument("--max-object-bytes", type=positive_int, default=defaults.max_object_bytes)
     parser.add_argument(
         "--cpu-limit",
         type=positive_int,
@@ -51,7 +54,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def limits_from_args(args: argparse.Namespace) -> ParseLimits:
     """The limits, validated against ParseLimits' bounds (a Struct's __init__ does not)."""
-    fields = ("max_dof_size", "max_providers", "max_probes", "max_tracepoints")
+    fields = (
+        "max_dof_size",
+        "max_providers",
+        "max_probes",
+        "max_tracepoints",
+        "max_object_reads",
+        "max_object_bytes",
+    )
     return msgspec.convert({f: getattr(args, f) for f in fields}, ParseLimits)
 
 

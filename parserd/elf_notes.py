@@ -86,11 +86,14 @@ each ascending by address, so we sort them.
 
 Upstream bug we do not copy: the lookup of an already-created
 function-specific probe hashes its key with offset 0, while the probe was
-inserted with its first tracepoint's offset as hash seed.  Once a provider's
-table has more than one slot, a probe whose tracepoints are in one function
-(a probe fired twice, or an is-enabled test and its probe, the common
-pattern) is usually *not* found and is emitted again as a second PROBE record
-with the same ``prv:mod:fun:prb`` — which our grammar forbids.  We merge such
+inserted with its first tracepoint's offset as hash seed.  The low four bits of
+a ``str2hval`` are the last character's, so the two keys land in one slot
+while the provider's table has at most 16 slots; once it has 32 or more (more
+than 64 entries: defined probes plus function-specific ones), a probe whose
+tracepoints are in one function (a probe fired twice, or an is-enabled test
+and its probe, the common pattern) is often *not* found and is emitted again
+as a second PROBE record with the same ``prv:mod:fun:prb`` (measured with
+this model: 2 of 40 such probes, 15 of 64) — which our grammar forbids.  We merge such
 tracepoints into the probe created first (at its position in upstream's order)
 and count it once in ``nprobes``.
 
