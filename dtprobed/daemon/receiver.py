@@ -157,8 +157,10 @@ class Receiver:
         try:
             if request.kind == "adddof":
                 result, report = self._adddof(request, size)
-            else:
+            elif request.kind == "remove":
                 result, report = self._remove(request)
+            else:  # a kind the device layer knows and we don't (yet): EINVAL
+                raise RequestRejected(errno.EINVAL, f"{request.kind} is not supported")
         except RequestRejected as err:
             # The client's fault: the parser's (or our check's) message, at WARNING.
             report = partial(log.warning, "%d: dtprobed: %s", request.tid, err.reason)
@@ -282,6 +284,11 @@ class Receiver:
     # --- REMOVE -------------------------------------------------------------------
 
     def _remove(self, request: HelperRequest) -> tuple[int, Callable[[], None]]:
+        if not 0 <= request.gen <= 0x7FFFFFFF:  # no such generation (e.g. REMOVE(-1)):
+            # 0 as upstream, and nothing the writer's Gen bound would refuse leaves us
+            return 0, partial(
+                log.debug, "%d: REMOVE of unknown generation %d", request.tid, request.gen
+            )
         pid = tgid_of(request.tid)
         self._writer_call(lambda: _done(self._writer.remove, pid, request.gen))
         return 0, partial(log.info, "%d: removed generation %d", pid, request.gen)
