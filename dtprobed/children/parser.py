@@ -24,8 +24,8 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
-from typing import Final
+from collections.abc import Callable, Iterator, Sequence
+from typing import Final, NamedTuple
 
 import msgspec
 
@@ -38,7 +38,7 @@ from common.errors import (
 from common.framing import HEADER, HEADER_SIZE, MAX_RECORD_FRAME, FrameDecoder
 from common.grammar import ParsedProbe, StreamChecker
 from common.limits import ParseLimits
-from common.records import Err, Log, ParserRecord, Provider, ResultRecord
+from common.records import Err, Log, ParserRecord, Provider, ResultRecord, Tracepoint
 from common.requests import ParseRequest
 from dtprobed.children.process import ChildSlot, RunningChild
 
@@ -46,6 +46,20 @@ from dtprobed.children.process import ChildSlot, RunningChild
 MAX_LOG_RECORDS: Final = 64
 #: Requests between two reads of the child's CPU time (a /proc read each).
 _CPU_CHECK_EVERY: Final = 64
+
+
+class ParseResult(NamedTuple):
+    """An accepted parse: the checked record stream (ending in ``Eof``) and its probes.
+
+    The stream goes to the stash writer as it is (the writer checks it again);
+    ``probes`` is the same stream grouped per probe, as the grammar check built it.
+    """
+
+    records: list[ResultRecord]
+    probes: list[ParsedProbe]
+
+    def tracepoint_addrs(self) -> Iterator[int]:
+        return (rec.addr for rec in self.records if type(rec) is Tracepoint)
 
 
 def size_error(size: int, limits: ParseLimits) -> Err | None:
@@ -139,10 +153,16 @@ class ParserChild:
         read in full whatever it does, so the child stays in step; an
         exception from *meanwhile* is raised after that, unless the child broke.
         """
-        checker = self._run(helper, dof, meanwhile)
-        if checker.error is not None:
-            raise RequestRejected(checker.error.errno, checker.error.message)
-        return checker.probes
+        return self.parse_result(helper, dof, meanwhile=meanwhile).probes
+
+    def parse_result(
+        self, helper: bytes, dof: bytes, *, meanwhile: Callable[[], object] | None = None
+    ) -> ParseResult:
+        """:meth:`parse`, answering the record stream too (what the receiver stashes)."""
+        checked = self._run(helper, dof, meanwhile)
+        if checked.error is not None:
+            raise RequestRejected(checked.error.errno, checked.error.message)
+        return ParseResult(checked.records, checked.probes)
 
     def parse_records(self, helper: bytes, dof: bytes) -> list[ResultRecord]:
         """The checked record stream (ending in Eof or Err), for tools that print it."""

@@ -166,7 +166,11 @@ class StashWriterChild:
     # --------------------------------------------------------------- operations
 
     def register(self, reg: Registration, probes: list[ParsedProbe]) -> int:
-        reply = self._call(Register(reg=reg, records=probes_to_records(probes)), Generation)
+        return self.register_records(reg, probes_to_records(probes))
+
+    def register_records(self, reg: Registration, records: list[ResultRecord]) -> int:
+        """Register the record stream the parser sent (``… EOF``) as it is."""
+        reply = self._call(Register(reg=reg, records=records), Generation)
         assert isinstance(reply, Generation)
         return reply.gen
 

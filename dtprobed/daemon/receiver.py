@@ -55,8 +55,9 @@ from typing import Final, Protocol
 
 from common.dof_abi import DOF_HELPER
 from common.errors import ChildFailed, DtprobedError, RequestRejected, StashError
-from common.grammar import ParsedProbe
+from common.records import ResultRecord
 from common.stash_protocol import Registration
+from dtprobed.children.parser import ParseResult
 from dtprobed.daemon.exitwatch import ExitWatcher
 from dtprobed.daemon.identity import Caller, identify, tgid_of
 from dtprobed.device.request import HelperRequest
@@ -75,19 +76,18 @@ Reply = Callable[[int], None]
 
 
 class Parser(Protocol):
-    def parse(
+    def parse_result(
         self, helper: bytes, dof: bytes, *, meanwhile: Callable[[], object] | None = None
-    ) -> list[ParsedProbe]: ...
+    ) -> ParseResult: ...
 
 
 class Writer(Protocol):
-    def register(self, reg: Registration, probes: list[ParsedProbe]) -> int: ...
+    def register_records(self, reg: Registration, records: list[ResultRecord]) -> int: ...
     def remove(self, pid: int, gen: int) -> None: ...
     def remove_pid(self, pid: int) -> None: ...
 
 
-def _module_name(helper: bytes) -> str:
-    raw: bytes = DOF_HELPER.unpack_from(helper).mod
+def _module_name(raw: bytes) -> str:
     return raw.split(b"\0", 1)[0].decode("utf-8", "backslashreplace")
 
 
@@ -198,10 +198,9 @@ class Receiver:
     def _adddof(self, request: HelperRequest, size: int) -> tuple[int, Callable[[], None]]:
         """The generation, and the log lines to write once the client has it."""
         started = time.monotonic()
-        helper = request.helper
-        if len(helper) != DOF_HELPER.size:
-            raise RequestRejected(errno.EINVAL, f"helper size incorrect: {len(helper)} bytes")
-        dof_addr: int = DOF_HELPER.unpack_from(helper).dof
+        helper = request.helper  # 80 bytes: the device layer checked it
+        fields = DOF_HELPER.unpack_from(helper)
+        dof_addr: int = fields.dof
         parser = self._large_parser if size >= SMALL_DOF else self._small_parser
         identified: list[Caller] = []
 
@@ -210,7 +209,7 @@ class Receiver:
 
         # The /proc reads overlap the parse: the parser child works while we read.
         try:
-            probes = parser.parse(helper, request.dof, meanwhile=identify_caller)
+            result = parser.parse_result(helper, request.dof, meanwhile=identify_caller)
         except BaseException:
             for caller in identified:
                 caller.close()
@@ -221,15 +220,15 @@ class Receiver:
         caller = identified[0]
         try:
             self._watcher.settle(caller.pid)
-            caller.space.check_tracepoints(tp.addr for probe in probes for tp in probe.tracepoints)
+            caller.space.check_tracepoints(result.tracepoint_addrs())
             if not caller.still_alive():
                 raise RequestRejected(errno.EINVAL, f"process {caller.pid} exited")
-            gen = self._register(caller, helper, request.dof, probes)
+            gen = self._register(caller, helper, request.dof, result.records)
             self._watcher.watch(caller.pid, caller.take_pidfd())
         finally:
             caller.close()
         done = time.monotonic()
-        module = _module_name(helper)
+        module = _module_name(fields.mod)
 
         def report() -> None:
             log.debug(
@@ -244,7 +243,7 @@ class Receiver:
                 gen,
                 module,
                 f"{caller.dev}-{caller.ino}",
-                len(probes),
+                len(result.probes),
                 size,
                 (done - started) * 1000,
             )
@@ -252,7 +251,7 @@ class Receiver:
         return gen, report
 
     def _register(
-        self, caller: Caller, helper: bytes, dof: bytes, probes: list[ParsedProbe]
+        self, caller: Caller, helper: bytes, dof: bytes, records: list[ResultRecord]
     ) -> int:
         reg = Registration(
             pid=caller.pid,
@@ -265,7 +264,7 @@ class Receiver:
             helper=helper,
             dof=dof,
         )
-        return self._writer_call(lambda: self._writer.register(reg, probes))
+        return self._writer_call(lambda: self._writer.register_records(reg, records))
 
     def _writer_call(self, call: Callable[[], int]) -> int:
         try:
