@@ -42,8 +42,9 @@ from __future__ import annotations
 import bisect
 import errno
 import os
+import stat
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Final
 
@@ -139,12 +140,22 @@ class AddressSpace:
             return self._mapping(i)
         return None
 
-    def check_tracepoints(self, addrs: Iterable[int]) -> None:
+    def first_of(self, dev: int, ino: int) -> Mapping:
+        """The lowest mapping of file (*dev*, *ino*) (one exists: the caller found one)."""
+        for m in self.mappings:
+            if (m.dev, m.ino) == (dev, ino) and m.file_backed:
+                return m
+        raise ValueError(f"no mapping of {dev}-{ino}")
+
+    def check_tracepoints(
+        self, addrs: Iterable[int], *, object_key: tuple[int, int] | None = None
+    ) -> None:
         """Every address must lie in an executable, file-backed mapping (design.md).
 
-        A deleted file is fine (libusdt maps its probe code from an unlinked
-        temporary file).  Raises :class:`RequestRejected` (EINVAL) naming the
-        first address that fails.
+        With *object_key* (an ELF object's ``(dev, ino)``) each must lie in an
+        executable mapping of that very file.  A deleted file is fine (libusdt
+        maps its probe code from an unlinked temporary file).  Raises
+        :class:`RequestRejected` (EINVAL) naming the first address that fails.
         """
         last: Mapping | None = None
         for addr in addrs:
@@ -153,8 +164,15 @@ class AddressSpace:
             m = self.find(addr)
             if m is None:
                 raise RequestRejected(errno.EINVAL, f"tracepoint {addr:#x} is not mapped")
-            if not (m.executable and m.file_backed):
-                what = "not executable" if not m.executable else "not file-backed"
+            other = object_key is not None and (m.dev, m.ino) != object_key
+            if not (m.executable and m.file_backed) or other:
+                what = (
+                    "not executable"
+                    if not m.executable
+                    else "not file-backed"
+                    if not m.file_backed
+                    else "not of the registering object"
+                )
                 where = m.path or "anonymous memory"
                 raise RequestRejected(
                     errno.EINVAL,
@@ -260,6 +278,96 @@ def identify(tid: int, dof_addr: int) -> Caller:
     Opens a pidfd on the process first, so the result is known to describe
     the process that is still blocked in its ioctl (checked again at the end).
     """
+
+    def key(space: AddressSpace) -> tuple[int, int]:
+        dof_map = space.find(dof_addr)
+        if dof_map is None:
+            raise RequestRejected(errno.EINVAL, f"DOF address {dof_addr:#x} is not mapped")
+        if dof_map.file_backed:
+            return dof_map.dev, dof_map.ino
+        return 0, dof_addr  # stash key 0-<dofhp_dof>, private to this process
+
+    return _identify(tid, key)
+
+
+@dataclass
+class ObjectFile:
+    """The ELF object of a HASUSDT caller, opened through ``/proc/PID/map_files``.
+
+    Owns ``fd`` until :meth:`close`.  ``first`` is the object's lowest mapping
+    (its start is the load base of an ET_DYN object), ``module`` the basename of
+    its path, as upstream names the module.
+    """
+
+    fd: int
+    size: int
+    first: Mapping
+    module: str
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+
+def identify_object(tid: int, address: int) -> tuple[Caller, ObjectFile]:
+    """Identify the caller of one HASUSDT: the process, and the object *address* lies in.
+
+    The object is opened through ``/proc/PID/map_files/START-END`` of its first
+    mapping, which works across mount namespaces and for unlinked files, and
+    the opened file's ``(st_dev, st_ino)`` must be the mapping's: a file
+    replaced under the name in between is refused.  Nothing of the file is
+    interpreted here (the sandboxed parser does that); only its size is taken.
+    """
+    found: list[Mapping] = []
+
+    def key(space: AddressSpace) -> tuple[int, int]:
+        m = space.find(address)
+        if m is None:
+            raise RequestRejected(errno.EINVAL, f"address {address:#x} is not mapped")
+        if not m.file_backed:
+            raise RequestRejected(
+                errno.EINVAL, f"address {address:#x} is not in a file mapping ({m.path or 'anon'})"
+            )
+        found.append(space.first_of(m.dev, m.ino))
+        return m.dev, m.ino
+
+    caller = _identify(tid, key)
+    try:
+        first = found[0]
+        obj = _open_object(caller.pid, first)
+    except BaseException:
+        caller.close()
+        raise
+    return caller, obj
+
+
+def _open_object(pid: int, first: Mapping) -> ObjectFile:
+    path = f"/proc/{pid}/map_files/{first.start:x}-{first.end:x}"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as err:
+        raise _vanished(pid, err) from err
+    try:
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != (first.dev, first.ino):
+            raise RequestRejected(
+                errno.EINVAL,
+                f"object {first.path} is {st.st_dev}-{st.st_ino}, "
+                f"but its mapping says {first.dev}-{first.ino}",
+            )
+        if not stat.S_ISREG(st.st_mode):
+            raise RequestRejected(errno.EINVAL, f"object {first.path} is not a regular file")
+        name = first.path.removesuffix(_DELETED)
+        module = os.path.basename(name) or name
+        return ObjectFile(fd, st.st_size, first, module)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _identify(tid: int, key: Callable[[AddressSpace], tuple[int, int]]) -> Caller:
+    """The caller's process, identity and mappings; *key* names the registering mapping."""
     if tid <= 0:
         raise RequestRejected(errno.EINVAL, "caller is outside the daemon's pid namespace")
     try:
@@ -280,13 +388,7 @@ def identify(tid: int, dof_addr: int) -> Caller:
             auxv = parse_auxv(read_proc(f"/proc/{pid}/auxv"))
         except ValueError:
             auxv = {}
-        dof_map = space.find(dof_addr)
-        if dof_map is None:
-            raise RequestRejected(errno.EINVAL, f"DOF address {dof_addr:#x} is not mapped")
-        if dof_map.file_backed:
-            dev, ino = dof_map.dev, dof_map.ino
-        else:
-            dev, ino = 0, dof_addr  # stash key 0-<dofhp_dof>, private to this process
+        dev, ino = key(space)
         exe = _exec_mapping(pid, space, auxv)
         exec_dev, exec_ino = (exe.dev, exe.ino) if exe is not None else (0, 0)
         token = exec_token(auxv)

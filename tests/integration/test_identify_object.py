@@ -1,0 +1,117 @@
+"""HASUSDT's caller identification: the object an address lies in, opened through map_files."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from common.errors import RequestRejected
+from dtprobed.daemon.identity import identify_object
+from tests.support.stash_view import glibc_dev
+
+FIXTURES = Path(__file__).resolve().parents[1] / "parser" / "fixtures" / "notes"
+
+# Maps a copy of an object at its three usual protections and waits: a stand-in
+# for a program whose code lies in that object (the object is never run).
+HOLDER = r"""
+import mmap, os, sys
+path = sys.argv[1]
+size = os.path.getsize(path)
+with open(path, "rb") as f:
+    text = mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ | mmap.PROT_EXEC, flags=mmap.MAP_PRIVATE)
+    data = mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ, flags=mmap.MAP_PRIVATE)
+for line in open(f"/proc/{os.getpid()}/maps"):
+    if line.rstrip().endswith(path) and " r-xp " in line:
+        print(int(line.split("-")[0], 16), flush=True)
+        break
+sys.stdin.read()
+"""
+
+
+@pytest.fixture
+def holder(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], Path, int]]:
+    obj = tmp_path / "libheld.so"
+    shutil.copy(FIXTURES / "libfx.so", obj)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(obj)], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    try:
+        assert proc.stdout is not None
+        text_start = int(proc.stdout.readline())
+        yield proc, obj, text_start
+    finally:
+        proc.communicate(b"")
+
+
+def test_object_is_found_opened_and_named(
+    holder: tuple[subprocess.Popen[bytes], Path, int],
+) -> None:
+    proc, obj, text_start = holder
+    caller, found = identify_object(proc.pid, text_start + 16)
+    try:
+        st = obj.stat()
+        assert caller.pid == proc.pid
+        assert (caller.dev, caller.ino) == (glibc_dev(st.st_dev), st.st_ino)
+        assert found.module == "libheld.so"
+        assert found.size == st.st_size
+        assert found.first.start <= text_start  # the lowest mapping of the file
+        assert (found.first.dev, found.first.ino) == (caller.dev, caller.ino)
+        assert os.pread(found.fd, 4, 0) == b"\x7fELF"  # the file itself, read-only
+        assert os.fstat(found.fd).st_ino == st.st_ino
+    finally:
+        found.close()
+        caller.close()
+
+
+def test_unlinked_object_still_opens_through_map_files(
+    holder: tuple[subprocess.Popen[bytes], Path, int],
+) -> None:
+    proc, obj, text_start = holder
+    ino = obj.stat().st_ino
+    obj.unlink()
+    caller, found = identify_object(proc.pid, text_start)
+    try:
+        assert found.module == "libheld.so"  # " (deleted)" is not part of the name
+        assert os.fstat(found.fd).st_ino == ino
+    finally:
+        found.close()
+        caller.close()
+
+
+def test_address_outside_any_file_mapping_is_einval() -> None:
+    with pytest.raises(RequestRejected) as info:
+        identify_object(os.getpid(), id(info))  # our heap: anonymous memory
+    assert info.value.errno == errno.EINVAL
+    assert "not in a file mapping" in info.value.reason
+    with pytest.raises(RequestRejected) as info:
+        identify_object(os.getpid(), 8)  # never mapped
+    assert "not mapped" in info.value.reason
+
+
+def test_notes_tracepoints_must_lie_in_the_registering_object() -> None:
+    from dtprobed.daemon.identity import AddressSpace, glibc_makedev, parse_maps
+
+    text = (
+        b"1000-2000 r--p 00000000 fd:01 10 /opt/app/libprobes.so\n"
+        b"2000-3000 r-xp 00001000 fd:01 10 /opt/app/libprobes.so\n"
+        b"7000-8000 r-xp 00001000 fd:01 99 /usr/lib/libc.so.6\n"
+    )
+    space = AddressSpace(parse_maps(text))
+    own = (glibc_makedev(0xFD, 1), 10)
+    assert space.first_of(*own).start == 0x1000
+    space.check_tracepoints([0x2000, 0x2FFF], object_key=own)
+    for addr, why in [
+        (0x7000, "not of the registering object"),  # libc's text: another inode
+        (0x1800, "not executable"),
+        (0x5000, "not mapped"),
+    ]:
+        with pytest.raises(RequestRejected) as info:
+            space.check_tracepoints([0x2000, addr], object_key=own)
+        assert why in info.value.reason
