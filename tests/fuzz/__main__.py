@@ -2,6 +2,8 @@
 
     .venv/bin/python -m tests.fuzz --seconds 600 [--seed N] [--findings DIR] [--no-compare]
     .venv/bin/python -m tests.fuzz --make-corpus
+    .venv/bin/python -m tests.fuzz --notes --seconds 600 [--seed N] [--findings DIR]
+    .venv/bin/python -m tests.fuzz --make-notes-corpus
 
 Prints the seed first (rerun with ``--seed`` to reproduce), then a progress
 line every 10 s and a summary: executions, executions/s, accepted/rejected,
@@ -21,6 +23,8 @@ from pathlib import Path
 
 from tests.fuzz.corpus_build import make_corpus
 from tests.fuzz.harness import CORPUS_DIR, Fuzzer
+from tests.fuzz.notes_corpus_build import make_notes_corpus
+from tests.fuzz.notes_harness import NOTES_CORPUS_DIR, NotesFuzzer
 
 
 def main() -> int:
@@ -30,9 +34,15 @@ def main() -> int:
     p.add_argument("--findings", type=Path, default=Path("/tmp/dtprobed-fuzz-findings"))
     p.add_argument("--no-compare", action="store_true", help="skip the in-process comparison")
     p.add_argument("--make-corpus", action="store_true", help="rewrite the generated seed corpus")
+    p.add_argument("--notes", action="store_true", help="fuzz the ELF-notes path (ParseNotes)")
+    p.add_argument("--make-notes-corpus", action="store_true", help="rewrite the notes corpus")
     args = p.parse_args()
     if args.make_corpus:
         for path in make_corpus(CORPUS_DIR):
+            print(path)
+        return 0
+    if args.make_notes_corpus:
+        for path in make_notes_corpus(NOTES_CORPUS_DIR):
             print(path)
         return 0
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -40,7 +50,11 @@ def main() -> int:
     print(
         f"seed {seed}  (reproduce: python -m tests.fuzz --seed {seed} --seconds {args.seconds:g})"
     )
-    fuzzer = Fuzzer(seed=seed, compare=not args.no_compare, findings_dir=args.findings)
+    fuzzer: Fuzzer | NotesFuzzer
+    if args.notes:
+        fuzzer = NotesFuzzer(seed=seed, compare=not args.no_compare, findings_dir=args.findings)
+    else:
+        fuzzer = Fuzzer(seed=seed, compare=not args.no_compare, findings_dir=args.findings)
     start = time.monotonic()
     try:
         while (elapsed := time.monotonic() - start) < args.seconds:
