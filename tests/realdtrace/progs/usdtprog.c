@@ -15,6 +15,8 @@
  *            and answers them like the parent; drti registers again in the child
  *   > CMD    forward CMD to the child
  *   w        close the child's pipe, wait for it: "PID ok w STATUS"
+ *   m        report the run-time address of main(): "PID ok m 0xADDR" (with nm's value of
+ *            main, it gives the load base, to check the address drti passes to the daemon)
  *   q        exit(0) (the destructor sends DTRACEHIOC_REMOVE)
  * End of input also exits.
  */
@@ -59,6 +61,7 @@ static void fire_ticks(int n)
 }
 
 static void serve(FILE *in);
+int main(int argc, char **argv);
 
 static void do_fork(void)
 {
@@ -184,6 +187,9 @@ static void serve(FILE *in)
 			say("ok w %d", status);
 			break;
 		}
+		case 'm':
+			say("ok m %p", (void *)main);
+			break;
 		case 'q':
 			say("ok q");
 			exit(0);
