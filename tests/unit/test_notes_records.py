@@ -34,6 +34,9 @@ def test_tracepoint_args_is_appended_with_a_default() -> None:
     assert dec.decode(msgspec.msgpack.encode([2, 0x1000, False])) == Tracepoint(
         addr=0x1000, is_enabled=False
     )
+    # the encoder writes all items: a DOF tracepoint carries a trailing nil
+    dof_tp = Tracepoint(addr=0x401000, is_enabled=False)
+    assert msgspec.msgpack.encode(dof_tp).hex() == "9402ce00401000c2c0"
     tp = Tracepoint(addr=1, is_enabled=True, args="-4@%edi")
     assert msgspec.msgpack.encode(tp) == msgspec.msgpack.encode([2, 1, True, "-4@%edi"])
     assert dec.decode(msgspec.msgpack.encode(tp)) == tp
