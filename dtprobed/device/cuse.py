@@ -28,11 +28,32 @@ CUSE VM).  Facts we rely on (fs/fuse/cuse.c, fs/fuse/ioctl.c ``fuse_do_ioctl``):
 * Sequences are kept per calling *thread* (``fuse_in_header.pid``): threads
   of one process, and different processes, interleave freely.  A message
   with ``in_size`` 0 always starts a new ioctl, so a thread whose previous
-  sequence was abandoned (EFAULT, killed) starts clean; state of threads that
-  never come back is dropped after :data:`STALE_SEQUENCE_S`.  Any message that
+  sequence was abandoned (EFAULT, killed) starts clean.  Any message that
   does not carry exactly what we asked for ends its sequence with EINVAL.
+* Partly fetched sequences are bounded (a client can abandon one at any step,
+  and 64 abandoned 256 MiB sequences would otherwise hold 16 GiB):
+
+  - *bytes*: once a header is in, its ``dofh_loadsz`` is reserved against
+    ``max_pending_bytes`` (the daemon passes the receiver's queued-bytes
+    limit, :data:`dtprobed.daemon.receiver.MAX_QUEUED_BYTES`, 1 GiB) until
+    the sequence ends (handed to the handler, refused, replaced by a new
+    ioctl of the same thread, or expired).  A header that would exceed it
+    first expires stale sequences, and is refused with EINVAL if it still
+    does not fit;
+  - *time*: a sequence whose next retry has not come for ``sequence_expiry``
+    seconds is dropped (checked whenever an ioctl starts and before a
+    reservation).  The daemon sets it to :data:`SEQUENCE_EXPIRY_TIMEOUTS`
+    times its ``-t`` timeout (30 s with the default 5 s); the kernel sends
+    each retry as soon as it has copied the client's memory, so a live
+    sequence never waits that long.  A retry arriving after its sequence
+    expired is answered EINVAL, like any data without a request in
+    progress.
 * DTRACEHIOC_REMOVE passes the generation by value: it arrives with
-  ``in_size`` 0 and ``arg`` = the generation; no retry is needed.
+  ``in_size`` 0 and ``arg`` = the generation (a C ``int``: 0xffffffff is -1);
+  no retry is needed.  DTRACEHIOC_HASUSDT likewise passes an address by
+  value: ``arg`` is the address, handed to the handler as is.  Dispatch is on
+  ``_IOC_TYPE``/``_IOC_NR`` (:func:`common.ioctl.helper_ioctl_kind`), so the
+  32-bit numbers of both are accepted.
 * CUSE sends OPEN (node id 0), IOCTL, RELEASE; no LOOKUP or GETATTR.
 """
 
@@ -44,13 +65,14 @@ import os
 import select
 import stat
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, Literal
 
 from common import fuse_abi as abi
 from common.dof_abi import DOF_HDR, DOF_HELPER
 from common.errors import ProtocolError, RequestRejected
-from common.ioctl import DTRACEHIOC_ADDDOF, DTRACEHIOC_REMOVE
+from common.ioctl import helper_ioctl_kind
 from dtprobed.device import fuse_proto as proto
 from dtprobed.device import mount
 from dtprobed.device.errors import DeviceError
@@ -64,8 +86,11 @@ CUSE_PATH: Final = "/dev/cuse"
 DOF_CHUNK: Final = 64 * 1024  # bytes per retry, as upstream (DOF_CHUNKSZ)
 INIT_TIMEOUT_S: Final = 5.0
 NODE_TIMEOUT_S: Final = 5.0
+#: Default expiry of an abandoned sequence (the daemon uses SEQUENCE_EXPIRY_TIMEOUTS × -t).
 STALE_SEQUENCE_S: Final = 30.0
-_PRUNE_ABOVE: Final = 64  # sequences in flight before stale ones are looked for
+SEQUENCE_EXPIRY_TIMEOUTS: Final = 6
+#: Default bound on the DOF bytes reserved by partly fetched sequences.
+DEFAULT_MAX_PENDING_BYTES: Final = 1 << 30
 _ADDRESS_LIMIT: Final = 1 << 64
 
 
@@ -92,7 +117,8 @@ class _Sequence:
     address: int = 0
     loadsz: int = 0
     dof: bytearray = field(default_factory=bytearray)
-    touched: float = field(default_factory=time.monotonic)
+    touched: float = 0.0
+    reserved: int = 0  # bytes counted against max_pending_bytes
 
 
 class CuseDevice(DeviceServer):
@@ -108,15 +134,30 @@ class CuseDevice(DeviceServer):
         *,
         max_dof_size: int,
         log: logging.Logger | None,
+        max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES,
+        sequence_expiry: float = STALE_SEQUENCE_S,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         super().__init__(fd, handler, max_dof_size=max_dof_size, log=log)
         self.path = path
+        self.max_pending_bytes = max_pending_bytes
+        self.sequence_expiry = sequence_expiry
+        self._clock = clock
+        # Ordered by last activity: a sequence is re-inserted at each step.
         self._sequences: dict[int, _Sequence] = {}
+        self._pending_bytes = 0
 
     # --- set-up --------------------------------------------------------------------------
     @classmethod
     def open(
-        cls, path: str, handler: Handler, *, max_dof_size: int, log: logging.Logger
+        cls,
+        path: str,
+        handler: Handler,
+        *,
+        max_dof_size: int,
+        log: logging.Logger,
+        max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES,
+        sequence_expiry: float = STALE_SEQUENCE_S,
     ) -> CuseDevice:
         """Create ``/dev/<name>`` through /dev/cuse; raise DeviceError if the kernel can't."""
         devname = devname_for(path)
@@ -128,7 +169,16 @@ class CuseDevice(DeviceServer):
         except OSError as err:
             raise DeviceError(f"cannot open {CUSE_PATH}: {err.strerror}") from err
         try:
-            dev = cls.serve_fd(fd, devname, handler, max_dof_size=max_dof_size, log=log, path=path)
+            dev = cls.serve_fd(
+                fd,
+                devname,
+                handler,
+                max_dof_size=max_dof_size,
+                log=log,
+                path=path,
+                max_pending_bytes=max_pending_bytes,
+                sequence_expiry=sequence_expiry,
+            )
             dev._wait_for_node()
         except BaseException:
             os.close(fd)
@@ -146,11 +196,23 @@ class CuseDevice(DeviceServer):
         max_dof_size: int,
         log: logging.Logger | None,
         path: str | None = None,
+        max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES,
+        sequence_expiry: float = STALE_SEQUENCE_S,
+        clock: Callable[[], float] = time.monotonic,
     ) -> CuseDevice:
         """Answer CUSE_INIT on *fd* (``/dev/cuse``, or any transport that speaks the
         kernel side, such as the tests' fake kernel) and return the serving device.
         The caller keeps ownership of *fd* if this raises."""
-        dev = cls(fd, path or "/dev/" + devname, handler, max_dof_size=max_dof_size, log=log)
+        dev = cls(
+            fd,
+            path or "/dev/" + devname,
+            handler,
+            max_dof_size=max_dof_size,
+            log=log,
+            max_pending_bytes=max_pending_bytes,
+            sequence_expiry=sequence_expiry,
+            clock=clock,
+        )
         dev._handshake(devname)
         return dev
 
@@ -206,6 +268,7 @@ class CuseDevice(DeviceServer):
         """Close the connection; the kernel removes the device node.  Idempotent."""
         self._close_fd()
         self._sequences.clear()
+        self._pending_bytes = 0
 
     # --- ioctls -------------------------------------------------------------------------
     def _on_ioctl(self, req: Request) -> None:
@@ -225,15 +288,18 @@ class CuseDevice(DeviceServer):
     def _start(self, req: Request, tid: int) -> None:
         """An ioctl as the client issued it (no data yet)."""
         args = req.args
-        if self._sequences.pop(tid, None) is not None:
+        old = self._sequences.pop(tid, None)
+        if old is not None:
+            self._release(old)
             self.log.debug("tid %d: abandoned ADDDOF sequence dropped", tid)
-        if args.cmd == DTRACEHIOC_REMOVE:
-            gen = int(args.arg) & 0xFFFFFFFF  # the C int drti passed by value
-            self._call_handler(req.unique, HelperRequest(tid, "remove", b"", b"", gen))
-        elif args.cmd == DTRACEHIOC_ADDDOF:
-            self._prune_stale()
-            self._sequences[tid] = _Sequence(int(args.cmd), int(args.arg))
+        self.expire_stale()
+        kind = helper_ioctl_kind(int(args.cmd))
+        if kind == "adddof":
+            seq = _Sequence(int(args.cmd), int(args.arg), touched=self._clock())
+            self._sequences[tid] = seq
             self.send(proto.encode_ioctl_retry(req.unique, [(int(args.arg), DOF_HELPER.size)]))
+        elif kind is not None:  # REMOVE, HASUSDT: by value, no retry
+            self._call_by_value(req.unique, tid, kind, int(args.arg))
         else:
             self._refuse(req.unique, tid, _errno.EINVAL, f"unknown ioctl {args.cmd:#x}")
 
@@ -262,11 +328,14 @@ class CuseDevice(DeviceServer):
                 seq.loadsz = check_dof_header(data, self.max_dof_size)
                 if seq.address + seq.loadsz > _ADDRESS_LIMIT:
                     raise RequestRejected(_errno.EINVAL, "DOF wraps the address space")
+                self._reserve(seq)
                 seq.dof = bytearray(data)
                 seq.stage = "data"
             else:
                 seq.dof += data
         except RequestRejected as err:
+            if seq is not None:
+                self._release(seq)
             self._refuse(req.unique, tid, err.errno, err.reason)
             return
         if len(seq.dof) < seq.loadsz:
@@ -274,24 +343,54 @@ class CuseDevice(DeviceServer):
             seq.expected = want
             self._ask(req.unique, tid, seq, seq.address + len(seq.dof), want)
             return
+        self._release(seq)  # the receiver counts it from here on
         request = HelperRequest(tid, "adddof", seq.helper, bytes(seq.dof), -1)
         self._call_handler(req.unique, request)
 
     def _ask(self, unique: int, tid: int, seq: _Sequence, address: int, size: int) -> None:
-        seq.touched = time.monotonic()
-        self._sequences[tid] = seq
+        seq.touched = self._clock()
+        self._sequences[tid] = seq  # at the end: the dict stays ordered by activity
         self.send(proto.encode_ioctl_retry(unique, [(address, size)]))
 
-    def _prune_stale(self) -> None:
-        if len(self._sequences) <= _PRUNE_ABOVE:
-            return
-        horizon = time.monotonic() - STALE_SEQUENCE_S
-        for tid in [t for t, s in self._sequences.items() if s.touched < horizon]:
+    def _reserve(self, seq: _Sequence) -> None:
+        """Count *seq*'s DOF against the bound, or refuse it (RequestRejected)."""
+        if self._pending_bytes + seq.loadsz > self.max_pending_bytes:
+            self.expire_stale()
+        if self._pending_bytes + seq.loadsz > self.max_pending_bytes:
+            raise RequestRejected(
+                _errno.EINVAL,
+                f"dofh_loadsz {seq.loadsz}: {self._pending_bytes} bytes of partly fetched DOF "
+                f"already held by {len(self._sequences)} sequences "
+                f"(limit {self.max_pending_bytes})",
+            )
+        seq.reserved = seq.loadsz
+        self._pending_bytes += seq.loadsz
+
+    def _release(self, seq: _Sequence) -> None:
+        self._pending_bytes -= seq.reserved
+        seq.reserved = 0
+
+    def expire_stale(self) -> int:
+        """Drop sequences idle for ``sequence_expiry`` seconds; how many were dropped."""
+        horizon = self._clock() - self.sequence_expiry
+        expired = 0
+        while self._sequences:
+            tid, seq = next(iter(self._sequences.items()))
+            if seq.touched > horizon:
+                break
             del self._sequences[tid]
+            self._release(seq)
+            expired += 1
+            self.log.debug("tid %d: abandoned ADDDOF sequence expired (%s)", tid, seq.stage)
+        return expired
 
     def sequences_in_flight(self) -> int:
         """How many threads are mid-ADDDOF (for tests and debug logs)."""
         return len(self._sequences)
+
+    def pending_bytes(self) -> int:
+        """DOF bytes reserved by partly fetched sequences (for tests and debug logs)."""
+        return self._pending_bytes
 
 
 def _clear_path(path: str, log: logging.Logger) -> None:

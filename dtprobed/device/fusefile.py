@@ -21,7 +21,19 @@ same path and issue the same ioctls.  Facts we rely on (fs/fuse/ioctl.c,
   hearing of it**.  Exit/exec pruning removes such registrations.  (Should a
   generation number happen to be a readable address in the client, the
   request does arrive; ``fuse_ioctl_in.arg`` still holds the value and we
-  forward it as a REMOVE of that generation.)
+  forward it as a REMOVE of that generation, decoded as a C ``int``.)
+* ``DTRACEHIOC_HASUSDT = _IOW(0xd8, 4, void *)`` (dtrace ≥ 2.0.3) passes the
+  address of a function inside the registering object *by value*.  That
+  address is readable code, so the kernel's copy succeeds and the request
+  arrives: measured on this machine's 6.18 kernel with a C client calling
+  ``ioctl(fd, 0x4008D804, (void *)&main)``: ``in_size`` 8, ``out_size`` 0,
+  ``flags`` 0, ``arg`` = ``&main`` (0x564fbc3b9199), payload = the first 8
+  bytes of ``main``'s code (``55 48 89 e5 48 83 ec 30``: ``push %rbp; mov
+  %rsp,%rbp; sub $0x30,%rsp``).  The 32-bit number 0x4004D804 brings 4
+  bytes.  We take the address from ``arg`` and ignore the payload.  An
+  address that is not readable fails the client with EFAULT and never
+  reaches us.  Dispatch is on ``_IOC_TYPE``/``_IOC_NR``
+  (:func:`common.ioctl.helper_ioctl_kind`).
 * ``fuse_in_header.pid`` is the calling thread's id in our pid namespace, 0
   when the caller is outside it (refused: we could not read its memory).
 * ioctl results travel in ``fuse_ioctl_out.result``; a handler's ENOSYS would
@@ -45,7 +57,7 @@ from typing import TYPE_CHECKING, Final, Literal
 from common import fuse_abi as abi
 from common.dof_abi import DOF_HDR, DOF_HELPER
 from common.errors import ProtocolError, RequestRejected
-from common.ioctl import DTRACEHIOC_ADDDOF, DTRACEHIOC_REMOVE
+from common.ioctl import helper_ioctl_kind
 from dtprobed.device import fuse_proto as proto
 from dtprobed.device import mount
 from dtprobed.device.caller_memory import read_memory, read_memory_into
@@ -146,9 +158,10 @@ class FuseFileDevice(DeviceServer):
     def _on_ioctl(self, req: Request) -> None:
         args = req.args
         tid = int(req.header.pid)
+        kind = helper_ioctl_kind(int(args.cmd))
         if tid == 0:
             self._refuse(req.unique, tid, _errno.EINVAL, "caller outside our pid namespace")
-        elif args.cmd == DTRACEHIOC_ADDDOF:
+        elif kind == "adddof":
             if len(req.payload) != DOF_HELPER.size:
                 self._refuse(req.unique, tid, _errno.EINVAL, f"helper of {len(req.payload)} bytes")
                 return
@@ -158,9 +171,13 @@ class FuseFileDevice(DeviceServer):
                 self._refuse(req.unique, tid, err.errno, err.reason)
                 return
             self._call_handler(req.unique, HelperRequest(tid, "adddof", req.payload, dof, -1))
-        elif args.cmd == DTRACEHIOC_REMOVE:
-            gen = int(args.arg) & 0xFFFFFFFF  # the C int drti passed by value
-            self._call_handler(req.unique, HelperRequest(tid, "remove", b"", b"", gen))
+        elif kind is not None:
+            # REMOVE or HASUSDT, argument by value: the kernel copied _IOC_SIZE bytes
+            # from it as if it were a pointer (the payload, ignored); the value is arg.
+            self.log.debug(
+                "tid %d: %s arg=%#x in_size=%d", tid, kind, int(args.arg), int(args.in_size)
+            )
+            self._call_by_value(req.unique, tid, kind, int(args.arg))
         else:
             self._refuse(req.unique, tid, _errno.EINVAL, f"unknown ioctl {args.cmd:#x}")
 

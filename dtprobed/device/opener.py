@@ -28,7 +28,11 @@ upstream answers every ADDDOF error: a helper of the wrong size, a DOF header
 that cannot be read or whose ``dofh_loadsz`` is below 64 or above
 ``max_dof_size``, DOF memory that cannot be read (EFAULT from
 ``process_vm_readv``), a CUSE retry answered with the wrong sizes, an unknown
-ioctl command.  A ``dofh_loadsz`` above the limit is EINVAL, not E2BIG: the
+ioctl command (dispatch is on ``_IOC_TYPE``/``_IOC_NR``; ADDDOF, REMOVE and
+HASUSDT are ours), a CUSE header whose DOF would exceed the bound on
+partly fetched DOF.  REMOVE and HASUSDT reach the handler with their
+by-value argument decoded (``gen`` a C ``int``, ``address``); a handler
+that does not know a kind answers it ``-EINVAL``.  A ``dofh_loadsz`` above the limit is EINVAL, not E2BIG: the
 client library (drti) only reports failure, and upstream's own limit check
 answers EINVAL too.
 
@@ -43,7 +47,13 @@ import os
 import threading
 from typing import Literal, Protocol
 
-from dtprobed.device.cuse import CUSE_PATH, CuseDevice, devname_for
+from dtprobed.device.cuse import (
+    CUSE_PATH,
+    DEFAULT_MAX_PENDING_BYTES,
+    STALE_SEQUENCE_S,
+    CuseDevice,
+    devname_for,
+)
 from dtprobed.device.errors import DeviceBusy, DeviceError
 from dtprobed.device.fusefile import FuseFileDevice
 from dtprobed.device.request import Handler
@@ -60,7 +70,7 @@ class HelperDevice(Protocol):
     def path(self) -> str: ...
     def fileno(self) -> int: ...
     def serve_once(self) -> bool: ...
-    def run(self, stop: threading.Event) -> None: ...
+    def run(self, stop: threading.Event, *, poll_interval: float = ...) -> None: ...
     def close(self) -> None: ...
 
 
@@ -72,6 +82,8 @@ def open_device(
     max_dof_size: int,
     log: logging.Logger | None = None,
     host_ns_pid: int = 1,
+    max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES,
+    sequence_expiry: float = STALE_SEQUENCE_S,
 ) -> HelperDevice:
     """Set up and return the helper device at *path* (absolute).
 
@@ -81,16 +93,36 @@ def open_device(
     (see :mod:`dtprobed.device.mount`).  ``auto``: CUSE when *path* is under ``/dev``
     and ``/dev/cuse`` opens and accepts CUSE_INIT, otherwise FUSE.
     Raises :class:`DeviceError` (fatal) when the chosen mode cannot be set up.
+
+    CUSE only: *max_pending_bytes* bounds the DOF held by partly fetched
+    ioctl-retry sequences, *sequence_expiry* (seconds) drops abandoned ones
+    (see :mod:`dtprobed.device.cuse`).  FUSE mode fetches the DOF in one go
+    and holds nothing between requests.
     """
+
     log = log or logging.getLogger("dtprobed.device")
     if not os.path.isabs(path):
         raise DeviceError(f"helper path {path!r} is not absolute")
     path = os.path.normpath(path)
     if mode == "cuse":
-        return CuseDevice.open(path, handler, max_dof_size=max_dof_size, log=log)
+        return CuseDevice.open(
+            path,
+            handler,
+            max_dof_size=max_dof_size,
+            log=log,
+            max_pending_bytes=max_pending_bytes,
+            sequence_expiry=sequence_expiry,
+        )
     if mode == "auto" and devname_for(path) is not None and os.path.exists(CUSE_PATH):
         try:
-            return CuseDevice.open(path, handler, max_dof_size=max_dof_size, log=log)
+            return CuseDevice.open(
+                path,
+                handler,
+                max_dof_size=max_dof_size,
+                log=log,
+                max_pending_bytes=max_pending_bytes,
+                sequence_expiry=sequence_expiry,
+            )
         except DeviceBusy:
             raise
         except DeviceError as err:

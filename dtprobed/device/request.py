@@ -9,10 +9,10 @@ from __future__ import annotations
 import errno as _errno
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
 
 from common.dof_abi import DOF_HDR, DOF_HELPER
 from common.errors import RequestRejected
+from common.ioctl import HelperIoctl
 
 
 @dataclass(frozen=True)
@@ -23,14 +23,23 @@ class HelperRequest:
     process with ``/proc``).  ADDDOF: ``helper`` is the 80-byte
     ``dof_helper_t``, ``dof`` exactly ``dofh_loadsz`` bytes whose first 64 are
     the header whose ``loadsz`` was checked, ``gen`` is -1.  REMOVE: ``helper``
-    and ``dof`` are empty and ``gen`` is the generation the client passed.
+    and ``dof`` are empty and ``gen`` is the generation the client passed,
+    decoded as the C ``int`` it is (so ``REMOVE(-1)`` is -1, never 0xffffffff;
+    it may be negative: the handler must bound it before it goes anywhere).
+    HASUSDT: ``helper`` and ``dof`` are empty, ``gen`` is -1 and ``address``
+    is the address the client passed *by value* (a function inside the object
+    whose ``.note.usdt`` it registers).  ``address`` is 0 for the other kinds.
+
+    A handler that does not know a kind must answer it ``-EINVAL`` (the
+    device layer adds kinds as the upstream ABI grows).
     """
 
     tid: int
-    kind: Literal["adddof", "remove"]
+    kind: HelperIoctl
     helper: bytes
     dof: bytes
     gen: int
+    address: int = 0
 
 
 Reply = Callable[[int], None]

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Final, Literal
 
 from common import fuse_abi as abi
 from common.errors import ProtocolError, RequestRejected
+from common.ioctl import HelperIoctl, by_value_address, c_int
 from dtprobed.device import fuse_proto as proto
 from dtprobed.device.errors import DeviceGone
 from dtprobed.device.request import Handler, HelperRequest
@@ -202,6 +203,14 @@ class DeviceServer:
             self.log.exception("tid %d: handler failed on %s", request.tid, request.kind)
             if not reply.done:
                 reply(-_errno.EIO)
+
+    def _call_by_value(self, unique: int, tid: int, kind: HelperIoctl, arg: int) -> None:
+        """REMOVE or HASUSDT: everything is in the ioctl's argument, passed by value."""
+        if kind == "remove":
+            request = HelperRequest(tid, "remove", b"", b"", c_int(arg))
+        else:
+            request = HelperRequest(tid, "hasusdt", b"", b"", -1, by_value_address(arg))
+        self._call_handler(unique, request)
 
     def _refuse(self, unique: int, tid: int, errno: int, reason: str) -> None:
         self.log.warning("tid %d: ioctl refused: %s", tid, reason)

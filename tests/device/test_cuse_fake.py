@@ -6,13 +6,23 @@ import errno
 import math
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
 from common.dof_build import ProbeSpec, ProviderSpec, build_dof, build_helper, many_probes_dof
-from common.ioctl import DTRACEHIOC_ADDDOF, DTRACEHIOC_REMOVE
+from common.errors import RequestRejected
+from common.ioctl import (
+    DTRACEHIOC_ADD,
+    DTRACEHIOC_ADDDOF,
+    DTRACEHIOC_HASUSDT,
+    DTRACEHIOC_HASUSDT_32,
+    DTRACEHIOC_REMOVE,
+)
 from dtprobed.device.cuse import DOF_CHUNK, CuseDevice, devname_for
+from dtprobed.device.request import HelperRequest, Reply
 from tests.device.fake_kernel import FakeCuseKernel, FakeMemory, IoctlTrace
 from tests.device.test_fuse_device import Recorder
 
@@ -41,8 +51,9 @@ class Rig:
         return mem
 
 
-@pytest.fixture
-def rig() -> Iterator[Rig]:
+@contextmanager
+def make_rig(**options: Any) -> Iterator[Rig]:
+    """A CUSE device served beside a fake kernel; *options* go to ``CuseDevice.serve_fd``."""
     kernel = FakeCuseKernel()
     recorder = Recorder(result=11)
     fd = kernel.daemon_fd()
@@ -51,7 +62,9 @@ def rig() -> Iterator[Rig]:
     starter = threading.Thread(
         target=lambda: holder.setdefault(
             "dev",
-            CuseDevice.serve_fd(fd, "dtrace/helper", recorder, max_dof_size=1 << 20, log=None),
+            CuseDevice.serve_fd(
+                fd, "dtrace/helper", recorder, max_dof_size=1 << 20, log=None, **options
+            ),
         )
     )
     starter.start()
@@ -69,6 +82,12 @@ def rig() -> Iterator[Rig]:
         thread.join(5)
         dev.close()
         kernel.close()
+
+
+@pytest.fixture
+def rig() -> Iterator[Rig]:
+    with make_rig() as rig:
+        yield rig
 
 
 def test_devname_for() -> None:
@@ -204,8 +223,71 @@ def test_remove_passes_generation_by_value(rig: Rig) -> None:
     assert (req.tid, req.kind, req.gen, req.helper, req.dof) == (500, "remove", 42, b"", b"")
 
 
-def test_unknown_ioctl_is_einval(rig: Rig) -> None:
-    assert rig.kernel.ioctl(501, 0x4008D899, 0, FakeMemory()) == -errno.EINVAL
+def test_remove_generation_is_a_c_int(rig: Rig) -> None:
+    """REMOVE(-1) (every dtrace 2.0.7 program whose registration failed sends it at exit)
+    arrives as arg 0xffffffff: it is the int -1, not 4294967295; so is the 64-bit form."""
+    rig.recorder.result = 0
+    assert rig.kernel.ioctl(502, DTRACEHIOC_REMOVE, 0xFFFFFFFF, FakeMemory()) == 0
+    assert rig.kernel.ioctl(502, DTRACEHIOC_REMOVE, 0xFFFFFFFFFFFFFFFF, FakeMemory()) == 0
+    assert rig.kernel.ioctl(502, DTRACEHIOC_REMOVE, 0x7FFFFFFF, FakeMemory()) == 0
+    remove_64 = DTRACEHIOC_REMOVE & ~(0x3FFF << 16) | (8 << 16)  # _IOW(0xd8, 2, long)
+    assert rig.kernel.ioctl(502, remove_64, 5, FakeMemory()) == 0
+    assert [(r.kind, r.gen) for r in rig.recorder.requests] == [
+        ("remove", -1),
+        ("remove", -1),
+        ("remove", 0x7FFFFFFF),
+        ("remove", 5),
+    ]
+
+
+@pytest.mark.parametrize("cmd", [DTRACEHIOC_HASUSDT, DTRACEHIOC_HASUSDT_32])
+def test_hasusdt_passes_the_address_by_value(rig: Rig, cmd: int) -> None:
+    """HASUSDT (dtrace >= 2.0.3): the address arrives in arg, no retry, handler sees it."""
+    rig.recorder.result = 3
+    address = 0x5555_5555_9199 if cmd == DTRACEHIOC_HASUSDT else 0x0804_9199
+    trace = IoctlTrace()
+    assert rig.kernel.ioctl(503, cmd, address, FakeMemory(), trace=trace) == 3
+    assert trace.retries == [] and trace.messages == 1
+    [req] = rig.recorder.requests
+    assert (req.tid, req.kind, req.address, req.gen, req.helper, req.dof) == (
+        503,
+        "hasusdt",
+        address,
+        -1,
+        b"",
+        b"",
+    )
+    assert rig.dev.sequences_in_flight() == 0
+
+
+def test_hasusdt_refused_by_the_handler_is_einval(rig: Rig) -> None:
+    """A handler that does not know the kind answers EINVAL; the device goes on serving."""
+
+    def refuse(req: HelperRequest, reply: Reply) -> None:
+        rig.recorder.requests.append(req)
+        if req.kind not in ("adddof", "remove"):
+            raise RequestRejected(errno.EINVAL, f"{req.kind} is not supported")
+        reply(11)
+
+    rig.dev._handler = refuse
+    assert rig.kernel.ioctl(504, DTRACEHIOC_HASUSDT, 0x401000, FakeMemory()) == -errno.EINVAL
+    mem = rig.client(dof_of_size(100))
+    assert rig.kernel.ioctl(504, DTRACEHIOC_ADDDOF, HELPER_AT, mem) == 11
+
+
+@pytest.mark.parametrize(
+    "cmd",
+    [
+        0x4008D899,  # unknown number
+        DTRACEHIOC_ADD,  # legacy ADD: not handled (upstream neither)
+        0x8008D804,  # HASUSDT's number with _IOC_READ
+        0x4010D804,  # HASUSDT with a size that is neither 4 nor 8
+        0x4008D904,  # another type
+        DTRACEHIOC_ADDDOF & ~(0x3FFF << 16) | (40 << 16),  # ADDDOF with a wrong size
+    ],
+)
+def test_unknown_ioctl_is_einval(rig: Rig, cmd: int) -> None:
+    assert rig.kernel.ioctl(501, cmd, 0, FakeMemory()) == -errno.EINVAL
     assert rig.recorder.requests == []
 
 
@@ -221,3 +303,111 @@ def test_handler_may_reply_later_from_another_thread(rig: Rig) -> None:
     mem = rig.client(dof_of_size(100))
     assert rig.kernel.ioctl(600, DTRACEHIOC_ADDDOF, HELPER_AT, mem) == 99
     replier.join(5)
+
+
+class FakeClock:
+    """The device's time source, moved by the test (no sleeping, no timing)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def abandon_after_header(rig: Rig, tid: int, dof: bytes, slot: int) -> None:
+    """Start an ADDDOF and stop after the header is in (the client then "dies")."""
+    helper_at, dof_at = HELPER_AT + slot * 0x1000, DOF_AT + slot * 0x100_0000
+    mem = rig.client(dof, helper_at=helper_at, dof_at=dof_at)
+    steps = rig.kernel.ioctl_steps(tid, DTRACEHIOC_ADDDOF, helper_at, mem)
+    next(steps)  # helper asked for
+    next(steps)  # header asked for
+    next(steps)  # header in: its loadsz is reserved, the first chunk asked for
+    steps.close()
+
+
+def test_partly_fetched_sequences_are_bounded() -> None:
+    """64 abandoned sequences of 256 KiB DOF would hold 16 MiB; the bound is 1 MiB."""
+    limit, size = 1 << 20, 256 << 10
+    with make_rig(max_pending_bytes=limit, clock=FakeClock()) as rig:
+        dof = dof_of_size(size)
+        for i in range(4):
+            abandon_after_header(rig, 1000 + i, dof, i)
+        assert rig.dev.sequences_in_flight() == 4
+        assert rig.dev.pending_bytes() == 4 * size
+        refused = []
+        for i in range(4, 64):
+            mem = rig.client(dof, helper_at=HELPER_AT + i * 0x1000, dof_at=DOF_AT + i * 0x100_0000)
+            refused.append(
+                rig.kernel.ioctl(1000 + i, DTRACEHIOC_ADDDOF, HELPER_AT + i * 0x1000, mem)
+            )
+        assert refused == [-errno.EINVAL] * 60
+        assert rig.dev.pending_bytes() <= limit
+        assert rig.dev.sequences_in_flight() == 4
+        # While the bound is full even a small DOF is refused (nothing has expired).
+        small = dof_of_size(100)
+        assert (
+            rig.kernel.ioctl(2000, DTRACEHIOC_ADDDOF, HELPER_AT, rig.client(small)) == -errno.EINVAL
+        )
+        assert rig.recorder.requests == []
+
+
+def test_abandoned_sequences_expire() -> None:
+    clock = FakeClock()
+    size = 256 << 10
+    limit = 4 * size + 4096
+    with make_rig(max_pending_bytes=limit, sequence_expiry=30.0, clock=clock) as rig:
+        dof = dof_of_size(size)
+        for i in range(4):
+            abandon_after_header(rig, 3000 + i, dof, i)
+        clock.now += 20
+        abandon_after_header(rig, 3010, dof_of_size(1000), 9)  # younger: must survive
+        assert rig.dev.pending_bytes() == 4 * size + 1000
+        clock.now += 10.5  # the first four are idle for 30.5 s, the fifth for 10.5 s
+        # The bound is full; the next header expires the stale ones and fits.
+        mem = rig.client(dof, helper_at=HELPER_AT + 0x20000, dof_at=DOF_AT + 0x2000_0000)
+        assert rig.kernel.ioctl(3020, DTRACEHIOC_ADDDOF, HELPER_AT + 0x20000, mem) == 11
+        assert [r.tid for r in rig.recorder.requests] == [3020]
+        assert rig.dev.sequences_in_flight() == 1  # only the young one is left
+        assert rig.dev.pending_bytes() == 1000
+        clock.now += 31
+        assert rig.kernel.ioctl(3021, DTRACEHIOC_REMOVE, 1, FakeMemory()) == 11
+        assert rig.dev.sequences_in_flight() == 0 and rig.dev.pending_bytes() == 0
+
+
+def test_retry_after_expiry_is_einval() -> None:
+    """The kernel re-sending a sequence we dropped: data without a request in progress."""
+    clock = FakeClock()
+    with make_rig(sequence_expiry=30.0, clock=clock) as rig:
+        mem = rig.client(dof_of_size(200000))
+        steps = rig.kernel.ioctl_steps(4000, DTRACEHIOC_ADDDOF, HELPER_AT, mem)
+        next(steps)
+        next(steps)
+        clock.now += 31
+        rig.kernel.ioctl(4001, DTRACEHIOC_REMOVE, 1, FakeMemory())  # any ioctl start expires
+        assert rig.dev.sequences_in_flight() == 0
+        while True:
+            try:
+                next(steps)
+            except StopIteration as stop:
+                assert stop.value == -errno.EINVAL
+                break
+        assert [r.kind for r in rig.recorder.requests] == ["remove"]
+
+
+def test_ended_sequences_give_their_bytes_back(rig: Rig) -> None:
+    """Completed, refused and replaced sequences release their reservation."""
+    assert (
+        rig.kernel.ioctl(5000, DTRACEHIOC_ADDDOF, HELPER_AT, rig.client(dof_of_size(70000))) == 11
+    )
+    mem = rig.client(dof_of_size(70000))
+    assert (
+        rig.kernel.ioctl(
+            5001, DTRACEHIOC_ADDDOF, HELPER_AT, mem, tamper=lambda r, d: d[:-1] if r == 3 else d
+        )
+        == -errno.EINVAL
+    )
+    abandon_after_header(rig, 5002, dof_of_size(90000), 1)
+    assert rig.dev.pending_bytes() == 90000
+    assert rig.kernel.ioctl(5002, DTRACEHIOC_ADDDOF, HELPER_AT, rig.client(dof_of_size(100))) == 11
+    assert rig.dev.pending_bytes() == 0 and rig.dev.sequences_in_flight() == 0

@@ -13,10 +13,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from common.dof_build import ProbeSpec, ProviderSpec, build_dof, many_probes_dof
+from common.ioctl import DTRACEHIOC_HASUSDT, DTRACEHIOC_HASUSDT_32
 from dtprobed.device.errors import DeviceBusy, DeviceError
 from dtprobed.device.fusefile import FuseFileDevice
 from dtprobed.device.opener import open_device
@@ -141,6 +143,53 @@ def test_remove_faults_in_the_kernel_and_never_arrives(served: Served, tmp_path:
     """REMOVE passes the generation by value; a restricted ioctl copies from that address."""
     out = run_client(served.path, "--remove", "5", tmp=tmp_path)
     assert out[0]["errno"] == errno.EFAULT
+    assert served.recorder.requests == []
+
+
+def run_client_hello(helper: Path, *args: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    cmd = [sys.executable, "-m", "tests.device.client", str(helper), *args]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=30, check=True)
+    hello, *results = [json.loads(line) for line in out.stdout.splitlines()]
+    return hello, results
+
+
+@pytest.mark.parametrize("cmd", [DTRACEHIOC_HASUSDT, DTRACEHIOC_HASUSDT_32])
+def test_hasusdt_arrives_with_the_address_in_arg(served: Served, cmd: int) -> None:
+    """HASUSDT (dtrace >= 2.0.3) passes a function's address by value.  The restricted
+    ioctl copies _IOC_SIZE bytes *from* it (readable code, so it arrives); the address
+    is in fuse_ioctl_in.arg and reaches the handler as ``address``."""
+    served.recorder.result = 9
+    hello, [out] = run_client_hello(served.path, "--hasusdt", "--cmd", hex(cmd))
+    assert out["result"] == 9
+    [req] = served.recorder.requests
+    assert (req.kind, req.tid, req.address, req.gen) == (
+        "hasusdt",
+        out["tid"],
+        hello["address"],
+        -1,
+    )
+    assert req.helper == b"" and req.dof == b""
+
+
+def test_hasusdt_what_the_kernel_sends(served: Served) -> None:
+    """The raw request, as measured: in_size = _IOC_SIZE, the payload the code's bytes."""
+    seen: list[tuple[int, int, int, bytes]] = []
+    original = served.dev._on_ioctl
+
+    def spy(req: Any) -> None:
+        a = req.args
+        seen.append((int(a.cmd), int(a.arg), int(a.in_size), bytes(req.payload)))
+        original(req)
+
+    served.dev._on_ioctl = spy  # type: ignore[method-assign]
+    hello, [out] = run_client_hello(served.path, "--hasusdt")
+    assert out["result"] == 7
+    assert seen == [(DTRACEHIOC_HASUSDT, hello["address"], 8, bytes.fromhex(hello["code"]))]
+
+
+def test_hasusdt_of_an_unreadable_address_faults_in_the_kernel(served: Served) -> None:
+    _, [out] = run_client_hello(served.path, "--hasusdt", "0x10")
+    assert out["errno"] == errno.EFAULT
     assert served.recorder.requests == []
 
 
