@@ -533,7 +533,7 @@ class _NotesParser:
         ndefined = 0
         for name, ntype, desc in _walk(data):
             if name == b"prov":
-                prov = self._prov(desc, providers, prvmap)
+                prov = self._prov(desc, providers, prvmap, ndefined)
                 ndefined += len(prov.defined)
                 if len(providers) > limits.max_providers:
                     _reject(
@@ -640,7 +640,9 @@ class _NotesParser:
         records.append(Eof())
         return records
 
-    def _prov(self, desc: bytes, providers: dict[bytes, _Provider], prvmap: _Htab) -> _Provider:
+    def _prov(
+        self, desc: bytes, providers: dict[bytes, _Provider], prvmap: _Htab, ndefined: int
+    ) -> _Provider:
         end = len(desc)
         nul = desc.find(0)
         if nul < 0:
@@ -694,6 +696,12 @@ class _NotesParser:
                 argmap.append(desc[nul + 1])
                 p = nul + 2
             pvp.defined[prb] = _Defined(prb, nargc, xargc)
+            if ndefined + len(pvp.defined) > self.limits.max_probes:  # before the next one
+                _reject(
+                    f"probe count {ndefined + len(pvp.defined)} exceeds maximum "
+                    f"{self.limits.max_probes} (max_probes)",
+                    E2BIG,
+                )
             pending.append((prb, native, xlat, bytes(argmap)))
         # our policy, after upstream's checks of this note
         pvp.text = self._name("provider", name)

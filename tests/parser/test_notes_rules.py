@@ -16,7 +16,7 @@ import pytest
 
 from common.limits import ParseLimits
 from common.names import printable
-from common.records import Err
+from common.records import Eof, Err, ObjectBase
 from parserd.elf_notes import parse_notes
 from tests.parser.elf_build import (
     MODULE,
@@ -592,3 +592,22 @@ def test_usdt_desc_helper_matches() -> None:
     site = NoteSite("prv", "go", "main", 0x1100, sargs="-4@%edi")
     assert note(b"usdt", 1, usdt_desc(site, FNO)) == usdt(b"prv", b"go")
     assert u32(1) == b"\x01\0\0\0"
+
+
+def test_probe_limit_is_applied_inside_one_prov_note() -> None:
+    """A prov note of millions of probes stops at the limit, not after building them all."""
+    body = bytearray(b"prv\0" + struct.pack("<6I", 0, 0, 0, 0, 0, 0xFFFFFFFF))
+    for i in range(12):
+        body += bytes(-len(body) % 4) + b"p%d\0\0\0" % i
+    assert err(
+        parse(notes_only(note(b"prov", 1, bytes(body))), limits=ParseLimits(max_probes=10))
+    ) == (
+        E2BIG,
+        "probe count 11 exceeds maximum 10 (max_probes)",
+    )
+
+
+def test_many_tiny_notes_are_walked_quickly() -> None:
+    raw = note(b"dver", 1, b"x") * 65536 + PROV_NOTE  # 1 MiB of notes
+    out = parse(notes_only(raw))
+    assert out[0] == ObjectBase(base=0x7F1234560000) and out[-1] == Eof()
