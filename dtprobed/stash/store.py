@@ -139,6 +139,41 @@ def _stash_op(op: str) -> Callable[[_F], _F]:
     return wrap
 
 
+class _Undo:
+    """The steps that revert a failed operation, run newest first unless committed.
+
+    Unlike an ExitStack of callbacks, a failing undo step neither stops the
+    others nor replaces the error that made the operation fail: it is logged
+    (the tree then needs start-up recovery, which is said in the log line) and
+    the original exception propagates with its errno.
+    """
+
+    def __init__(self) -> None:
+        self._steps: list[tuple[Callable[..., object], tuple[object, ...]]] = []
+
+    def add(self, fn: Callable[..., object], *args: object) -> None:
+        self._steps.append((fn, args))
+
+    def commit(self) -> None:
+        self._steps.clear()
+
+    def __enter__(self) -> _Undo:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        steps, self._steps = self._steps, []
+        for fn, args in reversed(steps):
+            try:
+                fn(*args)
+            except OSError as err:
+                log.error(
+                    "undoing a failed stash operation: %s%r failed: %s (left for recovery)",
+                    getattr(fn, "__name__", fn),
+                    args,
+                    os_detail(err),
+                )
+
+
 @dataclass
 class _PidEntry:
     """What the writer remembers of one process (rebuilt from the tree at start-up)."""
@@ -379,22 +414,29 @@ class Stash:
         total = self._total - old + new_probes
         if total > self.quotas.max_probes_total:
             raise self._quota_error("probes in the stash", total, self.quotas.max_probes_total)
-        if stale:
-            log.debug("%i: %s, removing old DOF", pid, stale)
-            self._remove_pid(pid)
-        with contextlib.ExitStack() as undo:
-            try:
-                pdir = self._open_pid_dir(reg, undo)
-                undo.callback(pdir.close)
-                if key not in entry.nprobes:
-                    self._add_mapping(pdir, reg, key, probes, undo)
-                gen = self._add_generation(pdir, key, undo)
-            except OSError as err:
-                raise StashError(
-                    "add", f"PID {pid} mapping {key}", err.errno or errno.EIO, os_detail(err)
-                ) from err
-            undo.pop_all()
-        pdir.close()
+        try:
+            if stale:
+                # A separate, committed step (docs/stash.md): these entries belong to a
+                # process or image that no longer exists, whatever becomes of this request.
+                log.info("%i: %s, removing old DOF", pid, stale)
+                self._remove_pid(pid)
+            with _Undo() as undo:  # unwound last: removes dof-pid/$pid if created here
+                pdir, created = self._open_pid_dir(reg, undo)
+                # inner's steps use pdir's fd: they run before it is closed
+                with pdir, _Undo() as inner:
+                    if created:
+                        self._init_pid_dir(pdir, reg)
+                    else:
+                        self._complete_pid_dir(pdir, reg, inner)
+                    if key not in entry.nprobes:
+                        self._add_mapping(pdir, reg, key, probes, inner)
+                    gen = self._add_generation(pdir, key, inner)
+                    inner.commit()
+                undo.commit()
+        except OSError as err:
+            raise StashError(
+                "add", f"PID {pid} mapping {key}", err.errno or errno.EIO, os_detail(err)
+            ) from err
         entry = self._index.setdefault(pid, _PidEntry())
         entry.gens[gen] = key
         if key not in entry.nprobes:
@@ -402,33 +444,24 @@ class Stash:
             self._total += len(probes)
         return gen
 
-    def _open_pid_dir(self, reg: Registration, undo: contextlib.ExitStack) -> DirFd:
+    def _open_pid_dir(self, reg: Registration, undo: _Undo) -> tuple[DirFd, bool]:
+        """dof-pid/$pid, created if missing (then *undo* removes it whole); True if created."""
         name = str(reg.pid)
         try:
             self._mkdir_new(self.dofpid.fd, name)
         except FileExistsError:
-            pdir = DirFd(self.dofpid.fd, name, readable=True)
-            try:
-                self._complete_pid_dir(pdir, reg, undo)
-            except BaseException:
-                pdir.close()
-                raise
-            return pdir
-        undo.callback(_remove_tree, self.dofpid.fd, name)  # created here: goes entirely
-        pdir = DirFd(self.dofpid.fd, name, readable=True)
-        try:
-            os.setxattr(pdir.fd, XATTR_START_TIME, str(reg.start_time).encode())
-            os.setxattr(pdir.fd, XATTR_EXEC_TOKEN, reg.exec_token.encode())
-            self._write_file(pdir.fd, "next-gen", b"")
-            self._write_file(
-                pdir.fd, "exec-mapping", exec_mapping_bytes(reg.exec_dev, reg.exec_ino)
-            )
-        except BaseException:
-            pdir.close()
-            raise
-        return pdir
+            return DirFd(self.dofpid.fd, name, readable=True), False
+        undo.add(_remove_tree, self.dofpid.fd, name)  # created here: goes entirely
+        return DirFd(self.dofpid.fd, name, readable=True), True
 
-    def _complete_pid_dir(self, pdir: DirFd, reg: Registration, undo: contextlib.ExitStack) -> None:
+    def _init_pid_dir(self, pdir: DirFd, reg: Registration) -> None:
+        """A directory this request created: what goes in first (its undo removes it whole)."""
+        os.setxattr(pdir.fd, XATTR_START_TIME, str(reg.start_time).encode())
+        os.setxattr(pdir.fd, XATTR_EXEC_TOKEN, reg.exec_token.encode())
+        self._write_file(pdir.fd, "next-gen", b"")
+        self._write_file(pdir.fd, "exec-mapping", exec_mapping_bytes(reg.exec_dev, reg.exec_ino))
+
+    def _complete_pid_dir(self, pdir: DirFd, reg: Registration, undo: _Undo) -> None:
         """An existing dir of this same process: add what an upstream daemon did not write."""
         for name, value in (
             (XATTR_START_TIME, str(reg.start_time)),
@@ -436,14 +469,14 @@ class Stash:
         ):
             if self._getxattr(pdir.fd, name) is None:
                 os.setxattr(pdir.fd, name, value.encode())
-                undo.callback(os.removexattr, pdir.fd, name)
+                undo.add(os.removexattr, pdir.fd, name)
         try:
             os.lstat("exec-mapping", dir_fd=pdir.fd)
         except FileNotFoundError:
             self._write_file(
                 pdir.fd, "exec-mapping", exec_mapping_bytes(reg.exec_dev, reg.exec_ino)
             )
-            undo.callback(_unlink_quiet, pdir.fd, "exec-mapping")
+            undo.add(_unlink_quiet, pdir.fd, "exec-mapping")
 
     def _add_mapping(
         self,
@@ -451,10 +484,10 @@ class Stash:
         reg: Registration,
         key: str,
         probes: list[ParsedProbe],
-        undo: contextlib.ExitStack,
+        undo: _Undo,
     ) -> None:
         self._mkdir_new(pdir.fd, key)
-        undo.callback(_remove_tree, pdir.fd, key)  # raw, dh, parsed/ go with it
+        undo.add(_remove_tree, pdir.fd, key)  # raw, dh, parsed/ go with it
         with DirFd(pdir.fd, key) as mdir:
             self._write_raw(mdir, reg, key, undo)
             self._write_file(mdir.fd, "dh", reg.helper)
@@ -462,9 +495,7 @@ class Stash:
             with DirFd(mdir.fd, "parsed") as parsed:
                 self._write_parsed(reg.pid, parsed, probes, undo, undo_files=False)
 
-    def _write_raw(
-        self, mdir: DirFd, reg: Registration, key: str, undo: contextlib.ExitStack
-    ) -> None:
+    def _write_raw(self, mdir: DirFd, reg: Registration, key: str, undo: _Undo) -> None:
         data = RAW_PREFIX + reg.dof
         if reg.dev == 0:  # anonymous memory: per process, never shared
             self._write_file(mdir.fd, "raw", data)
@@ -473,7 +504,7 @@ class Stash:
             st = os.lstat(key, dir_fd=self.dof.fd)
         except FileNotFoundError:
             self._write_file(self.dof.fd, key, data)
-            undo.callback(_unlink_quiet, self.dof.fd, key)
+            undo.add(_unlink_quiet, self.dof.fd, key)
             os.link(key, "raw", src_dir_fd=self.dof.fd, dst_dir_fd=mdir.fd, follow_symlinks=False)
             return
         if not stat.S_ISREG(st.st_mode):
@@ -489,7 +520,7 @@ class Stash:
         pid: int,
         parsed: DirFd,
         probes: list[ParsedProbe],
-        undo: contextlib.ExitStack,
+        undo: _Undo,
         *,
         undo_files: bool,
     ) -> None:
@@ -539,7 +570,7 @@ class Stash:
                 chain.append((path[depth], DirFd(parent.fd, path[depth])))
             return chain[-1][1]
 
-        undo.callback(unwind)
+        undo.add(unwind)
         try:
             for probe in probes:
                 prv, prb = probe.provider.name, probe.probe.prb
@@ -604,7 +635,7 @@ class Stash:
             raise
         return current
 
-    def _add_generation(self, pdir: DirFd, key: str, undo: contextlib.ExitStack) -> int:
+    def _add_generation(self, pdir: DirFd, key: str, undo: _Undo) -> int:
         fd = _open_in_place(pdir.fd, "next-gen")
         try:
             gen = os.fstat(fd).st_size
@@ -940,14 +971,11 @@ class Stash:
                     entry.nprobes[key] = 0
                     if probes is None:
                         return
-                    with contextlib.ExitStack() as undo:
-                        # a failure here leaves the mapping unparsed (no version): the old
-                        # files were outdated anyway and the next start-up retries it
-                        parsed = self._mkdir_open(mdir.fd, "parsed")
-                        undo.callback(parsed.close)
+                    # a failure here leaves the mapping unparsed (no version): the old
+                    # files were outdated anyway and the next start-up retries it
+                    with self._mkdir_open(mdir.fd, "parsed") as parsed, _Undo() as undo:
                         self._write_parsed(item.pid, parsed, probes, undo, undo_files=True)
-                        parsed.close()
-                        undo.pop_all()
+                        undo.commit()
                     entry.nprobes[key] = len(probes)
                     self._total += len(probes)
             except OSError as err:

@@ -128,8 +128,11 @@ def sleepers(n: int) -> Iterator[list[Proc]]:
             p.wait()
 
 
-def snapshot(root: str, *, with_inodes: bool = False) -> dict[str, tuple[object, ...]]:
-    """Every path under *root*: type, mode, size, link count, symlink target or bytes."""
+def snapshot(
+    root: str, *, with_inodes: bool = False, with_xattrs: bool = False
+) -> dict[str, tuple[object, ...]]:
+    """Every path under *root*: type, mode, size, link count, symlink target or bytes
+    (and, if asked, the inode number and every extended attribute with its value)."""
     out: dict[str, tuple[object, ...]] = {}
     for dirpath, dirnames, filenames in os.walk(root):
         for name in dirnames + filenames:
@@ -149,7 +152,16 @@ def snapshot(root: str, *, with_inodes: bool = False) -> dict[str, tuple[object,
                 entry = ("other", mode)
             if with_inodes:
                 entry += (st.st_ino,)
+            if with_xattrs:
+                names = sorted(os.listxattr(full, follow_symlinks=False))
+                entry += (
+                    tuple((n, os.getxattr(full, n, follow_symlinks=False).hex()) for n in names),
+                )
             out[rel] = entry
+        if with_xattrs and dirpath == root:
+            st = os.lstat(root)
+            names = sorted(os.listxattr(root))
+            out["."] = ("dir", stat.S_IMODE(st.st_mode), tuple(names))
     return out
 
 
