@@ -407,6 +407,7 @@ class _NotesParser:
         e_type, sections, shstrtab = self._elf()
         notes_sec = self._find(sections, shstrtab, NOTES_SECTION, SHT_NOTE)
         rodata_sec = self._find(sections, shstrtab, RODATA_SECTION, SHT_PROGBITS)
+        self._bounds(notes_sec, NOTES_SECTION)
         if notes_sec.size > self.limits.max_object_bytes:
             _reject(
                 f"section {NOTES_SECTION} size {notes_sec.size} exceeds maximum "

@@ -203,24 +203,25 @@ def test_section_bounds(index: int, fields: dict[str, int], what: str) -> None:
 
 def test_notes_section_past_eof_and_overlapping_offsets() -> None:
     obj = build_object([PROV], SITES)
-    errno, message = err(parse(set_shdr(obj, 1, size=len(obj.data))))
-    assert (errno, message) == (
-        EINVAL,
-        f"section .note.usdt (offset {obj.notes_offset:#x}, size {len(obj.data):#x}) extends "
-        f"past the end of the file ({len(obj.data)} bytes)",
-    )
+    for fields in ({"size": len(obj.data)}, {"size": 1 << 40}, {"offset": (1 << 64) - 4}):
+        errno, message = err(parse(set_shdr(obj, 1, None, **fields)))
+        assert errno == EINVAL
+        assert message.startswith(f"{MOD}: .note.usdt (section 1, offset ")
+        assert message.endswith(f"extends past the end of the file ({len(obj.data)} bytes)")
     # a notes section overlapping the section headers is just bytes: parsed as notes
     errno, _ = err(parse(set_shdr(obj, 1, offset=obj.shoff, size=64)))
     assert errno == EINVAL
 
 
 def test_notes_section_larger_than_the_budget_is_e2big_before_any_read_of_it() -> None:
-    obj = build_object([PROV], SITES)
-    data = set_shdr(obj, 1, size=(1 << 40))
-    assert err(parse(data)) == (
+    obj = build_object([PROV], SITES, extra_notes=[note(b"dver", 1, bytes(8192))])
+    reader = CountingReader(obj.data)
+    out = parse_notes(helper(), len(obj.data), reader, ParseLimits(max_object_bytes=8192))
+    assert err(out) == (
         E2BIG,
-        f"section .note.usdt size {1 << 40} exceeds maximum {64 << 20} (max_object_bytes)",
+        f"section .note.usdt size {obj.notes_size} exceeds maximum 8192 (max_object_bytes)",
     )
+    assert all(offset != obj.notes_offset for offset, _ in reader.calls)
 
 
 def test_missing_sections_use_upstreams_message() -> None:
