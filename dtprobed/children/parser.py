@@ -46,6 +46,11 @@ from dtprobed.children.process import ChildSlot, RunningChild
 MAX_LOG_RECORDS: Final = 64
 #: Requests between two reads of the child's CPU time (a /proc read each).
 _CPU_CHECK_EVERY: Final = 64
+#: The backstop of one exchange: this many timeouts, plus one per this many request
+#: bytes (a hostile 256 MiB DOF parses in seconds; the child must never go silent
+#: for longer than one timeout whatever the backstop).
+_BACKSTOP_TIMEOUTS: Final = 8
+_BYTES_PER_TIMEOUT: Final = 1 << 20
 
 
 class ParseResult(NamedTuple):
@@ -95,7 +100,9 @@ class ParserChild:
         self.restart_after_cpu = restart_after_cpu
         self._command = list(command) if command is not None else None
         self._lock = threading.Lock()
-        self._slot = ChildSlot("parser child", self.argv, self.log)
+        # A parse that times out is the request's fault: its sender is penalised
+        # (by the receiver), the lane is not.
+        self._slot = ChildSlot("parser child", self.argv, self.log, timeouts_back_off=False)
         self._decoder: FrameDecoder[list[ParserRecord]] = FrameDecoder(
             list[ParserRecord], MAX_RECORD_FRAME
         )
@@ -233,7 +240,12 @@ class ParserChild:
         frame: memoryview,
         meanwhile: Callable[[], object] | None = None,
     ) -> _Checked:
-        deadline = time.monotonic() + self.timeout
+        # -t bounds a *silent* child (each wait in send and receive); the whole
+        # exchange has only a backstop, far beyond any honest parse, against a
+        # child that trickles bytes forever.
+        deadline = time.monotonic() + self.timeout * (
+            _BACKSTOP_TIMEOUTS + len(frame) / _BYTES_PER_TIMEOUT
+        )
         self._slot.send(child, frame, deadline, self.timeout)
         side_error: BaseException | None = None
         if meanwhile is not None:

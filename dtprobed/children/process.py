@@ -116,8 +116,19 @@ class ChildSlot:
     """The live child of one role (see the module docstring).  Not thread-safe:
     the client classes serialise their exchanges with a lock of their own."""
 
-    def __init__(self, role: str, argv: Callable[[], Sequence[str]], log: logging.Logger) -> None:
+    def __init__(
+        self,
+        role: str,
+        argv: Callable[[], Sequence[str]],
+        log: logging.Logger,
+        *,
+        timeouts_back_off: bool = True,
+    ) -> None:
+        """*timeouts_back_off* False: a child killed for a timeout does not count
+        towards the back-off (a slow request is its sender's fault, not the role's:
+        the next sender gets a fresh child at once)."""
         self.role = role  # "parser child", "stash writer": starts every log line
+        self._timeouts_back_off = timeouts_back_off
         self._argv = argv
         self.log = log
         self.child: RunningChild | None = None
@@ -194,7 +205,8 @@ class ChildSlot:
         status = self.reap(child, kill=kill)
         kind, phrase = classify_exit(status, killed_by_us=child.killed_by_us)
         message = f"{self.role} {child.pid} {why}; it {phrase}"
-        self.failures += 1
+        if not timeout or self._timeouts_back_off:
+            self.failures += 1
         if self.failures > FREE_RESTARTS:
             delay = min(BACKOFF_FIRST * 2 ** (self.failures - FREE_RESTARTS - 1), BACKOFF_MAX)
             self._not_before = time.monotonic() + delay
@@ -213,34 +225,55 @@ class ChildSlot:
 
     # --- one exchange ------------------------------------------------------------------
     def send(self, child: RunningChild, frame: memoryview, deadline: float, timeout: float) -> None:
-        """Write all of *frame* before *deadline*, or fail the child."""
+        """Write all of *frame*, or fail the child.
+
+        The child may be slow (a large request) but not silent: each wait for
+        room in the pipe lasts at most *timeout*, and the whole write ends by
+        *deadline*.
+        """
         while frame:
             try:
                 written = os.write(child.to_child, frame)
             except BlockingIOError:
-                left = deadline - time.monotonic()
-                if left <= 0:
+                now = time.monotonic()
+                left = min(deadline, now + timeout) - now
+                if left <= 0 or not child.poll_out.poll(max(1, int(left * 1000))):
+                    if time.monotonic() < min(deadline, now + timeout):
+                        continue
                     raise self.failed(
                         child,
-                        f"did not read its request within {timeout:g} s",
+                        self._late(deadline, timeout, "did not read its request"),
                         kill=True,
                         timeout=True,
                     ) from None
-                child.poll_out.poll(max(1, int(left * 1000)))
                 continue
             except BrokenPipeError:
                 raise self.failed(child, "closed its request pipe", kill=False) from None
             frame = frame[written:]
 
+    @staticmethod
+    def _late(deadline: float, timeout: float, what: str) -> str:
+        if time.monotonic() >= deadline:
+            return f"{what} before its deadline"
+        return f"{what} within {timeout:g} s"
+
     def receive_some(self, child: RunningChild, deadline: float, timeout: float) -> bytes:
-        """The next bytes the child sends before *deadline*, or fail the child (EOF too)."""
+        """The next bytes the child sends, or fail the child (EOF too).
+
+        The child may go silent for at most *timeout*, and must be done by *deadline*.
+        """
+        waited_from = time.monotonic()
         while True:
-            left = deadline - time.monotonic()
-            if left <= 0 or not child.poll_in.poll(max(1, int(left * 1000))):
-                if time.monotonic() < deadline:
+            now = time.monotonic()
+            until = min(deadline, waited_from + timeout)
+            if now >= until or not child.poll_in.poll(max(1, int((until - now) * 1000))):
+                if time.monotonic() < until:
                     continue
                 raise self.failed(
-                    child, f"sent no answer within {timeout:g} s", kill=True, timeout=True
+                    child,
+                    self._late(deadline, timeout, "sent no answer"),
+                    kill=True,
+                    timeout=True,
                 )
             try:
                 data = os.read(child.from_child, _READ_CHUNK)

@@ -12,6 +12,7 @@ import os
 import signal
 import struct
 import sys
+import time
 from typing import Any
 
 import msgspec
@@ -83,6 +84,16 @@ def main() -> None:
         if len(header) < 4:
             os._exit(0)
         read_exactly(struct.unpack("<I", header)[0])
+        if mode.startswith("slow-"):
+            # a parse that takes 8 pauses in all but is never silent for one whole
+            # pause ("slow-progress": a Log record after each) or is ("slow-silent")
+            pause = float(os.environ["HOSTILE_PAUSE"])
+            for i in range(8):
+                time.sleep(pause)
+                if mode == "slow-progress":
+                    os.write(1, batch([LOG, 10, f"still parsing ({i})"]))
+            if mode == "slow-silent":
+                time.sleep(pause * 2)
         os.write(1, answer)
         if mode == "dies-mid-stream":
             os._exit(3)

@@ -409,3 +409,36 @@ def test_meanwhile_runs_during_the_parse_and_its_error_keeps_the_child_in_step()
         assert pc.pid == pid
     finally:
         pc.stop()
+
+
+def test_a_slow_parse_that_reports_progress_outlives_the_timeout_a_silent_one_does_not(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """-t bounds how long the child may go *silent*, not how long a request may take."""
+    timeout = 0.6
+    monkeypatch.setenv("HOSTILE_PAUSE", str(timeout / 3))  # 8 pauses: > 2 timeouts in all
+    command = [sys.executable, str(Path(__file__).with_name("hostile_parser.py"))]
+    slow = ParserChild(limits=ParseLimits(), timeout=timeout, command=[*command, "slow-progress"])
+    silent = ParserChild(limits=ParseLimits(), timeout=timeout, command=[*command, "slow-silent"])
+    try:
+        (probe,) = slow.parse(*_variety()[0])
+        assert probe.spec == "prov:mod:fun:p"
+        with pytest.raises(ChildTimeout, match="sent no answer"):
+            silent.parse(*_variety()[0])
+    finally:
+        slow.stop()
+        silent.stop()
+
+
+def test_timeouts_do_not_make_the_parser_back_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A slow request is its sender's fault: after many timeouts in a row the next
+    request still gets a fresh child at once (crashes do back off: see above)."""
+    monkeypatch.setenv("HOSTILE_PAUSE", "0.1")
+    command = [sys.executable, str(Path(__file__).with_name("hostile_parser.py")), "slow-silent"]
+    pc = ParserChild(limits=ParseLimits(), timeout=0.2, command=command)
+    try:
+        for _ in range(6):  # FREE_RESTARTS is 3: crashes would back off from the 4th
+            with pytest.raises(ChildTimeout, match=re.escape("sent no answer within 0.2 s")):
+                pc.parse(*_variety()[0])
+    finally:
+        pc.stop()
