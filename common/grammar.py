@@ -84,9 +84,21 @@ class StreamChecker:
     only the combined ``prv:mod:fun:prb`` length is new information.
     """
 
-    def __init__(self, max_probes: int | None = None, max_tracepoints: int | None = None) -> None:
+    def __init__(
+        self,
+        max_probes: int | None = None,
+        max_tracepoints: int | None = None,
+        *,
+        object_base: bool | None = None,
+    ) -> None:
+        """*object_base*: None, an accepted stream may begin with one ObjectBase; True, it must
+        (the answer to a ParseNotes); False, it must not (the answer to a DOF ParseRequest)."""
         self._state = _State.START
         self._allowed = _ALLOWED[_State.START]
+        if object_base is False:
+            self._allowed = self._allowed - {ObjectBase}
+        elif object_base:
+            self._allowed = frozenset((ObjectBase, Err))
         self._provider: Provider | None = None
         self._probes_left = 0
         self._probe: Probe | None = None
@@ -220,9 +232,11 @@ class StreamChecker:
             self._goto(_State.PROBE if self._probes_left else _State.NEXT)
 
 
-def check_stream(records: list[ResultRecord], **limits: int | None) -> StreamChecker:
+def check_stream(
+    records: list[ResultRecord], *, object_base: bool | None = None, **limits: int | None
+) -> StreamChecker:
     """Check a complete stream; raises :class:`ProtocolError` if it is bad or unfinished."""
-    checker = StreamChecker(**limits)
+    checker = StreamChecker(**limits, object_base=object_base)
     for rec in records:
         checker.feed(rec)
     if not checker.done:

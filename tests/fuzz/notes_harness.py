@@ -136,6 +136,7 @@ class NotesFuzzer:
             try:
                 check_stream(
                     records,
+                    object_base=True,
                     max_probes=self.limits.max_probes,
                     max_tracepoints=self.limits.max_tracepoints,
                 )

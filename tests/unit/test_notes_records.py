@@ -171,3 +171,20 @@ def test_grammar_allows_one_leading_object_base() -> None:
 def test_object_base_has_no_stash_form() -> None:
     with pytest.raises(TypeError):
         encode_record(ObjectBase(base=0))
+
+
+def test_grammar_object_base_required_or_forbidden() -> None:
+    tp = Tracepoint(addr=1, is_enabled=False, args="")
+    probe = Probe(mod="m", fun="f", prb="p", ntp=1, nargc=0, xargc=0)
+    body: list[ResultRecord] = [Provider(name="p", nprobes=1), probe, tp, Eof()]
+    with_base: list[ResultRecord] = [ObjectBase(base=0), *body]
+    check_stream(with_base, object_base=True)
+    check_stream(body, object_base=False)
+    check_stream([Err(errno=22, message="x")], object_base=True)
+    check_stream([Err(errno=22, message="x")], object_base=False)
+    with pytest.raises(ProtocolError, match="unexpected Provider"):
+        check_stream(body, object_base=True)
+    with pytest.raises(ProtocolError, match="unexpected Eof"):
+        check_stream([Eof()], object_base=True)
+    with pytest.raises(ProtocolError, match="unexpected ObjectBase"):
+        check_stream(with_base, object_base=False)
