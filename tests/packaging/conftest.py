@@ -8,6 +8,7 @@ test of this directory.  The real host is never touched.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -23,6 +24,61 @@ REPO = Path(__file__).resolve().parents[2]
 INSTALL = REPO / "packaging" / "install.sh"
 UNINSTALL = REPO / "packaging" / "uninstall.sh"
 PREFIX = "/usr/local"
+
+
+#: The host's own daemon, when packaging/install.sh installed and started it here
+#: (.ci/run does, before the tests): the private hosts must not disturb it.
+HOST_HELPER = "/dev/dtrace/helper"
+HOST_PID_FILE = Path("/run/dtprobed.pid")
+
+
+@dataclass(frozen=True)
+class HostDaemon:
+    """What serves the host's helper: the pid of install.sh's daemon, the mounts on it."""
+
+    pid: int | None
+    mounts: tuple[str, ...]  # "mount-id fstype source" of each mount on HOST_HELPER
+
+    @property
+    def serving(self) -> bool:
+        return self.pid is not None and bool(self.mounts)
+
+
+def host_daemon() -> HostDaemon:
+    pid = None
+    with contextlib.suppress(OSError, ValueError):
+        candidate = int(HOST_PID_FILE.read_text())
+        if Path(f"/proc/{candidate}").exists():
+            pid = candidate
+    mounts = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[4] == HOST_HELPER:
+                sep = fields.index("-")
+                mounts.append(f"{fields[0]} {fields[sep + 1]} {fields[sep + 2]}")
+    return HostDaemon(pid, tuple(mounts))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def host_daemon_untouched() -> Iterator[HostDaemon]:
+    """The packaging tests run beside the host's installed daemon and leave it serving.
+
+    In CI (``.ci/run`` installs the daemon first, as the README says) it must be
+    serving when they start; wherever it serves at the start, it must still be
+    the same process on the same mount at the end, and the mount must answer.
+    """
+    before = host_daemon()
+    if os.environ.get("CI") == "true":
+        assert before.serving, f"CI installs dtprobed before the tests, but: {before}"
+    yield before
+    after = host_daemon()
+    assert after == before, f"the host's dtprobed changed: {before} -> {after}"
+    if before.serving:
+        os.statvfs(HOST_HELPER)  # ENOTCONN if its daemon had gone
+        assert before.pid is not None
+        cmdline = Path(f"/proc/{before.pid}/cmdline").read_bytes().split(b"\0")
+        assert b"/usr/local/sbin/dtprobed" in cmdline, cmdline
 
 
 @dataclass(frozen=True)

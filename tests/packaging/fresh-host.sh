@@ -7,9 +7,11 @@
 #       bash fresh-host.sh WORK_DIR
 # It is pid 1 of its pid namespace (so the daemon's "mount in pid 1's mount
 # namespace" lands here), and every place install.sh writes is private: /usr/local,
-# /run, /var/log and /tmp are empty tmpfs mounts, /etc is an overlay whose writes
-# go to WORK_DIR, and /dev holds only the nodes needed (so /dev/dtrace/helper is
-# not the host's). WORK_DIR appears as /run/dtprobed-test.
+# /var/log and /tmp are empty tmpfs mounts, /run is an empty directory of
+# WORK_DIR (on disk, not tmpfs, like this machine kind's /run), /etc is an
+# overlay whose writes go to WORK_DIR, and /dev holds only the nodes needed (so
+# /dev/dtrace/helper is not the host's, even when the host's own dtprobed
+# serves it: see detach_inherited). WORK_DIR appears as /run/dtprobed-test.
 set -euo pipefail
 work=$1
 
@@ -20,7 +22,7 @@ mkdir -p "$work/etc-upper" "$work/etc-work"
 mount -t overlay overlay -o "lowerdir=/etc,upperdir=$work/etc-upper,workdir=$work/etc-work" /etc
 mount -t tmpfs -o mode=0755 tmpfs /usr/local
 mount -t tmpfs -o mode=0755 tmpfs /var/log
-private_run_and_tmp "$work"
+private_run_and_tmp "$work" disk
 
 private_dev
 
