@@ -59,6 +59,9 @@ def load_notes_corpus(directory: Path = NOTES_CORPUS_DIR) -> list[tuple[str, byt
 
 
 def _shape(message: str) -> str:
+    """A rejection message with the module prefix, numbers and quoted names blanked."""
+    message = re.sub(r"^[^ ]*: ", "MOD: ", message)
+    message = re.sub(r" section in .*$", " section in MOD", message)
     message = re.sub(r'"[^"]*"', '"…"', message)
     return re.sub(r"\b(0x)?[0-9a-fA-F]*\d[0-9a-fA-F]*\b", "N", message)[:80]
 
