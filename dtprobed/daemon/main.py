@@ -11,8 +11,20 @@ stash are watched from then on like new registrations.
 Signals: SIGTERM, SIGINT and SIGHUP stop the daemon cleanly (queued requests
 answered, children stopped, device removed, stash left intact, ``STOPPING=1``,
 exit 0).  SIGUSR2 forces a reparse of the whole stash (upstream only does
-this in its test mode; here it is always on, and runs in the main loop, not
-in the signal handler).
+this in its test mode; here it is always on).
+
+The main loop only reads the device, feeds the watchdog (``WATCHDOG=1``) and
+schedules housekeeping; it never waits for the stash.  The periodic prune
+(every :data:`PRUNE_INTERVAL` s) and the forced reparse run on one
+*maintenance* thread (:class:`Maintenance`), one job at a time.  A reparse
+goes one mapping at a time — one parse, then one stash-writer exchange — and
+the writer client serialises exchanges with a lock, so registrations get the
+writer between two mappings of even a very long reparse, and the device
+keeps being served and the watchdog fed throughout.  A mapping that vanished
+(its process pruned or its generation removed) between the scan and its turn
+is skipped.  On stop the maintenance thread finishes the mapping in hand and
+leaves the rest (a reparse is not resumed; the next start-up reparses
+whatever is still outdated).
 
 Exit status: 0 after a clean stop; 1 fatal (bad options, unusable or already
 served device, unusable state directory) — the unit's
@@ -24,8 +36,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import logging
 import os
+import queue
 import resource
 import selectors
 import signal
@@ -37,7 +51,8 @@ from collections.abc import Callable, Sequence
 from typing import Final, NoReturn
 
 from common.argtypes import positive_int, positive_seconds
-from common.errors import DtprobedError, RequestRejected
+from common.errors import DtprobedError, RequestRejected, StashError
+from common.grammar import ParsedProbe
 from common.limits import (
     DEFAULT_MAX_DOF_SIZE,
     DEFAULT_MAX_PROBES,
@@ -56,7 +71,8 @@ from dtprobed.children.writer import StashWriterChild
 from dtprobed.daemon.exitwatch import ExitWatcher
 from dtprobed.daemon.logsetup import setup_logging
 from dtprobed.daemon.notify import Notifier
-from dtprobed.daemon.receiver import Receiver
+from dtprobed.daemon.receiver import MAX_QUEUED_BYTES, Receiver
+from dtprobed.device.cuse import SEQUENCE_EXPIRY_TIMEOUTS
 from dtprobed.device.errors import DeviceError, DeviceGone
 from dtprobed.device.opener import open_device
 from dtprobed.device.request import HelperRequest
@@ -211,7 +227,7 @@ class Daemon:
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
-        self._reparse_requested = False
+        self.maintenance = Maintenance(self)
 
     # --- stopping -------------------------------------------------------------------
 
@@ -226,9 +242,7 @@ class Daemon:
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         if signum == signal.SIGUSR2:
-            self._reparse_requested = True
-            with contextlib.suppress(OSError):
-                self._wake_w.send(b"r")
+            self.maintenance.post("reparse")  # lock-free: a queue put and a set add
         else:
             self.request_stop(EXIT_OK, f"{signal.Signals(signum).name} received")
 
@@ -276,6 +290,10 @@ class Daemon:
                 max_dof_size=args.limits.max_dof_size,
                 log=logging.getLogger("dtprobed.device"),
                 host_ns_pid=args.mount_ns_pid,
+                # CUSE: partly fetched DOF is bounded like the receiver's queue, and an
+                # abandoned sequence expires after SEQUENCE_EXPIRY_TIMEOUTS × -t.
+                max_pending_bytes=MAX_QUEUED_BYTES,
+                sequence_expiry=SEQUENCE_EXPIRY_TIMEOUTS * args.timeout,
             )
         except DeviceError as err:
             raise FatalStartup(EXIT_FATAL, f"cannot serve {args.device}: {err}") from err
@@ -309,6 +327,8 @@ class Daemon:
             if not self.watcher.watch_pid(pid):
                 self.receiver.prune_exited(pid)
         self.watcher.start()
+        self.maintenance.start()
+        stack.callback(self.maintenance.stop)  # runs first: before the receiver closes
         self.notifier.ready()
         if args.ready_fd is not None:
             with contextlib.suppress(OSError):
@@ -338,13 +358,21 @@ class Daemon:
             return []
         return sorted(int(n) for n in names if n.isdigit())
 
-    def _reparse(self, *, force: bool) -> None:
-        """Reparse outdated (or, forced, all) mappings, one exchange each."""
+    def _reparse(self, *, force: bool, stopping: Callable[[], bool] = lambda: False) -> None:
+        """Reparse outdated (or, forced, all) mappings, one exchange each.
+
+        Each mapping is its own parse and its own writer exchange, so other
+        users of the writer (registrations, exit pruning) get it in between.
+        *stopping* is asked before each mapping: true ends the reparse early.
+        """
         items = self.writer.reparse_scan(force)
-        done = failed = 0
-        for item in items:
+        done = failed = gone = 0
+        for index, item in enumerate(items, 1):
+            if stopping():
+                log.info("reparse stopped after %d of %d mappings", index - 1, len(items))
+                break
             try:
-                probes = self.large_parser.parse(item.helper, item.dof)
+                probes: list[ParsedProbe] | None = self.large_parser.parse(item.helper, item.dof)
             except DtprobedError as err:
                 level = logging.WARNING if isinstance(err, RequestRejected) else logging.ERROR
                 log.log(
@@ -355,17 +383,32 @@ class Daemon:
                     item.ino,
                     err,
                 )
-                self.writer.write_reparsed(item, None)
-                failed += 1
+                probes = None
+            try:
+                self.writer.write_reparsed(item, probes)
+            except StashError as err:
+                if err.errno not in (errno.ENOENT, errno.ESTALE):
+                    raise
+                # removed (exit, exec, REMOVE) between the scan and its turn: nothing to do
+                log.debug(
+                    "%d: %d-%d gone before its reparse: %s", item.pid, item.dev, item.ino, err
+                )
+                gone += 1
                 continue
-            self.writer.write_reparsed(item, probes)
-            done += 1
+            if probes is None:
+                failed += 1
+            else:
+                done += 1
+            log.debug(
+                "%d: reparsed %d-%d (%d of %d)", item.pid, item.dev, item.ino, index, len(items)
+            )
         if items or force:
             log.info(
-                "reparse%s: %d mappings reparsed, %d failed",
+                "reparse%s: %d mappings reparsed, %d failed%s",
                 " (forced)" if force else "",
                 done,
                 failed,
+                f", {gone} gone meanwhile" if gone else "",
             )
 
     # --- serving --------------------------------------------------------------------
@@ -392,7 +435,7 @@ class Daemon:
                     self.notifier.watchdog()
                     next_watchdog = now + interval  # type: ignore[operator]
                 if now >= next_prune:
-                    self._periodic_prune()
+                    self.maintenance.post("prune")  # on the maintenance thread
                     next_prune = now + PRUNE_INTERVAL
                 timeout = max(0.0, min(next_watchdog, next_prune) - time.monotonic())
                 for key, _ in sel.select(timeout):
@@ -402,9 +445,6 @@ class Daemon:
                                 pass
                     else:
                         self._serve_device()
-                if self._reparse_requested:
-                    self._reparse_requested = False
-                    self._forced_reparse()
         finally:
             sel.close()
 
@@ -429,9 +469,61 @@ class Daemon:
     def _forced_reparse(self) -> None:
         log.info("SIGUSR2: forced reparse of the whole stash")
         try:
-            self._reparse(force=True)
+            self._reparse(force=True, stopping=self.maintenance.stopping)
         except DtprobedError as err:
             log.error("forced reparse failed: %s", err)
+
+
+class Maintenance:
+    """The maintenance thread: runs the daemon's periodic prune and forced reparse.
+
+    Jobs are posted from the main loop or a signal handler (:meth:`post` only
+    puts into a queue); a job already waiting is not queued twice (a second
+    SIGUSR2 during a reparse queues one more reparse, a third adds nothing).
+    Exceptions are logged; the thread carries on.
+    """
+
+    def __init__(self, daemon: Daemon) -> None:
+        self._daemon = daemon
+        self._jobs: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        self._waiting: set[str] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="dtprobed-maintenance", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def post(self, job: str) -> None:
+        if job in self._waiting:
+            return
+        self._waiting.add(job)
+        self._jobs.put(job)
+
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def stop(self) -> None:
+        """Finish the mapping in hand, drop the rest; wait for the thread."""
+        self._stop.set()
+        self._jobs.put(None)
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            job = self._jobs.get()
+            if job is None:
+                break
+            self._waiting.discard(job)
+            if self._stop.is_set():
+                break
+            try:
+                if job == "prune":
+                    self._daemon._periodic_prune()
+                elif job == "reparse":
+                    self._daemon._forced_reparse()
+            except Exception:
+                log.exception("maintenance job %s failed (a bug)", job)
 
 
 class FatalStartup(Exception):
