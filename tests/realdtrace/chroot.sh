@@ -91,6 +91,8 @@ cp /etc/resolv.conf "$DIR/etc/resolv.conf" 2>/dev/null || true
 mountpoint -q "$DIR/proc" || { mount -t proc proc "$DIR/proc" && trap 'umount "$DIR/proc"' EXIT; }
 
 log "apt-get install $PACKAGES"
+# A run killed while dpkg worked leaves packages half-configured: finish them first.
+chroot "$DIR" env DEBIAN_FRONTEND=noninteractive LC_ALL=C dpkg --configure -a >&2
 chroot "$DIR" env DEBIAN_FRONTEND=noninteractive LC_ALL=C apt-get update -q >&2
 chroot "$DIR" env DEBIAN_FRONTEND=noninteractive LC_ALL=C \
     apt-get install -y -q $PACKAGES >&2
