@@ -146,7 +146,11 @@ def _umount(path: Path) -> None:
 def _bind(src: str, dst: Path) -> None:
     _run_mount(["--bind", src, str(dst)], f"{src} on {dst}")
     # Our own propagation: nothing mounted below dst reaches src's mount (or the reverse).
-    _run_mount(["--make-private", str(dst)], f"{dst} private")
+    try:
+        _run_mount(["--make-private", str(dst)], f"{dst} private")
+    except PartnerError:
+        _umount(dst)
+        raise
 
 
 def _base_mounts(root: Path) -> list[tuple[Path, Callable[[Path], None]]]:
@@ -252,7 +256,7 @@ def mounted(
                         _write_record(root, record)
                 _check_kernel(root)
             except BaseException:
-                _release(root, user_fd, locked=True)
+                _release(root, user_fd)
                 user_fd = -1
                 raise
         for src in binds:
@@ -266,12 +270,14 @@ def mounted(
             _umount(target)
         if user_fd >= 0:
             with _flocked(mounts_lock, fcntl.LOCK_EX):
-                _release(root, user_fd, locked=True)
+                _release(root, user_fd)
 
 
-def _release(root: Path, user_fd: int, *, locked: bool) -> None:
-    """Drop this user's share; the last user unmounts what the partner mounted."""
-    assert locked  # the caller holds ROOT.mounts.lock
+def _release(root: Path, user_fd: int) -> None:
+    """Drop this user's share; the last user unmounts what the partner mounted.
+
+    The caller holds ``ROOT.mounts.lock``, so no new user can come in meanwhile.
+    """
     os.close(user_fd)
     try:
         with _flocked(Path(f"{root}.users.lock"), fcntl.LOCK_EX | fcntl.LOCK_NB):
@@ -612,7 +618,11 @@ class Program:
             env=full_env,
         )
         prog = cls(proc, proc.pid)
-        line = prog.read_line(timeout)
+        try:
+            line = prog.read_line(timeout)
+        except PartnerError:
+            prog.kill()
+            raise
         if line != f"{proc.pid} ready":
             prog.kill()
             raise PartnerError(f"{path.name} did not start: {line!r}")
