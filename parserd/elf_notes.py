@@ -61,7 +61,9 @@ reads outside the note); the note section's file offset must be 4-aligned
 (upstream keeps them in a ``uint32_t`` and silently truncates) and ``base +
 off`` must not pass 2^64; ``max_providers``, ``max_probes`` (probes defined in
 ``prov`` notes, and probes emitted), ``max_tracepoints`` (``usdt`` notes) and
-at most 131070 tracepoints in one probe.
+at most 131070 tracepoints in one probe; at most ``max_tracepoints +
+max_providers + 4096`` notes in all (``note count N exceeds maximum M``), so
+that megabytes of tiny ignored notes cannot keep the parser busy for seconds.
 
 Emission order (the finding)
 ----------------------------
@@ -156,6 +158,10 @@ USDT_EN_NOTE_TYPE: Final = 2  # is-enabled probe (sys/usdt_note_defs.h)
 NOTES_SECTION: Final = ".note.usdt"
 RODATA_SECTION: Final = ".rodata"
 _ELLIPSIS: Final = "..."
+#: Notes allowed beyond one per tracepoint and provider: ``dver``/``utsn`` (one pair per
+#: ``dtrace -G`` run linked into the object).  Bounds the walk's CPU time: without it 60 MiB
+#: of tiny ignored notes take seconds of Python.
+EXTRA_NOTES: Final = 4096
 
 
 class _Rejected(Exception):
@@ -420,7 +426,11 @@ class _NotesParser:
         notes = self.reader.get(notes_sec.offset, notes_sec.size, f"section {NOTES_SECTION}")
         base = dofhp_addr if e_type == ET_DYN else 0
         rodata = _Rodata(self, rodata_sec)
-        rodata.prefetch(_function_addresses(notes))
+        if rodata_sec.size <= MAX_OBJECT_READ:
+            if b"usdt\0" in notes:  # every usdt note's name field holds these bytes
+                rodata.read_whole()
+        else:
+            rodata.prefetch(_function_addresses(notes, self._max_notes()))
         return self._notes(notes, rodata, base)
 
     # --- ELF structure ---------------------------------------------------------------
@@ -524,6 +534,9 @@ class _NotesParser:
 
     # --- the notes -------------------------------------------------------------------
 
+    def _max_notes(self) -> int:
+        return self.limits.max_tracepoints + self.limits.max_providers + EXTRA_NOTES
+
     def _notes(self, data: bytes, rodata: _Rodata, base: int) -> list[ResultRecord]:
         limits = self.limits
         prvmap = _Htab()
@@ -531,8 +544,18 @@ class _NotesParser:
         prbmap = _Htab()
         mod = self.module_raw
         nsites = 0
+        max_notes = self._max_notes()
         ndefined = 0
-        for name, ntype, desc in _walk(data):
+        for count, (name, ntype, start, stop) in enumerate(_walk(data), 1):
+            if count > max_notes:
+                _reject(
+                    f"note count {count} exceeds maximum {max_notes} (max_tracepoints + "
+                    f"max_providers + {EXTRA_NOTES})",
+                    E2BIG,
+                )
+            if name == b"dver" or name == b"utsn":
+                continue
+            desc = data[start:stop]
             if name == b"prov":
                 prov = self._prov(desc, providers, prvmap, ndefined)
                 ndefined += len(prov.defined)
@@ -560,8 +583,6 @@ class _NotesParser:
                     _reject(f"tracepoint offset {site.off:#x} does not fit 32 bits")
                 if base + site.off > _U64_MAX:
                     _reject(f"tracepoint address overflow: {base:x} + {site.off:x}")
-            elif name in (b"dver", b"utsn"):
-                continue
             else:
                 _reject(f"Unknown note: {_show(name)}")
 
@@ -810,8 +831,8 @@ def _probe_hval(prv: bytes, mod: bytes, fun: bytes | None, prb: bytes, off: int)
     return str2hval(prb, hval)
 
 
-def _walk(data: bytes) -> Iterator[tuple[bytes, int, bytes]]:
-    """Upstream's ``get_note`` loop: (name, type, descriptor) of each note, in file order."""
+def _walk(data: bytes) -> Iterator[tuple[bytes, int, int, int]]:
+    """Upstream's ``get_note`` loop: (name, type, descriptor start, end) of each note, in order."""
     size = len(data)
     off = 0
     while True:
@@ -821,21 +842,21 @@ def _walk(data: bytes) -> Iterator[tuple[bytes, int, bytes]]:
         off += _NHDR.size
         if off >= size or namesz > size - off:
             _reject(f"Invalid name size {_s32(namesz)}")
-        raw_name = data[off : off + namesz]
+        name_at = off
+        nul = data.find(0, off, off + namesz)
         off += _align4(namesz)
         if off >= size or descsz > size - off:
             _reject(f"Invalid desc size {_s32(descsz)}")
-        desc = data[off : off + descsz]
-        off += _align4(descsz)
-        nul = raw_name.find(0)
         if nul < 0:  # a name must end inside namesz (upstream's strcmp would read on)
-            _reject(f"Unknown note: {_show(raw_name)}")
-        yield raw_name[:nul], ntype, desc
+            _reject(f"Unknown note: {_show(data[name_at : name_at + namesz])}")
+        start = off
+        off += _align4(descsz)
+        yield data[name_at:nul], ntype, start, start + descsz
         if off >= size:
             return
 
 
-def _function_addresses(data: bytes) -> list[int]:
+def _function_addresses(data: bytes, max_notes: int) -> list[int]:
     """The function-name addresses of the ``usdt`` notes, up to the first malformed note.
 
     A tolerant pre-pass (never rejects), so that ``.rodata`` can be read before
@@ -844,7 +865,8 @@ def _function_addresses(data: bytes) -> list[int]:
     out = []
     size = len(data)
     off = 0
-    while off < size and _NHDR.size <= size - off:
+    while off < size and _NHDR.size <= size - off and max_notes > 0:
+        max_notes -= 1
         namesz, descsz, _ntype = _NHDR.unpack_from(data, off)
         off += _NHDR.size
         if off >= size or namesz > size - off:
@@ -871,14 +893,13 @@ class _Rodata:
     def contains(self, addr: int) -> bool:
         return addr >= self.sec.addr and addr - self.sec.addr < self.sec.size
 
+    def read_whole(self) -> None:
+        sec = self.sec
+        self.whole = self.parser.reader.get(sec.offset, sec.size, f"section {RODATA_SECTION}")
+
     def prefetch(self, addrs: list[int]) -> None:
         sec = self.sec
         offs = sorted({a - sec.addr for a in addrs if self.contains(a)})
-        if not offs:
-            return
-        if sec.size <= MAX_OBJECT_READ:
-            self.whole = self.parser.reader.get(sec.offset, sec.size, f"section {RODATA_SECTION}")
-            return
         i = 0
         while i < len(offs):
             start = offs[i]

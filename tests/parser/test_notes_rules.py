@@ -612,3 +612,15 @@ def test_many_tiny_notes_are_walked_quickly() -> None:
     raw = note(b"dver", 1, b"x") * 65536 + PROV_NOTE  # 1 MiB of notes
     out = parse(notes_only(raw))
     assert out[0] == ObjectBase(base=0x7F1234560000) and out[-1] == Eof()
+
+
+def test_note_count_is_bounded() -> None:
+    limits = ParseLimits(max_tracepoints=10, max_providers=2)
+    raw = PROV_NOTE + note(b"dver", 1, b"x") * 4200
+    assert err(parse(notes_only(raw), limits=limits)) == (
+        E2BIG,
+        "note count 4109 exceeds maximum 4108 (max_tracepoints + max_providers + 4096)",
+    )
+    assert not isinstance(
+        parse(notes_only(PROV_NOTE + note(b"dver", 1, b"x") * 4000), limits=limits)[0], Err
+    )
