@@ -68,6 +68,7 @@ from common.stash_protocol import (
 )
 from dtprobed.children.parser import ParserChild
 from dtprobed.children.writer import StashWriterChild
+from dtprobed.daemon import statedir
 from dtprobed.daemon.exitwatch import ExitWatcher
 from dtprobed.daemon.logsetup import setup_logging
 from dtprobed.daemon.notify import Notifier
@@ -323,6 +324,7 @@ class Daemon:
             raise FatalStartup(
                 EXIT_FATAL, f"cannot prepare the stash in {args.state_dir}: {err}"
             ) from err
+        statedir.warn_if_not_in_memory(args.state_dir, log)  # once: tmpfs or a warning
         for pid in self._live_stash_pids():
             if not self.watcher.watch_pid(pid):
                 self.receiver.prune_exited(pid)
