@@ -396,10 +396,17 @@ def dtrace_list(
     pattern: str,
     *,
     timeout: float = 60.0,
+    check: bool = True,
     root: Path | None = None,
 ) -> ListResult:
-    """``dtrace -xdofstashpath=STATE -l -P PATTERN`` in the chroot (mounts in place)."""
+    """``dtrace -xdofstashpath=STATE -l -P PATTERN`` in the chroot (mounts in place).
+
+    No match is not an error (dtrace 2.0.7 exits 0: no rows, "No probe matches description"
+    on stderr). With ``check``, a non-zero exit raises PartnerError with dtrace's last line.
+    """
     proc = run_in_chroot(dtrace_argv(state_dir, "-l", "-P", pattern), timeout=timeout, root=root)
+    if check and proc.returncode != 0:
+        raise PartnerError(f"dtrace -l failed ({proc.returncode}): {_last_line(proc.stderr)}")
     return ListResult(parse_list(proc.stdout), proc.returncode, proc.stderr)
 
 
@@ -432,6 +439,7 @@ def dtrace_fire(
     duration: float = 30.0,
     start_timeout: float = 60.0,
     quiet: bool = True,
+    check: bool = True,
     extra_args: Sequence[str] = (),
     root: Path | None = None,
 ) -> FireResult:
@@ -443,6 +451,8 @@ def dtrace_fire(
     ``exit(0)``, or the target's exit) or ``duration`` seconds have passed; then it gets
     SIGINT (it prints its aggregations and exits) and, 10 s later, SIGKILL. The marker line
     is removed from the returned stdout. Only one ``dtrace -p`` per target process at a time.
+    With ``check``, dtrace exiting before it traced (a compile error, no such probe, a
+    kernel that refuses the BPF program) raises PartnerError with dtrace's last line.
     """
     root = root or chroot_root()
     marker = f'BEGIN {{ printf("%s\\n", "{READY_MARKER}"); }}'
@@ -499,6 +509,10 @@ def dtrace_fire(
         proc.wait()
         proc.stdout.close()
         proc.stderr.close()
+    if check and not tracing():
+        raise PartnerError(
+            f"dtrace -p {pid} failed ({proc.returncode}): {_last_line(err.decode(errors='replace'))}"
+        )
     text = out.decode(errors="replace")
     text = "".join(ln for ln in text.splitlines(keepends=True) if READY_MARKER not in ln)
     stderr = err.decode(errors="replace")
@@ -593,7 +607,7 @@ class Program:
         cls,
         path: Path,
         *,
-        devname: str | os.PathLike[str] | None = None,
+        devname: str | os.PathLike[str] | None,
         env: dict[str, str] | None = None,
         args: Sequence[str] = (),
         root: Path | None = None,
@@ -601,8 +615,10 @@ class Program:
     ) -> Program:
         """Start ``path`` (a host path under the chroot) in the chroot; wait for "PID ready".
 
-        ``devname``: the helper it registers with (``DTRACE_DOF_INIT_DEVNAME``, a path valid
-        in the chroot: bind-mount a host helper at the same path with ``mounted(binds=...)``).
+        ``devname`` (required): the helper it registers with (``DTRACE_DOF_INIT_DEVNAME``, a
+        path valid in the chroot: bind-mount a host helper at the same path with
+        ``mounted(binds=...)``). ``None`` leaves drti's default ``/dev/dtrace/helper``, which
+        is the HOST's (``/dev`` is bind-mounted): the machine's own daemon, if any.
         """
         root = root or chroot_root()
         inside = "/" + str(Path(path).resolve().relative_to(root.resolve()))
