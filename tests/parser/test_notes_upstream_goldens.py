@@ -1,0 +1,59 @@
+"""Our notes parser against upstream's real C dtprobed 2.0.7: the parsed stash files, byte for byte.
+
+``tests/golden/upstream-2.0.7/`` holds state trees that upstream's daemon wrote
+for the fixtures of ``tests/parser/fixtures/notes/`` (``tests/realdtrace/
+upstream_goldens.sh``).  For every ``dof-pid/PID/DEV-INO`` directory there
+whose ``dh`` names a fixture, parse that fixture with the stored ``dh``
+(``dofhp_addr`` is the load base upstream derived) and encode each probe the
+way our stash writer does: the set of ``parsed/`` files and every byte must
+match.  Skipped when the goldens or fixtures are absent.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from common.grammar import check_stream
+from common.records import ObjectBase
+from common.stash_format import VERSION_BYTES, encode_probe_file
+from parserd.elf_notes import parse_notes
+
+GOLDENS = Path(__file__).parents[1] / "golden" / "upstream-2.0.7"
+FIXTURES = Path(__file__).parent / "fixtures" / "notes"
+
+
+def _registrations() -> list[Path]:
+    if not GOLDENS.is_dir() or not FIXTURES.is_dir():
+        return []
+    out = []
+    for dh in sorted(GOLDENS.glob("*/run*/*/tree/stash/dof-pid/*/*/dh")):
+        module = dh.read_bytes()[:64].split(b"\0", 1)[0].decode("utf-8", "replace")
+        if (FIXTURES / module).is_file() and (dh.parent / "parsed").is_dir():
+            out.append(dh.parent)
+    return out
+
+
+REGISTRATIONS = _registrations()
+
+
+@pytest.mark.skipif(not REGISTRATIONS, reason="no upstream goldens for the notes fixtures")
+@pytest.mark.parametrize("directory", REGISTRATIONS, ids=lambda p: str(p.relative_to(GOLDENS)))
+def test_parsed_files_equal_upstreams(directory: Path) -> None:
+    dh = (directory / "dh").read_bytes()
+    module = dh[:64].split(b"\0", 1)[0].decode()
+    obj = (FIXTURES / module).read_bytes()
+    records = parse_notes(dh, len(obj), lambda offset, size: obj[offset : offset + size])
+    checker = check_stream(records, object_base=True)
+    assert checker.base == ObjectBase(base=int.from_bytes(dh[64:72], "little"))
+    ours = {
+        pp.spec: encode_probe_file(pp.provider, pp.probe, pp.args, pp.tracepoints)
+        for pp in checker.probes
+    }
+    parsed = directory / "parsed"
+    theirs = {p.name: p.read_bytes() for p in parsed.iterdir() if p.name != "version"}
+    assert (parsed / "version").read_bytes() == VERSION_BYTES
+    assert sorted(ours) == sorted(theirs)
+    for spec, data in theirs.items():
+        assert ours[spec] == data, spec
