@@ -171,33 +171,76 @@ if [ -d /run/systemd/system ]; then
 fi
 
 say "systemd is not pid 1: starting $sbin_dir/dtprobed directly (logs: $log_file)"
+# The old daemon, whichever checkout installed it (pid file, else its command line).
 bash "$here/uninstall.sh" --stop-only --prefix "$prefix"
 mkdir -p "$state_dir" "$(dirname "$log_file")"
 chmod 0755 "$state_dir"
+
+# --- The state directory on tmpfs ----------------------------------------------------
+# Upstream assumes /run is a tmpfs, as under systemd; here (containers, chroots)
+# it may be a disk, where every stash file costs a journalled update (~25 times
+# tmpfs's). Give the stash a tmpfs of its own unless it is in memory already.
+# Its limits follow the stash quotas, so the daemon's EDQUOT comes before the
+# file system's ENOSPC: one 4 KiB page and up to two inodes (a per-probe file
+# and, at worst, its own probes/ directory) per probe of --max-probes-total,
+# plus room for raw DOF copies and per-process files. A tmpfs uses memory only
+# for what it holds. It survives daemon restarts and reinstalls, not a reboot.
+if dtprobed_in_memory "$state_dir"; then
+    say "$state_dir is on $(stat -f -c %T "$state_dir"): kept as it is"
+else
+    max_probes_total=$("$venv/bin/python" -I -c \
+        'from common.stash_protocol import DEFAULT_MAX_PROBES_TOTAL as n; print(n)')
+    size_mib=$((max_probes_total * 4 / 1024 + 256))
+    nr_inodes=$((max_probes_total * 2 + 65536))
+    fresh=$(mktemp -d "$(dirname "$state_dir")/.dtprobed-tmpfs.XXXXXX")
+    mount -t tmpfs -o "mode=0755,size=${size_mib}m,nr_inodes=$nr_inodes" \
+        "$state_tmpfs_source" "$fresh"
+    if [ -n "$(ls -A "$state_dir")" ]; then
+        # A stash an earlier daemon left on the disk: registrations of programs
+        # still running. Move it over (hard links, xattrs and all; no daemon runs).
+        say "moving the stash in $state_dir onto the tmpfs"
+        cp -a "$state_dir/." "$fresh/"
+        find "$state_dir" -mindepth 1 -delete
+    fi
+    mount --bind "$fresh" "$state_dir"
+    umount "$fresh"
+    rmdir "$fresh"
+    say "mounted a tmpfs on $state_dir (size=${size_mib}m, nr_inodes=$nr_inodes:" \
+        "from --max-probes-total $max_probes_total; uninstall.sh --purge unmounts it)"
+fi
+
+# --- Start ---------------------------------------------------------------------------
 # setsid: its own session, so it outlives this shell and its terminal.
-# A clean environment, as systemd would give it.
-setsid env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin "$sbin_dir/dtprobed" -F \
-    </dev/null >>"$log_file" 2>&1 &
+# A clean environment, as systemd would give it. --ready-fd: the daemon writes
+# one byte once it serves the helper and has pruned and reparsed the stash.
+ready=$(mktemp -u /run/.dtprobed-ready.XXXXXX)
+mkfifo -m 0600 "$ready"
+exec 4<>"$ready"  # read-write: opening it does not wait for the daemon
+setsid env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin "$sbin_dir/dtprobed" -F --ready-fd 3 \
+    </dev/null >>"$log_file" 2>&1 3>"$ready" 4<&- &
 pid=$!
+rm -f "$ready"
 echo "$pid" >"$pid_file"
 
-# Ready when the helper device is served: a FUSE mount on the helper file, or
-# the CUSE character device.
 served() {
-    [ -c "$helper_path" ] && return 0
-    awk -v p="$helper_path" '$5 == p { found = 1 } END { exit !found }' /proc/self/mountinfo
+    # The CUSE character device, or a FUSE file system on the helper path itself
+    # (by path, not by /proc/self/mountinfo, which also lists covered mounts).
+    [ -c "$helper_path" ] || [ "$(stat -f -c %t "$helper_path" 2>/dev/null)" = 65735546 ]
 }
-for _ in $(seq 1 300); do
-    if ! kill -0 "$pid" 2>/dev/null; then
+for _ in $(seq 1 120); do
+    if read -r -n 1 -t 1 -u 4 _; then
+        exec 4<&-
+        served || die "dtprobed (pid $pid) said it was ready but $helper_path is not served"
+        say "dtprobed is running (pid $pid) and serving $helper_path"
+        exit 0
+    fi
+    # (our child: once dead it is a zombie, which kill -0 would still find)
+    if [ "$(sed 's/.*) //' "/proc/$pid/stat" 2>/dev/null | cut -d' ' -f1)" = Z ] \
+        || [ ! -e "/proc/$pid" ]; then
         rm -f "$pid_file"
         tail -n 20 "$log_file" >&2 || true
         die "dtprobed exited during start-up (log above, from $log_file)"
     fi
-    if served; then
-        say "dtprobed is running (pid $pid) and serving $helper_path"
-        exit 0
-    fi
-    sleep 0.1
 done
 tail -n 20 "$log_file" >&2 || true
-die "dtprobed (pid $pid) is running but $helper_path is not served after 30 s"
+die "dtprobed (pid $pid) is running but not ready after 120 s"

@@ -30,6 +30,24 @@ dtprobed_paths() {
     log_file=/var/log/dtprobed.log
     state_dir=/run/dtrace
     helper_path=/dev/dtrace/helper
+    # The source name of the tmpfs install.sh mounts on $state_dir when that
+    # is not in memory already: how uninstall.sh knows the mount is ours.
+    state_tmpfs_source=dtprobed
+}
+
+# statfs(2) f_type, as stat -f -c %t prints it: tmpfs, ramfs.
+dtprobed_in_memory() {  # path
+    case $(stat -f -c %t "$1" 2>/dev/null) in
+        1021994|858458f6) return 0 ;;
+    esac
+    return 1
+}
+
+# True when the topmost mount on $state_dir is the tmpfs install.sh mounted.
+dtprobed_state_tmpfs_is_ours() {
+    awk -v p="$state_dir" -v src="$state_tmpfs_source" '
+        $5 == p { for (i = 7; $i != "-"; i++) ; top = ($(i + 1) == "tmpfs" && $(i + 2) == src) }
+        END { exit !top }' /proc/self/mountinfo
 }
 
 # The files install.sh creates, one per line (without $root), for uninstall.sh

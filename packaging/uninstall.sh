@@ -49,26 +49,48 @@ fi
 dtprobed_paths "$prefix"
 
 # --- Stop (only on the live system) -------------------------------------------------
+stop_pid() {  # pid
+    local pid=$1
+    say "stopping dtprobed (pid $pid)"
+    kill -TERM "$pid" 2>/dev/null || true
+    for _ in $(seq 1 100); do
+        [ -e "/proc/$pid" ] || return 0
+        # a zombie (install.sh's child, not yet reaped) has stopped
+        [ "$(sed 's/.*) //' "/proc/$pid/stat" 2>/dev/null | cut -d' ' -f1)" != Z ] || return 0
+        sleep 0.1
+    done
+    say "dtprobed (pid $pid) ignored SIGTERM for 10 s; killing it"
+    kill -KILL "$pid" 2>/dev/null || true
+}
+
+is_our_daemon() {  # pid: the installed daemon's command line, in our pid namespace
+    local pid=$1
+    [ -r "/proc/$pid/cmdline" ] || return 1
+    [ "$(readlink "/proc/$pid/ns/pid" 2>/dev/null)" = "$(readlink /proc/self/ns/pid)" ] || return 1
+    # (awk reads it all: no SIGPIPE for pipefail to turn into a failure)
+    tr '\0' '\n' <"/proc/$pid/cmdline" 2>/dev/null \
+        | awk -v d="$sbin_dir/dtprobed" 'NR <= 3 && $0 == d { f = 1 } END { exit !f }'
+}
+
 stop_direct() {
     # The daemon install.sh started without systemd: its pid file, checked
-    # against /proc so a reused pid is never signalled.
-    [ -f "$pid_file" ] || return 0
+    # against /proc so a reused pid is never signalled. A daemon whose pid file
+    # is gone (an earlier install from another checkout, a cleaned /run) is
+    # found by its command line: the installed dtprobed, in this pid namespace
+    # (not one of a container's or a test's private host).
     local pid
-    pid=$(cat "$pid_file")
-    case $pid in ''|*[!0-9]*) rm -f "$pid_file"; return 0 ;; esac
-    if [ -r "/proc/$pid/cmdline" ] && tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q "$sbin_dir/dtprobed"; then
-        say "stopping dtprobed (pid $pid)"
-        kill -TERM "$pid" 2>/dev/null || true
-        for _ in $(seq 1 100); do
-            kill -0 "$pid" 2>/dev/null || break
-            sleep 0.1
-        done
-        if kill -0 "$pid" 2>/dev/null; then
-            say "dtprobed (pid $pid) ignored SIGTERM for 10 s; killing it"
-            kill -KILL "$pid" 2>/dev/null || true
-        fi
+    if [ -f "$pid_file" ]; then
+        pid=$(cat "$pid_file")
+        case $pid in
+            ''|*[!0-9]*) ;;
+            *) if is_our_daemon "$pid"; then stop_pid "$pid"; fi ;;
+        esac
+        rm -f "$pid_file"
     fi
-    rm -f "$pid_file"
+    for pid in $(ls /proc | grep -x '[0-9]*'); do
+        [ "$pid" != $$ ] || continue
+        if is_our_daemon "$pid"; then stop_pid "$pid"; fi
+    done
 }
 
 detach_stale_mount() {
@@ -114,8 +136,16 @@ if [ -z "$root" ]; then
         if command -v udevadm >/dev/null; then udevadm control --reload || true; fi
     fi
     if [ "$purge" = yes ]; then
+        if dtprobed_state_tmpfs_is_ours; then
+            # The tmpfs install.sh mounted: the stash goes with it.
+            say "unmounting the tmpfs on $state_dir (the stash with it)"
+            umount "$state_dir" 2>/dev/null || umount -l "$state_dir"
+        fi
         say "removing the stash $state_dir and $log_file"
         rm -rf -- "$state_dir" "$log_file"
+    elif dtprobed_state_tmpfs_is_ours; then
+        say "kept the stash in $state_dir, on the tmpfs install.sh mounted: it lasts" \
+            "until a reboot (remove both with --purge)"
     else
         [ ! -d "$state_dir" ] || say "kept the stash in $state_dir (remove it with --purge)"
     fi
