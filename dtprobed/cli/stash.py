@@ -1,15 +1,16 @@
 """``dtprobed-stash [-s STATEDIR] list|show PID|verify [--json]``: inspect the DOF stash.
 
-Reads the tree directly and read-only, holding a shared ``flock`` on the state
-directory (the writer holds it exclusively while it changes the tree), so what
-it prints is a consistent snapshot.  Exit status: 0 ok, 1 inconsistent
+Reads the tree directly and read-only and takes no lock: the state directory
+is world-readable, so a lock there is one any user could hold against the
+writer (design.md, "dtprobed-stash").  The tree may change while it is read:
+an entry that vanishes meanwhile is skipped, and ``verify`` reports only the
+problems that persist over repeated passes (:func:`verify_settled`).  Exit status: 0 ok, 1 inconsistent
 (``verify``), nothing to show or an unreadable stash, 2 usage error.
 """
 
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import os
 import signal
@@ -30,7 +31,7 @@ from dtprobed.stash.layout import (
     split_key,
     split_spec,
 )
-from dtprobed.stash.verify import verify_tree
+from dtprobed.stash.verify import verify_settled
 
 EXIT_OK: Final = 0
 EXIT_PROBLEM: Final = 1
@@ -156,7 +157,11 @@ def _cmd_list(root: int, as_json: bool) -> int:
     with DirFd(root, "stash") as stash, DirFd(stash.fd, "dof-pid", readable=True) as dofpid:
         rows = []
         for pid in _pids(dofpid.fd):
-            with DirFd(dofpid.fd, str(pid), readable=True) as pdir:
+            try:
+                pdir = DirFd(dofpid.fd, str(pid), readable=True)
+            except FileNotFoundError:
+                continue  # removed while we read: not a problem
+            with pdir:
                 d = _describe(pid, pdir.fd)
             del d["mappings"]
             rows.append(d)
@@ -208,7 +213,7 @@ def _cmd_show(root: int, pid: int, as_json: bool) -> int:
 
 
 def _cmd_verify(root: int, as_json: bool) -> int:
-    problems = verify_tree(root)
+    problems = verify_settled(root)
     if as_json:
         print(json.dumps({"consistent": not problems, "problems": problems}, ensure_ascii=False))
     elif problems:
@@ -230,7 +235,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dtprobed-stash: cannot open {args.state_dir}: {err.strerror}", file=sys.stderr)
         return EXIT_PROBLEM
     with root:
-        fcntl.flock(root.fd, fcntl.LOCK_SH)  # released when the fd closes
         try:
             if args.command == "list":
                 return _cmd_list(root.fd, args.json)

@@ -53,8 +53,11 @@ Layout (``$dev`` is glibc ``makedev`` encoding, ``$dev-$ino`` is ``%ju-%ju``;
       provided the probe; on its removal another mapping's file takes over).
 
 Directories are 0755 and files 0644 whatever the umask.  Only the stash
-writer process changes this tree, holding an exclusive ``flock`` on the state
-directory; readers (``dtprobed-stash``) take a shared one.
+writer process changes this tree; it takes no lock in it (any lock in a
+world-readable tree is one any user can hold against the writer).  One writer
+per state directory is enforced by a lock file in a 0700 directory of its own
+(:func:`dtprobed.stash.store.writer_lock`).  Readers (``dtprobed-stash``, the
+consumer) take no lock and tolerate a tree that changes under them.
 
 Version word: ``DOF_PARSED_VERSION`` (:mod:`common.stash_format`) changes only
 together with upstream's; every parsed file and ``parsed/version`` carry it,
@@ -67,7 +70,6 @@ Facts we rely on:
   and ext4 support O_TMPFILE; the writer runs as root with /proc mounted).
 * ``link()`` and ``symlink()`` never replace an existing name (``EEXIST``),
   so they are our ``O_EXCL`` for names.
-* ``flock`` needs an fd opened for reading, not ``O_PATH``.
 """
 
 from __future__ import annotations

@@ -14,9 +14,10 @@ import logging
 import os
 import shutil
 import stat
-from collections.abc import Callable, Iterator, Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 from common.dof_abi import DOF_MAG_STRING, DOF_MAXSZ
 from common.errors import ProtocolError, StashError
@@ -75,6 +76,75 @@ def _remove_tree(dir_fd: int, name: str) -> None:
         shutil.rmtree(name, dir_fd=dir_fd)
     else:
         os.unlink(name, dir_fd=dir_fd)
+
+
+#: Where stash writers take their lock (one file per state directory), root's alone.
+DEFAULT_LOCK_DIR: Final = "/run/dtprobed"
+#: How long a new writer waits for the lock of an exiting predecessor before EBUSY.
+LOCK_WAIT: Final = 10.0
+
+
+def writer_lock(root_fd: int, state_dir: str, lock_dir: str, wait: float = LOCK_WAIT) -> int:
+    """One writer per state directory, by a lock no other user can reach; returns its fd.
+
+    The state directory is 0755, so a lock on it (or on any file in it) is one
+    that every user can take: one ``flock(LOCK_SH)`` by anyone used to stop
+    the writer for good.  The lock is instead ``LOCKDIR/stash-$dev-$ino.lock``
+    ($dev-$ino of the state directory), in a directory that must be owned by
+    us and closed to everyone else (0700, not a symlink).  It is taken
+    without waiting and held for the writer's whole life: a second writer on
+    the same state directory (another daemon with ``-s`` the same) refuses to
+    start (after *wait* seconds) with ``EBUSY`` instead of
+    interleaving with the first, whose in-memory
+    quota counts would go stale.  A killed writer's lock goes with its process.
+    """
+    st = os.fstat(root_fd)
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(lock_dir, 0o700)
+    dfd = os.open(lock_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        dst = os.fstat(dfd)
+        if dst.st_uid != os.geteuid() or dst.st_mode & 0o077:
+            raise StashError(
+                "start",
+                lock_dir,
+                errno.EPERM,
+                f"lock directory {lock_dir} is mode {stat.S_IMODE(dst.st_mode):04o} owned by uid "
+                f"{dst.st_uid}: it must be 0700 and ours, or other users could block the writer",
+            )
+        name = f"stash-{st.st_dev}-{st.st_ino}.lock"
+        fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dfd)
+    finally:
+        os.close(dfd)
+    try:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                # a predecessor that has just lost its daemon may still be exiting
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.05)
+    except BlockingIOError:
+        try:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
+        finally:
+            os.close(fd)
+        raise StashError(
+            "start",
+            state_dir,
+            errno.EBUSY,
+            f"state directory {state_dir} is in use by another stash writer (pid {holder}; "
+            f"lock {lock_dir}/{name})",
+        ) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 def _open_in_place(dir_fd: int, name: str) -> int:
@@ -199,6 +269,8 @@ class Stash:
         quotas: StashQuotas | None = None,
         *,
         recover: bool = True,
+        lock_dir: str = DEFAULT_LOCK_DIR,
+        lock_wait: float = LOCK_WAIT,
     ) -> None:
         self.quotas = quotas if quotas is not None else StashQuotas()
         self._fix_modes = (_current_umask() & DIR_MODE) != 0
@@ -209,35 +281,24 @@ class Stash:
             os.makedirs(state_dir, DIR_MODE, exist_ok=True)
             # the one absolute path: everything else is relative to these fds
             self.root = self._fds.enter_context(DirFd(None, state_dir, readable=True))
-            with self.locked():
-                stash = self._fds.enter_context(self._mkdir_open(self.root.fd, "stash"))
-                self.dof = self._fds.enter_context(self._mkdir_open(stash.fd, "dof", readable=True))
-                self.dofpid = self._fds.enter_context(
-                    self._mkdir_open(stash.fd, "dof-pid", readable=True)
-                )
-                self.probes = self._fds.enter_context(
-                    self._mkdir_open(self.root.fd, "probes", readable=True)
-                )
-                if recover:
-                    self._recover()
-                self._rebuild_index()
+            self._fds.callback(os.close, writer_lock(self.root.fd, state_dir, lock_dir, lock_wait))
+            stash = self._fds.enter_context(self._mkdir_open(self.root.fd, "stash"))
+            self.dof = self._fds.enter_context(self._mkdir_open(stash.fd, "dof", readable=True))
+            self.dofpid = self._fds.enter_context(
+                self._mkdir_open(stash.fd, "dof-pid", readable=True)
+            )
+            self.probes = self._fds.enter_context(
+                self._mkdir_open(self.root.fd, "probes", readable=True)
+            )
+            if recover:
+                self._recover()
+            self._rebuild_index()
         except BaseException:
             self._fds.close()
             raise
 
     def close(self) -> None:
         self._fds.close()
-
-    # ------------------------------------------------------------------ locking
-
-    @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
-        """Exclusive flock on the state directory while the tree changes."""
-        fcntl.flock(self.root.fd, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(self.root.fd, fcntl.LOCK_UN)
 
     # ------------------------------------------------------------ small pieces
 
@@ -384,15 +445,13 @@ class Stash:
         """add + write-parsed as one all-or-nothing operation; returns the generation."""
         self._check_registration(reg)
         probes = self.check_records(records, "add")
-        with self.locked():
-            return self._register(reg, probes)
+        return self._register(reg, probes)
 
     @_stash_op("add")
     def register_probes(self, reg: Registration, probes: list[ParsedProbe]) -> int:
         """As :meth:`register`, for probes already grouped (and checked) by the caller."""
         self._check_registration(reg)
-        with self.locked():
-            return self._register(reg, probes)
+        return self._register(reg, probes)
 
     def _register(self, reg: Registration, probes: list[ParsedProbe]) -> int:
         pid, key = reg.pid, mapping_key(reg.dev, reg.ino)
@@ -657,8 +716,7 @@ class Stash:
     @_stash_op("remove")
     def remove(self, pid: int, gen: int) -> None:
         """DTRACEHIOC_REMOVE; an unknown pid or generation is success (upstream)."""
-        with self.locked():
-            self._remove(pid, gen)
+        self._remove(pid, gen)
 
     def _remove(self, pid: int, gen: int) -> None:
         try:
@@ -795,8 +853,7 @@ class Stash:
     @_stash_op("remove-pid")
     def remove_pid(self, pid: int) -> None:
         """Every generation of *pid* (exit, exec, pid reuse)."""
-        with self.locked():
-            self._remove_pid(pid)
+        self._remove_pid(pid)
 
     def _remove_pid(self, pid: int) -> None:
         name = str(pid)
@@ -834,12 +891,11 @@ class Stash:
         the start time; without this its probes would stay until it exits, as
         upstream's do when the new image registers nothing).
         """
-        with self.locked():
-            dead = [pid for pid in self._pids() if not self._alive(pid)]
-            for pid in dead:
-                log.debug("pruning dead/execed PID %i", pid)
-                self._remove_pid(pid)
-            return dead
+        dead = [pid for pid in self._pids() if not self._alive(pid)]
+        for pid in dead:
+            log.debug("pruning dead/execed PID %i", pid)
+            self._remove_pid(pid)
+        return dead
 
     def _alive(self, pid: int) -> bool:
         stored = self._stored_identity(pid)
@@ -875,18 +931,17 @@ class Stash:
     @_stash_op("reparse-scan")
     def reparse_scan_page(self, force: bool, offset: int) -> tuple[list[ReparseItem], int | None]:
         """Mappings to reparse from index *offset* on, within :data:`REPLY_BUDGET` bytes."""
-        with self.locked():
-            candidates = self._reparse_candidates(force)
-            items: list[ReparseItem] = []
-            used = 0
-            for index in range(offset, len(candidates)):
-                if items and used >= REPLY_BUDGET:
-                    return items, index
-                item = self._read_item(*candidates[index])
-                if item is not None:
-                    items.append(item)
-                    used += len(item.dof)
-            return items, None
+        candidates = self._reparse_candidates(force)
+        items: list[ReparseItem] = []
+        used = 0
+        for index in range(offset, len(candidates)):
+            if items and used >= REPLY_BUDGET:
+                return items, index
+            item = self._read_item(*candidates[index])
+            if item is not None:
+                items.append(item)
+                used += len(item.dof)
+        return items, None
 
     def _reparse_candidates(self, force: bool) -> list[tuple[int, str]]:
         out: list[tuple[int, int, int, str]] = []
@@ -944,47 +999,44 @@ class Stash:
     @_stash_op("reparse")
     def write_reparsed_probes(self, item: ReparseItem, probes: list[ParsedProbe] | None) -> None:
         key = mapping_key(item.dev, item.ino)
-        with self.locked():
-            entry = self._index.get(item.pid)
-            if entry is None or key not in entry.nprobes:
-                raise StashError("reparse", f"PID {item.pid} mapping {key}", errno.ENOENT)
-            if probes is not None:
-                per_pid = entry.probes - entry.nprobes[key] + len(probes)
-                if per_pid > self.quotas.max_probes_per_pid:
-                    raise self._quota_error(
-                        "probes of this process", per_pid, self.quotas.max_probes_per_pid
-                    )
-                total = self._total - entry.nprobes[key] + len(probes)
-                if total > self.quotas.max_probes_total:
-                    raise self._quota_error(
-                        "probes in the stash", total, self.quotas.max_probes_total
-                    )
-            try:
-                with (
-                    DirFd(self.dofpid.fd, str(item.pid), readable=True) as pdir,
-                    DirFd(pdir.fd, key) as mdir,
-                ):
-                    if os.fstat(mdir.fd).st_ino != item.dir_ino:
-                        raise OSError(errno.ESTALE, "mapping directory replaced since the scan")
-                    self._remove_parsed(item.pid, pdir.fd, mdir.fd, key)
-                    self._total -= entry.nprobes[key]
-                    entry.nprobes[key] = 0
-                    if probes is None:
-                        return
-                    # a failure here leaves the mapping unparsed (no version): the old
-                    # files were outdated anyway and the next start-up retries it
-                    with self._mkdir_open(mdir.fd, "parsed") as parsed, _Undo() as undo:
-                        self._write_parsed(item.pid, parsed, probes, undo, undo_files=True)
-                        undo.commit()
-                    entry.nprobes[key] = len(probes)
-                    self._total += len(probes)
-            except OSError as err:
-                raise StashError(
-                    "reparse",
-                    f"PID {item.pid} mapping {key}",
-                    err.errno or errno.EIO,
-                    os_detail(err),
-                ) from err
+        entry = self._index.get(item.pid)
+        if entry is None or key not in entry.nprobes:
+            raise StashError("reparse", f"PID {item.pid} mapping {key}", errno.ENOENT)
+        if probes is not None:
+            per_pid = entry.probes - entry.nprobes[key] + len(probes)
+            if per_pid > self.quotas.max_probes_per_pid:
+                raise self._quota_error(
+                    "probes of this process", per_pid, self.quotas.max_probes_per_pid
+                )
+            total = self._total - entry.nprobes[key] + len(probes)
+            if total > self.quotas.max_probes_total:
+                raise self._quota_error("probes in the stash", total, self.quotas.max_probes_total)
+        try:
+            with (
+                DirFd(self.dofpid.fd, str(item.pid), readable=True) as pdir,
+                DirFd(pdir.fd, key) as mdir,
+            ):
+                if os.fstat(mdir.fd).st_ino != item.dir_ino:
+                    raise OSError(errno.ESTALE, "mapping directory replaced since the scan")
+                self._remove_parsed(item.pid, pdir.fd, mdir.fd, key)
+                self._total -= entry.nprobes[key]
+                entry.nprobes[key] = 0
+                if probes is None:
+                    return
+                # a failure here leaves the mapping unparsed (no version): the old
+                # files were outdated anyway and the next start-up retries it
+                with self._mkdir_open(mdir.fd, "parsed") as parsed, _Undo() as undo:
+                    self._write_parsed(item.pid, parsed, probes, undo, undo_files=True)
+                    undo.commit()
+                entry.nprobes[key] = len(probes)
+                self._total += len(probes)
+        except OSError as err:
+            raise StashError(
+                "reparse",
+                f"PID {item.pid} mapping {key}",
+                err.errno or errno.EIO,
+                os_detail(err),
+            ) from err
 
     # ------------------------------------------------------------ recovery
 
@@ -1150,5 +1202,4 @@ class Stash:
 
     @_stash_op("verify")
     def verify(self) -> list[str]:
-        with self.locked():
-            return verify_tree(self.root.fd)
+        return verify_tree(self.root.fd)

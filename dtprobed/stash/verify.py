@@ -29,9 +29,37 @@ from dtprobed.stash.layout import (
 def verify_tree(root_fd: int) -> list[str]:
     """Every invariant of the layout; returns the problems found (empty = consistent).
 
-    Read-only: callers hold a shared (reader) or exclusive (writer) flock.
+    Read-only and lock-free.  An entry that vanishes between being listed and
+    being looked at (the writer removed it meanwhile) is skipped, never an
+    error; the writer runs this on a tree it alone changes, so for it the
+    result is exact.
     """
     return _Verifier(root_fd).run()
+
+
+def verify_settled(root_fd: int, passes: int = 3) -> list[str]:
+    """:func:`verify_tree` for a reader while the writer may be working: lock-free.
+
+    A registration or removal in progress shows as a transient problem (a
+    mapping not yet committed, a generation already removed); a real
+    inconsistency stays.  Reports only the problems found by every one of up
+    to *passes* passes (it stops at the first clean one).
+    """
+    problems = verify_tree(root_fd)
+    for _ in range(passes - 1):
+        if not problems:
+            break
+        again = set(verify_tree(root_fd))
+        problems = [p for p in problems if p in again]
+    return problems
+
+
+def _lstat(name: str, dir_fd: int) -> os.stat_result | None:
+    """lstat, or None if *name* vanished since it was listed."""
+    try:
+        return os.lstat(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return None
 
 
 class _Verifier:
@@ -62,13 +90,19 @@ class _Verifier:
                     self.bad(f"unexpected entry stash/{printable(item)}")
             pids = []
             for name in sorted(os.listdir(dofpid.fd)):
-                st = os.lstat(name, dir_fd=dofpid.fd)
+                st = _lstat(name, dofpid.fd)
+                if st is None:
+                    continue
                 if not is_number(name) or not stat.S_ISDIR(st.st_mode):
                     self.bad(f"unexpected entry stash/dof-pid/{printable(name)}")
                     continue
                 pids.append(int(name))
             for pid in sorted(pids):
-                with DirFd(dofpid.fd, str(pid), readable=True) as pdir:
+                try:
+                    pdir = DirFd(dofpid.fd, str(pid), readable=True)
+                except FileNotFoundError:
+                    continue  # removed meanwhile
+                with pdir:
                     self.check_pid(pid, pdir.fd)
             self.check_shared_raw(dof.fd)
             self.check_probes(probes.fd, pids)
@@ -79,14 +113,19 @@ class _Verifier:
         gens: dict[int, str] = {}
         keys: list[str] = []
         for name in sorted(os.listdir(pid_fd)):
-            st = os.lstat(name, dir_fd=pid_fd)
+            st = _lstat(name, pid_fd)
+            if st is None:
+                continue
             if name in ("next-gen", "exec-mapping"):
                 if not stat.S_ISREG(st.st_mode):
                     self.bad(f"{where}/{name} is not a regular file")
                 else:
                     self.single_link(st, f"{where}/{name}")
             elif is_number(name) and stat.S_ISLNK(st.st_mode):
-                gens[int(name)] = os.readlink(name, dir_fd=pid_fd)
+                try:
+                    gens[int(name)] = os.readlink(name, dir_fd=pid_fd)
+                except FileNotFoundError:
+                    continue
             elif split_key(name) is not None and stat.S_ISDIR(st.st_mode):
                 keys.append(name)
             else:
@@ -113,7 +152,11 @@ class _Verifier:
             self.bad(f"{where}/exec-mapping: {err.strerror}")
         self.parsed[pid] = {}
         for key in keys:
-            with DirFd(pid_fd, key, readable=True) as mdir:
+            try:
+                mdir = DirFd(pid_fd, key, readable=True)
+            except FileNotFoundError:
+                continue
+            with mdir:
                 self.check_mapping(pid, key, mdir.fd, f"{where}/{key}")
 
     def single_link(self, st: os.stat_result, path: str) -> None:
@@ -203,7 +246,9 @@ class _Verifier:
     def check_shared_raw(self, dof_fd: int) -> None:
         seen = set()
         for name in sorted(os.listdir(dof_fd)):
-            st = os.lstat(name, dir_fd=dof_fd)
+            st = _lstat(name, dof_fd)
+            if st is None:
+                continue
             ids = split_key(name)
             if ids is None or not stat.S_ISREG(st.st_mode):
                 self.bad(f"unexpected entry stash/dof/{printable(name)}")
@@ -226,7 +271,9 @@ class _Verifier:
 
     def check_probes(self, probes_fd: int, pids: list[int]) -> None:
         for name in sorted(os.listdir(probes_fd)):
-            st = os.lstat(name, dir_fd=probes_fd)
+            st = _lstat(name, probes_fd)
+            if st is None:
+                continue
             if not is_number(name) or not stat.S_ISDIR(st.st_mode):
                 self.bad(f"unexpected entry probes/{printable(name)}")
                 continue
@@ -234,7 +281,11 @@ class _Verifier:
             if pid not in pids:
                 self.bad(f"probes/{pid} belongs to no registered process (orphan)")
                 continue
-            with DirFd(probes_fd, name, readable=True) as d:
+            try:
+                d = DirFd(probes_fd, name, readable=True)
+            except FileNotFoundError:
+                continue
+            with d:
                 self.walk_probes(pid, d.fd, f"probes/{pid}", [])
         for pid, specs in self.parsed.items():
             for spec, inodes in sorted(specs.items()):
@@ -249,7 +300,9 @@ class _Verifier:
         if not names:
             self.bad(f"{where} is an empty directory (orphan)")
         for name in names:
-            st = os.lstat(name, dir_fd=dir_fd)
+            st = _lstat(name, dir_fd)
+            if st is None:
+                continue
             here = f"{where}/{printable(name)}"
             if len(path) < 3:
                 if not stat.S_ISDIR(st.st_mode):
@@ -257,7 +310,11 @@ class _Verifier:
                     continue
                 if not path and not (name.endswith(str(pid)) and len(name) > len(str(pid))):
                     self.bad(f"{here}: provider directory does not end in the pid")
-                with DirFd(dir_fd, name, readable=True) as d:
+                try:
+                    d = DirFd(dir_fd, name, readable=True)
+                except FileNotFoundError:
+                    continue
+                with d:
                     self.walk_probes(pid, d.fd, here, [*path, name])
                 continue
             prv = path[0][: -len(str(pid))]

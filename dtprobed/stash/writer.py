@@ -1,7 +1,7 @@
 """The stash writer child: the only process that writes under the state directory.
 
     python -m dtprobed.stash.writer --state-dir DIR [--max-generations N]
-        [--max-probes-per-pid N] [--max-probes-total N]
+        [--max-probes-per-pid N] [--max-probes-total N] [--lock-dir DIR]
 
 It reads :mod:`common.stash_protocol` command frames on stdin (fd 0) and
 answers each with exactly one reply frame on stdout (fd 1).  Every frame is
@@ -48,9 +48,10 @@ from common.stash_protocol import (
     WriteReparsed,
 )
 from dtprobed.oslib.fdio import read_exactly, write_all
-from dtprobed.stash.store import Stash
+from dtprobed.stash.store import DEFAULT_LOCK_DIR, Stash
 
 EXIT_PROTOCOL: Final = 3
+EXIT_START: Final = 4
 log = logging.getLogger("dtprobed.stash_writer")
 
 
@@ -104,6 +105,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-generations", type=positive_int, default=defaults.max_generations)
     p.add_argument("--max-probes-per-pid", type=positive_int, default=defaults.max_probes_per_pid)
     p.add_argument("--max-probes-total", type=positive_int, default=defaults.max_probes_total)
+    p.add_argument(
+        "--lock-dir",
+        default=DEFAULT_LOCK_DIR,
+        help="0700 directory of the writers' locks (default %(default)s)",
+    )
     return p
 
 
@@ -113,7 +119,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     set_process_name(b"dtprobed-stash")
     os.umask(0o022)  # modes are then exactly the 0755/0644 we pass
     quotas = StashQuotas(args.max_generations, args.max_probes_per_pid, args.max_probes_total)
-    stash = Stash(args.state_dir, quotas)  # recovers what a killed predecessor left
+    try:
+        # takes the writer lock, then recovers what a killed predecessor left
+        stash = Stash(args.state_dir, quotas, lock_dir=args.lock_dir)
+    except StashError as err:
+        log.error("cannot start: %s", err)
+        return EXIT_START
     try:
         serve(stash, 0, 1)
     except ProtocolError as err:
