@@ -142,7 +142,13 @@ if [ -z "$root" ]; then
             umount "$state_dir" 2>/dev/null || umount -l "$state_dir"
         fi
         say "removing the stash $state_dir and $log_file"
-        rm -rf -- "$state_dir" "$log_file"
+        if mountpoint -q "$state_dir" 2>/dev/null; then
+            # someone else's mount: emptied, left mounted
+            find "$state_dir" -mindepth 1 -delete
+            rm -f -- "$log_file"
+        else
+            rm -rf -- "$state_dir" "$log_file"
+        fi
     elif dtprobed_state_tmpfs_is_ours; then
         say "kept the stash in $state_dir, on the tmpfs install.sh mounted: it lasts" \
             "until a reboot (remove both with --purge)"

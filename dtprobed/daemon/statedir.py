@@ -42,7 +42,7 @@ FS_NAMES: Final = {
 #: The registration size the message puts the cost in terms of.
 EXAMPLE_PROBES: Final = 2000
 #: How many files the measurement writes, and how long it may take at most.
-SAMPLE_FILES: Final = 32
+SAMPLE_FILES: Final = 200
 SAMPLE_BUDGET: Final = 0.25
 #: A per-probe file of a probe with one tracepoint and no arguments (docs/stash.md).
 SAMPLE_BYTES: Final = b"\0" * 143
@@ -121,7 +121,8 @@ def warn_if_not_in_memory(state_dir: str, log: logging.Logger) -> bool:
         total = f"~{seconds * EXAMPLE_PROBES:.1f} s"
     log.warning(
         "state directory %s is on %s, not tmpfs: each stash file costs %s here "
-        "(on tmpfs ~0.02 ms), so a %d-probe registration spends %s writing the stash. "
+        "(on tmpfs ~0.01-0.02 ms), so a %d-probe registration spends at least %s "
+        "writing the stash. "
         "Mount a tmpfs on it before starting dtprobed "
         "(mount -t tmpfs -o mode=0755 dtprobed %s; packaging/install.sh does so "
         "where systemd is not pid 1; see docs/operations.md) or start dtprobed with "

@@ -261,3 +261,15 @@ def test_readme_install_command_on_a_host_without_systemd(
     assert "unmounting the tmpfs on /run/dtrace" in purge.stdout, purge.stdout
     assert tmpfs_source(host, "/run/dtrace") == ""
     assert host.run("test", "-e", "/run/dtrace").returncode != 0
+
+    # A tmpfs install.sh did not mount: --purge empties it and leaves it mounted.
+    foreign = host.run(
+        "sh",
+        "-c",
+        "mkdir /run/dtrace && mount -t tmpfs other /run/dtrace && touch /run/dtrace/x"
+        " && bash packaging/uninstall.sh --purge",
+    )
+    assert foreign.returncode == 0, foreign.stdout + foreign.stderr
+    assert "unmounting" not in foreign.stdout, foreign.stdout
+    assert tmpfs_source(host, "/run/dtrace") == "tmpfs other"
+    assert host.run("ls", "-A", "/run/dtrace").stdout == ""
