@@ -215,11 +215,14 @@ fi
 # one byte once it serves the helper and has pruned and reparsed the stash.
 ready=$(mktemp -u /run/.dtprobed-ready.XXXXXX)
 mkfifo -m 0600 "$ready"
-exec 4<>"$ready"  # read-write: opening it does not wait for the daemon
-setsid env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin "$sbin_dir/dtprobed" -F --ready-fd 3 \
-    </dev/null >>"$log_file" 2>&1 3>"$ready" 4<&- &
-pid=$!
+# Both ends opened here, before the daemon starts: read-write for us (opening
+# it waits for no one), write-only for the daemon (fd 3); then the name goes.
+exec 4<>"$ready" 3>"$ready"
 rm -f "$ready"
+setsid env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin "$sbin_dir/dtprobed" -F --ready-fd 3 \
+    </dev/null >>"$log_file" 2>&1 4<&- &
+pid=$!
+exec 3>&-
 echo "$pid" >"$pid_file"
 
 served() {
