@@ -1,7 +1,9 @@
 """Commands the daemon sends to the stash writer child, and its replies.
 
 One command is one frame (:mod:`common.framing`) on the writer's stdin; the
-writer answers each with exactly one reply frame on its stdout, in order.
+writer answers each with exactly one reply frame on its stdout, in order,
+possibly preceded by a bounded number of :class:`Log` frames (its log lines,
+which the daemon writes to its own log).
 Every type is a frozen, ``array_like``, ``forbid_unknown_fields`` msgspec
 Struct with an integer tag as item 0; tags are never reused.  The writer
 treats every command as hostile: schema bounds here, then the record grammar
@@ -41,6 +43,11 @@ MAX_COMMAND_FRAME: Final = DOF_MAXSZ + (64 << 20)
 REPLY_BUDGET: Final = 32 << 20
 #: Largest reply frame (a reparse scan carries raw DOF back).
 MAX_REPLY_FRAME: Final = DOF_MAXSZ + REPLY_BUDGET + (1 << 20)
+
+#: Log lines the writer sends per command (and at start-up); then one "suppressed" note.
+MAX_LOG_RECORDS: Final = 48
+#: Longest log line (code points) in a ``Log`` frame; longer ones are cut.
+MAX_LOG_MESSAGE: Final = 1000
 
 DEFAULT_MAX_GENERATIONS: Final = 1024
 DEFAULT_MAX_PROBES_PER_PID: Final = 65536
@@ -189,4 +196,17 @@ class Failure(Reply, tag=6, frozen=True):
     message: Message
 
 
-StashReply = Generation | Done | Pids | Items | Problems | Failure
+class Log(Reply, tag=7, frozen=True):
+    """One log line of the writer, for the daemon's log; any number (bounded) may
+    precede a reply, and those of start-up recovery precede the first reply.
+
+    ``level`` is a :mod:`logging` level (DEBUG lines only with ``--debug``).
+    At most :data:`MAX_LOG_RECORDS` lines (+ one "suppressed" note) per command,
+    and as many again at start-up; more is a protocol violation.
+    """
+
+    level: Annotated[int, msgspec.Meta(ge=1, le=50)]
+    message: Annotated[str, msgspec.Meta(max_length=MAX_LOG_MESSAGE)]
+
+
+StashReply = Generation | Done | Pids | Items | Problems | Failure | Log

@@ -6,7 +6,11 @@ waits, bounded by *timeout*, for the one reply.  A child that dies, hangs or
 answers out of protocol is killed and reaped and :class:`ChildFailed` (or
 :class:`ChildTimeout`) is raised; the next call starts a new child, which
 recovers the tree first.  A ``Failure`` reply raises :class:`StashError`
-with the writer's errno.
+with the writer's errno.  The writer's log lines arrive as ``Log`` frames
+before a reply (or, from start-up recovery, before the first one) and are
+logged here, bounded, into this object's logger (the daemon's
+``dtprobed.stash``); DEBUG lines are sent only when that logger is enabled
+for DEBUG when the writer starts (``--debug``).
 """
 
 from __future__ import annotations
@@ -23,12 +27,14 @@ from common.framing import FrameDecoder, FrameEncoder
 from common.grammar import ParsedProbe
 from common.records import Eof, ResultRecord
 from common.stash_protocol import (
+    MAX_LOG_RECORDS,
     MAX_REPLY_FRAME,
     Command,
     Done,
     Failure,
     Generation,
     Items,
+    Log,
     Pids,
     Problems,
     PruneDead,
@@ -85,6 +91,8 @@ class StashWriterChild:
         self._slot = ChildSlot("stash writer", self.argv, self.log)
         self._encoder = FrameEncoder()
         self._decoder: FrameDecoder[StashReply] = FrameDecoder(StashReply, MAX_REPLY_FRAME)
+        self._pending = bytearray()  # bytes of the current child not yet decoded
+        self._logs = 0  # Log frames since its last reply
 
     @property
     def pid(self) -> int | None:
@@ -102,6 +110,8 @@ class StashWriterChild:
             f"--max-generations={q.max_generations}",
             f"--max-probes-per-pid={q.max_probes_per_pid}",
             f"--max-probes-total={q.max_probes_total}",
+            # DEBUG lines cross the pipe only when the daemon would log them (-d)
+            *(["--debug"] if self.log.isEnabledFor(logging.DEBUG) else []),
         ]
 
     def start(self) -> None:
@@ -116,17 +126,59 @@ class StashWriterChild:
         """The live writer; one that died between commands is reported and replaced.
 
         No command was in flight, so none fails: the next one goes to a new writer.
+        Before its first reply a writer may send the log lines of its start-up
+        recovery; they are forwarded here (or during the first exchange).
         """
         child = self._slot.child
-        if child is not None:
+        while child is not None:
             idle = self._slot.read_idle(child)
+            if idle is None:
+                break
             if idle == b"":
+                self._drain_logs(child)
                 self._slot.failed(child, "died between commands", kill=False)
                 child = None
-            elif idle is not None:
-                self._slot.failed(child, "sent bytes between commands", kill=True)
+                break
+            self._pending += idle
+            try:
+                frames, used = self._decoder.split(self._pending)
+                del self._pending[:used]
+                for frame in frames:
+                    if not isinstance(frame, Log) or child.requests:
+                        raise ProtocolError("sent bytes between commands")
+                    self._log_line(child, frame)
+            except ProtocolError as err:
+                self._slot.failed(child, f"broke the protocol: {err}", kill=True)
                 child = None
-        return child if child is not None else self._slot.start()
+        if child is None:
+            child = self._slot.start()
+            self._pending = bytearray()
+            self._logs = 0
+        return child
+
+    def _log_line(self, child: RunningChild, rec: Log) -> None:
+        """One writer log line into the daemon's log; too many is a protocol violation."""
+        self._logs += 1
+        budget = (MAX_LOG_RECORDS + 1) * (2 if child.requests == 0 else 1)  # + start-up
+        if self._logs > budget:
+            raise ProtocolError(f"more than {budget} Log frames before one reply")
+        text = rec.message.encode("unicode_escape").decode("ascii")
+        self.log.log(rec.level, "stash writer %d: %s", child.pid, text)
+
+    def _drain_logs(self, child: RunningChild) -> None:
+        """Log what complete Log frames a dead writer left (its last words); ignore the rest."""
+        try:
+            frames, _ = self._decoder.split(self._pending)
+        except ProtocolError:
+            return
+        for frame in frames:
+            if isinstance(frame, Log):
+                self.log.log(
+                    frame.level,
+                    "stash writer %d: %s",
+                    child.pid,
+                    frame.message.encode("unicode_escape").decode("ascii"),
+                )
 
     # --------------------------------------------------------------- exchange
 
@@ -136,18 +188,31 @@ class StashWriterChild:
             frame = self._encoder.encode(command)
             deadline = time.monotonic() + self.timeout
             self._slot.send(child, memoryview(frame), deadline, self.timeout)
-            pending = bytearray()
+            pending = self._pending
             while True:
-                pending += self._slot.receive_some(child, deadline, self.timeout)
                 try:
-                    replies, used = self._decoder.split(pending)
-                    if replies and (len(replies) > 1 or used != len(pending)):
-                        raise ProtocolError("more than one reply to one command")
+                    data = self._slot.receive_some(child, deadline, self.timeout)
+                except ChildFailed:
+                    self._drain_logs(child)  # e.g. "cannot start: …" before it exited
+                    raise
+                pending += data
+                try:
+                    frames, used = self._decoder.split(pending)
+                    del pending[:used]
+                    reply = None
+                    for i, item in enumerate(frames):
+                        if isinstance(item, Log):
+                            self._log_line(child, item)
+                        elif i != len(frames) - 1 or pending:
+                            raise ProtocolError("more than one reply to one command")
+                        else:
+                            reply = item
                 except ProtocolError as err:
                     raise self._slot.failed(child, f"broke the protocol: {err}", kill=True) from err
-                if replies:
+                if reply is not None:
                     self._slot.succeeded(child)
-                    return replies[0]
+                    self._logs = 0
+                    return reply
 
     def _call(self, command: Command, expected: type) -> StashReply:
         reply = self._exchange(command)

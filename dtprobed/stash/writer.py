@@ -1,10 +1,12 @@
 """The stash writer child: the only process that writes under the state directory.
 
     python -m dtprobed.stash.writer --state-dir DIR [--max-generations N]
-        [--max-probes-per-pid N] [--max-probes-total N] [--lock-dir DIR]
+        [--max-probes-per-pid N] [--max-probes-total N] [--lock-dir DIR] [--debug]
 
 It reads :mod:`common.stash_protocol` command frames on stdin (fd 0) and
-answers each with exactly one reply frame on stdout (fd 1).  Every frame is
+answers each with exactly one reply frame on stdout (fd 1), preceded by its
+log lines as ``Log`` frames (bounded; DEBUG only with ``--debug``): it never
+writes a log of its own.  Every frame is
 hostile input: the frame size is bounded before it is read, the body must
 decode as a command (schema bounds), and the record stream is re-checked
 (grammar, names, counts, quotas) by :class:`~dtprobed.stash.store.Stash` before the
@@ -17,6 +19,7 @@ by a killed predecessor (:meth:`Stash._recover`) before it reads a command.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import logging
 import os
@@ -30,10 +33,13 @@ from common.framing import FrameDecoder, FrameEncoder
 from common.process_name import set_process_name
 from common.stash_protocol import (
     MAX_COMMAND_FRAME,
+    MAX_LOG_MESSAGE,
+    MAX_LOG_RECORDS,
     Done,
     Failure,
     Generation,
     Items,
+    Log,
     Pids,
     Problems,
     PruneDead,
@@ -87,7 +93,42 @@ def handle(stash: Stash, cmd: StashCommand) -> StashReply:
     raise AssertionError(f"unhandled command {cmd!r}")
 
 
-def serve(stash: Stash, rfd: int, wfd: int) -> None:
+class PipeLogHandler(logging.Handler):
+    """Log records as :class:`Log` frames on the reply pipe: the daemon logs them.
+
+    At most :data:`MAX_LOG_RECORDS` per command (:meth:`reset` starts a
+    command; start-up counts as one), then one note that the rest were
+    suppressed.  A failed write (the daemon is gone) is dropped silently.
+    """
+
+    def __init__(self, fd: int) -> None:
+        super().__init__()
+        self.fd = fd
+        self.count = 0
+        self._encoder = FrameEncoder()
+        self.setFormatter(logging.Formatter("%(message)s"))
+
+    def reset(self) -> None:
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.count > MAX_LOG_RECORDS:
+            return
+        self.count += 1
+        level = min(max(record.levelno, logging.DEBUG), logging.CRITICAL)
+        if self.count > MAX_LOG_RECORDS:
+            message, level = "further log lines of this command suppressed", logging.WARNING
+        else:
+            try:
+                message = self.format(record)
+            except Exception:  # a bad format string must not end the writer
+                message = f"unformattable log record {record.msg!r}"
+        frame = self._encoder.encode(Log(level=level, message=message[:MAX_LOG_MESSAGE]))
+        with contextlib.suppress(OSError):
+            write_all(self.fd, frame)
+
+
+def serve(stash: Stash, rfd: int, wfd: int, logs: PipeLogHandler | None = None) -> None:
     decoder: FrameDecoder[StashCommand] = FrameDecoder(StashCommand, MAX_COMMAND_FRAME)
     encoder = FrameEncoder()
     while True:
@@ -95,6 +136,8 @@ def serve(stash: Stash, rfd: int, wfd: int) -> None:
             cmd = decoder.read(lambda n: read_exactly(rfd, n))
         except PeerClosed:
             return
+        if logs is not None:
+            logs.reset()
         write_all(wfd, encoder.encode(handle(stash, cmd)))
 
 
@@ -105,6 +148,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-generations", type=positive_int, default=defaults.max_generations)
     p.add_argument("--max-probes-per-pid", type=positive_int, default=defaults.max_probes_per_pid)
     p.add_argument("--max-probes-total", type=positive_int, default=defaults.max_probes_total)
+    p.add_argument("--debug", action="store_true", help="send DEBUG log lines too (dtprobed -d)")
     p.add_argument(
         "--lock-dir",
         default=DEFAULT_LOCK_DIR,
@@ -115,7 +159,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="dtprobed-stash: %(message)s")
+    # the children never write a log themselves: every line goes to the daemon
+    logs = PipeLogHandler(1)
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(logs)
+    root.setLevel(logging.DEBUG if args.debug else logging.INFO)
     set_process_name(b"dtprobed-stash")
     os.umask(0o022)  # modes are then exactly the 0755/0644 we pass
     quotas = StashQuotas(args.max_generations, args.max_probes_per_pid, args.max_probes_total)
@@ -126,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("cannot start: %s", err)
         return EXIT_START
     try:
-        serve(stash, 0, 1)
+        serve(stash, 0, 1, logs)
     except ProtocolError as err:
         log.error("protocol violation from the daemon: %s", err)
         return EXIT_PROTOCOL

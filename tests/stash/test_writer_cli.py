@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 
 from common.errors import StashError
+from common.framing import FrameDecoder
 from common.grammar import check_stream
-from common.stash_protocol import StashQuotas
+from common.stash_protocol import MAX_REPLY_FRAME, Log, StashQuotas, StashReply
 from dtprobed.children.writer import StashWriterChild
 from dtprobed.cli.stash import main as cli_main
 from dtprobed.stash.store import Stash
@@ -93,6 +94,14 @@ def _raw_writer(state: str) -> subprocess.Popen[bytes]:
     )
 
 
+def _log_frames(out: bytes) -> list[Log]:
+    decoder: FrameDecoder[StashReply] = FrameDecoder(StashReply, MAX_REPLY_FRAME)
+    frames, used = decoder.split(bytearray(out))
+    assert used == len(out)
+    assert all(isinstance(f, Log) for f in frames), frames
+    return [f for f in frames if isinstance(f, Log)]
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize(
     "frame",
@@ -108,9 +117,14 @@ def _raw_writer(state: str) -> subprocess.Popen[bytes]:
 def test_hostile_frames_end_the_writer_and_change_nothing(tmp_path: Path, frame: bytes) -> None:
     state = str(tmp_path / "run")
     w = _raw_writer(state)
-    _, err = w.communicate(frame, timeout=30)
+    out, err = w.communicate(frame, timeout=30)
     assert w.returncode == 3, err
-    assert b"protocol violation" in err
+    # the writer writes no log of its own: the line is a Log frame for the daemon
+    assert err == b""
+    logs = _log_frames(out)
+    assert any(
+        rec.level == logging.ERROR and "protocol violation" in rec.message for rec in logs
+    ), logs
     assert snapshot(state + "/stash") == {"dof": ("dir", 0o755), "dof-pid": ("dir", 0o755)}
 
 
