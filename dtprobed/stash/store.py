@@ -209,6 +209,34 @@ def _stash_op(op: str) -> Callable[[_F], _F]:
     return wrap
 
 
+class _FdReserve:
+    """A few fds held back so that undoing a failure still works when fds ran out.
+
+    Removing what a failed registration created opens directories (one fd per
+    level); if the failure was ``EMFILE``/``ENFILE`` those opens would fail
+    too and leave the tree changed.  The reserve is released for the undo and
+    taken again afterwards (best effort).
+    """
+
+    SIZE: Final = 8
+
+    def __init__(self) -> None:
+        self._fds: list[int] = []
+        self.refill()
+
+    def refill(self) -> None:
+        while len(self._fds) < self.SIZE:
+            try:
+                self._fds.append(os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC))
+            except OSError:
+                return
+
+    def release(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds.clear()
+
+
 class _Undo:
     """The steps that revert a failed operation, run newest first unless committed.
 
@@ -218,8 +246,9 @@ class _Undo:
     the original exception propagates with its errno.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, reserve: _FdReserve | None = None) -> None:
         self._steps: list[tuple[Callable[..., object], tuple[object, ...]]] = []
+        self._reserve = reserve
 
     def add(self, fn: Callable[..., object], *args: object) -> None:
         self._steps.append((fn, args))
@@ -232,6 +261,17 @@ class _Undo:
 
     def __exit__(self, *exc: object) -> None:
         steps, self._steps = self._steps, []
+        if not steps:
+            return
+        if self._reserve is not None:
+            self._reserve.release()  # the undo needs fds even if the failure was EMFILE
+        try:
+            self._run(steps)
+        finally:
+            if self._reserve is not None:
+                self._reserve.refill()
+
+    def _run(self, steps: list[tuple[Callable[..., object], tuple[object, ...]]]) -> None:
         for fn, args in reversed(steps):
             try:
                 fn(*args)
@@ -277,6 +317,8 @@ class Stash:
         self._fds = contextlib.ExitStack()
         self._index: dict[int, _PidEntry] = {}
         self._total = 0
+        self._reserve = _FdReserve()
+        self._fds.callback(self._reserve.release)
         try:
             os.makedirs(state_dir, DIR_MODE, exist_ok=True)
             # the one absolute path: everything else is relative to these fds
@@ -479,10 +521,10 @@ class Stash:
                 # process or image that no longer exists, whatever becomes of this request.
                 log.info("%i: %s, removing old DOF", pid, stale)
                 self._remove_pid(pid)
-            with _Undo() as undo:  # unwound last: removes dof-pid/$pid if created here
+            with _Undo(self._reserve) as undo:  # unwound last: removes dof-pid/$pid if created here
                 pdir, created = self._open_pid_dir(reg, undo)
                 # inner's steps use pdir's fd: they run before it is closed
-                with pdir, _Undo() as inner:
+                with pdir, _Undo(self._reserve) as inner:
                     if created:
                         self._init_pid_dir(pdir, reg)
                     else:
@@ -1025,7 +1067,7 @@ class Stash:
                     return
                 # a failure here leaves the mapping unparsed (no version): the old
                 # files were outdated anyway and the next start-up retries it
-                with self._mkdir_open(mdir.fd, "parsed") as parsed, _Undo() as undo:
+                with self._mkdir_open(mdir.fd, "parsed") as parsed, _Undo(self._reserve) as undo:
                     self._write_parsed(item.pid, parsed, probes, undo, undo_files=True)
                     undo.commit()
                 entry.nprobes[key] = len(probes)
