@@ -226,6 +226,7 @@ def snapshot(dest, label):
             "uid": st.st_uid,
             "gid": st.st_gid,
             "size": st.st_size,
+            "blocks": st.st_blocks,
         }
         out = os.path.join(tree, rel) if rel else tree
         if e["type"] == "d":
@@ -249,10 +250,10 @@ def snapshot(dest, label):
         json.dump({"step": label, "state_dir": "/run/dtrace", "entries": entries}, f, indent=1)
         f.write("\n")
     with open(os.path.join(dest, "manifest.txt"), "w") as f:
-        f.write("# ino type mode nlink size sha256|->target path   (tmpfs inodes grow in creation order)\n")
+        f.write("# ino type mode nlink size blocks sha256|->target path   (tmpfs inodes grow in creation order)\n")
         for e in entries:
             extra = e.get("sha256", "->" + e["target"] if "target" in e else "-")
-            f.write(f'{e["ino"]} {e["type"]} {e["mode"]} {e["nlink"]} {e["size"]} {extra} {e["path"]}\n')
+            f.write(f'{e["ino"]} {e["type"]} {e["mode"]} {e["nlink"]} {e["size"]} {e["blocks"]} {extra} {e["path"]}\n')
     with open(os.path.join(dest, "find.txt"), "w") as f:
         subprocess.run(["find", STATE, "-printf", r"%i %y %#m %n %s %P -> %l\n"], stdout=f, check=True)
     note(f"snapshot {dest[len(OUT) + 1:]}: {len(entries)} entries")
@@ -421,6 +422,24 @@ def libfx_body(info, snap):
     snap("exited")
 
 
+def exec_lib_body(info, snap):
+    info["objects"]["fx_exec"] = readelf("fx_exec")
+    info["objects"]["libfx.so"] = readelf("libfx.so")
+    p = Prog([WORK + "/fx_exec"])
+    p.line()
+    info["processes"]["main"] = proc_info(p, "fx_exec", "registers fx_exec (gen 0), then dlopens libfx.so (gen 1)")
+    snap("registered")
+    p.cmd("o " + WORK + "/libfx.so")
+    info["processes"]["main"]["libfx_maps"] = [m for m in p.maps() if m.endswith("/libfx.so")]
+    info["processes"]["main"]["maps"] = p.maps()
+    snap("dlopened")
+    p.cmd("c")
+    snap("dlclosed")
+    p.quit()
+    info["processes"]["main"]["replies"] = p.replies
+    snap("exited")
+
+
 def adddof_body(info, snap):
     obj = "dtprobed-test-client"
     info["objects"][obj] = readelf(obj)
@@ -445,6 +464,7 @@ SCENARIOS = [
     ("libfx", libfx_body),
     ("fork", fork_body),
     ("twice", twice_body),
+    ("exec_lib", exec_lib_body),
     ("adddof", adddof_body),
 ]
 only = os.environ.get("GOLDEN_ONLY")
@@ -487,7 +507,7 @@ for d in "$STAGE"/run1/*/; do
     done
 done
 mkdir -p "$OUT/objects"
-for f in fxload dtprobed-test-client fxhold.c fxload.c probes.dof versions.txt \
+for f in fxhold.c fxload.c probes.dof versions.txt \
          fx_exec.readelf.txt libfx.so.readelf.txt fx_isenabled.readelf.txt fx_kinds.readelf.txt \
          fxload.readelf.txt dtprobed-test-client.readelf.txt; do
     cp "$W/$f" "$OUT/objects/$f"
