@@ -742,12 +742,14 @@ class Stash:
             gen = os.fstat(fd).st_size
             if gen >= (1 << 31) - 1:
                 raise OSError(errno.EOVERFLOW, "generation numbers exhausted")
-            # A crash between these two steps leaks a number, never reuses one.
-            os.ftruncate(fd, gen + 1)
+            # The commit point first: a crash before it leaves next-gen as it was
+            # (nothing of the registration stays); a crash between the two leaves
+            # next-gen behind the symlink, which start-up recovery raises.
+            os.symlink(key, str(gen), dir_fd=pdir.fd)
             try:
-                os.symlink(key, str(gen), dir_fd=pdir.fd)  # the commit point
+                os.ftruncate(fd, gen + 1)
             except BaseException:
-                os.ftruncate(fd, gen)
+                _unlink_quiet(pdir.fd, str(gen))  # un-commit
                 raise
         finally:
             os.close(fd)

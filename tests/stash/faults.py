@@ -73,7 +73,8 @@ def _names() -> dict[int, str]:
     return out
 
 
-def _load_filter() -> int:
+def load_filter() -> int:
+    """Load the notifying filter into this process (inherited across exec); its notify fd."""
     f = pyseccomp.SyscallFilter(pyseccomp.ALLOW)
     for name in WRITE_SYSCALLS:
         with contextlib.suppress(Exception):  # not every name exists on every arch
@@ -121,7 +122,7 @@ def run_failing_at(
         try:
             parent_sock.close()
             ctx = setup()
-            nfd = _load_filter()
+            nfd = load_filter()
             socket.send_fds(child_sock, [b"f"], [nfd])
             try:
                 result: tuple[str, object, str] = ("ok", operation(ctx), "")
@@ -177,3 +178,42 @@ def run_failing_at(
     assert data, f"the child reported nothing (wait status {status})"
     kind, value, message = json.loads(data)
     return Outcome(kind, value, message, calls, failed)
+
+
+def receive(nfd: int) -> tuple[int, str] | None:
+    """The next notification (id, syscall name); None when no process uses the filter."""
+    poller = select.poll()
+    poller.register(nfd, select.POLLIN)
+    names = _names()
+    while True:
+        events = poller.poll(_WAIT_MS)
+        assert events, "no system call and no exit within 60 s"
+        if not events[0][1] & select.POLLIN:
+            return None
+        buf = bytearray(80)
+        try:
+            fcntl.ioctl(nfd, _NOTIF_RECV, buf)
+        except OSError:
+            continue
+        (req_id,) = struct.unpack_from("<Q", buf, 0)
+        (nr,) = struct.unpack_from("<i", buf, 16)
+        return req_id, names.get(nr, str(nr))
+
+
+def let_through(nfd: int, req_id: int) -> None:
+    """Let the notified call run for real."""
+    with contextlib.suppress(OSError):
+        fcntl.ioctl(nfd, _NOTIF_SEND, struct.pack("<QqiI", req_id, 0, 0, _FLAG_CONTINUE))
+
+
+#: Run as ``python -c WRAPPER SOCKFD ARGV…``: load the filter, pass its fd, exec ARGV.
+WRAPPER: Final = """
+import os, socket, sys
+from tests.stash.faults import load_filter
+sock = socket.socket(fileno=int(sys.argv[1]))
+fd = load_filter()
+socket.send_fds(sock, [b"f"], [fd])
+sock.close()
+os.close(fd)
+os.execv(sys.argv[2], sys.argv[2:])
+"""

@@ -6,19 +6,33 @@ import os
 import random
 import select
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from common.errors import StashError
-from common.framing import FrameEncoder
-from common.stash_protocol import Register, Remove
+from common.errors import PeerClosed, StashError
+from common.framing import FrameDecoder, FrameEncoder
+from common.records import ResultRecord
+from common.stash_protocol import (
+    MAX_REPLY_FRAME,
+    Generation,
+    Log,
+    Problems,
+    Register,
+    Registration,
+    StashReply,
+    Verify,
+)
+from dtprobed.oslib.fdio import read_exactly
 from dtprobed.stash.store import Stash
+from tests.stash.faults import WRAPPER, let_through, receive
 from tests.stash.support import (
     Proc,
     dof_bytes,
@@ -30,6 +44,7 @@ from tests.stash.support import (
 )
 
 ITERATIONS = 200
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _churn(state: str, procs: list[Proc], seed: int, ready_fd: int | None = None) -> None:
@@ -126,41 +141,131 @@ def test_sigkill_at_random_points_then_recover(tmpfs_path: Path) -> None:
     assert killed_mid_tree > ITERATIONS // 4, f"only {killed_mid_tree} of {ITERATIONS} kills"
 
 
-@pytest.mark.timeout(120)
-def test_sigkill_of_the_real_writer_process(tmp_path: Path) -> None:
-    """The same through `python -m dtprobed.stash.writer`, killed while it writes."""
-    state = str(tmp_path / "run")
-    rng = random.Random(99)
+def _writer_killed_at(
+    state: str, reg: Registration, records: list[ResultRecord], n: int
+) -> list[str]:
+    """Run the real writer process; SIGKILL it as it enters its *n*-th write-type call
+    of the Register (0: never).  Returns the calls the Register made up to then.
+
+    The writer runs under a seccomp user-notification filter (tests/stash/faults.py,
+    loaded by a wrapper that then execs ``python -m dtprobed.stash.writer``): every
+    write-type call waits for this test's answer.  Calls before the Register (start-up,
+    recovery, a Verify to know start-up is over) are let through uncounted; the
+    *n*-th of the Register is never answered: the writer is killed while blocked in
+    it, so the call never runs and the kill lands exactly between call n-1 and n.
+    """
+    parent_sock, child_sock = socket.socketpair()
+    writer = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            WRAPPER,
+            str(child_sock.fileno()),
+            sys.executable,
+            "-m",
+            "dtprobed.stash.writer",
+            "--state-dir",
+            state,
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        pass_fds=[child_sock.fileno()],
+        cwd=REPO,
+    )
+    child_sock.close()
+    assert writer.stdin is not None and writer.stdout is not None
+    _, fds, _, _ = socket.recv_fds(parent_sock, 16, 1)
+    parent_sock.close()
+    assert fds, "the wrapper sent no notification fd"
+    nfd = fds[0]
+    armed = threading.Event()
+    calls: list[str] = []
+
+    def supervise() -> None:
+        while (got := receive(nfd)) is not None:
+            req, name = got
+            if armed.is_set():
+                calls.append(name)
+                if len(calls) == n:
+                    writer.kill()  # blocked in this call, which therefore never runs
+                    continue
+            let_through(nfd, req)
+
+    thread = threading.Thread(target=supervise, daemon=True)
+    thread.start()
+    decoder: FrameDecoder[StashReply] = FrameDecoder(StashReply, MAX_REPLY_FRAME)
+    out = writer.stdout.fileno()
     enc = FrameEncoder()
-    with sleepers(1) as (p,):
-        for i in range(6):
-            writer = subprocess.Popen(
-                [sys.executable, "-m", "dtprobed.stash.writer", "--state-dir", state],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-            )
-            assert writer.stdin is not None
-            frames = [
-                enc.encode(
-                    Register(
-                        reg=registration(p.pid, p.start_time, ino=i % 3), records=many_records(3000)
-                    )
-                ),
-                enc.encode(Remove(pid=p.pid, gen=max(0, i - 2))),
-            ]
-            for f in frames:
-                writer.stdin.write(f)
-            writer.stdin.flush()
-            time.sleep(0.25 + rng.uniform(0, 0.25))  # start-up, then somewhere in the work
+    try:
+        writer.stdin.write(enc.encode(Verify()))
+        writer.stdin.flush()
+        while isinstance(reply := decoder.read(lambda k: read_exactly(out, k)), Log):
+            pass
+        assert reply == Problems(problems=[]), reply
+        armed.set()  # start-up is over: from now on every write-type call is the Register's
+        writer.stdin.write(enc.encode(Register(reg=reg, records=records)))
+        writer.stdin.flush()
+        try:
+            while isinstance(reply := decoder.read(lambda k: read_exactly(out, k)), Log):
+                pass
+            assert n == 0, f"the writer answered {reply} though killed at call {n}"
+            assert isinstance(reply, Generation), reply
+        except PeerClosed:
+            assert n > 0, "the writer died unkilled"
+        writer.stdin.close()
+        status = writer.wait(60)
+        assert status == (-signal.SIGKILL if n else 0), status
+    finally:
+        if writer.poll() is None:
             writer.kill()
             writer.wait()
-            writer.stdin.close()
-            assert writer.stdout is not None
-            writer.stdout.close()
+        thread.join(60)
+        os.close(nfd)
+        writer.stdout.close()
+    return calls
+
+
+@pytest.mark.timeout(300)
+def test_sigkill_of_the_real_writer_process_mid_commit(tmp_path: Path) -> None:
+    """The real writer killed inside a Register, at known points from its 2nd write to
+    its reply: recovery + verify leave none of it (killed before the commit point, the
+    generation symlink) or all of it (killed after it, before the reply)."""
+    rng = random.Random(99)
+    records = many_records(200)
+    with sleepers(1) as (p,):
+        reg = registration(p.pid, p.start_time, ino=2)
+
+        def base(name: str) -> str:
+            state = str(tmp_path / name)
             stash = Stash(state)
+            stash.register(registration(p.pid, p.start_time, ino=1), many_records(5, "k"))
+            stash.close()
+            return state
+
+        state = base("calibrate")
+        before = snapshot(state)
+        calls = _writer_killed_at(state, reg, records, 0)
+        after = snapshot(state)
+        assert len(calls) > 100, calls
+        commit = len(calls) - calls[::-1].index("symlinkat")  # 1-based: the $gen symlink
+        # then next-gen + 1 and the reply
+        assert calls[commit:] == ["ftruncate", "write"], calls[commit - 3 :]
+        points = {2, 3, commit - 1, commit, commit + 1, commit + 2}
+        points |= set(rng.sample(range(4, commit - 1), 10))
+        for n in sorted(points):
+            state = base(f"kill-{n}")
+            made = _writer_killed_at(state, reg, records, n)
+            assert len(made) == n  # killed in call n: calls 1..n-1 ran, n did not
+            # after the commit began (a write of it ran), before it ended (the reply)
+            assert 2 <= n <= len(calls)
+            stash = Stash(state)  # start-up recovery
             problems = stash.verify()
             stash.close()
-            assert problems == [], f"iteration {i}: {problems}"
+            assert problems == [], f"killed at call {n} ({made[-1]}): {problems}"
+            if n <= commit:  # the symlink never ran: none of the registration
+                assert snapshot(state) == before, f"killed at call {n} ({made[-1]})"
+            else:  # committed, killed before next-gen + 1 or the reply: all of it
+                assert snapshot(state) == after, f"killed at call {n} ({made[-1]})"
 
 
 def test_interrupted_register_is_rolled_back(tmp_path: Path) -> None:
