@@ -45,7 +45,8 @@ def unchecked(cls: type, *values: object) -> ResultRecord:
     """Build a record the way a hostile peer's bytes would decode, bypassing nothing:
     msgspec validates on decode, so this goes through msgpack."""
     raw = msgspec.msgpack.encode([*values])
-    return msgspec.msgpack.decode(raw, type=cls)  # type: ignore[no-any-return]
+    record: ResultRecord = msgspec.msgpack.decode(raw, type=cls)
+    return record
 
 
 HOSTILE = ["../../x", "a/b", ".", "..", "x:y", "ctl\x01", "del\x7f", "", "nul\x00"]
@@ -68,7 +69,7 @@ def test_too_long_spec_is_refused_and_nothing_changes(dirs: tuple[Path, Path], p
     stash = Stash(str(state))
     stash.register(registration(proc.pid, proc.start_time, ino=1), WORKED)
     before, before_out = snapshot(str(state)), snapshot(str(outside))
-    long = [Provider(name="p" * 63, nprobes=1)]
+    long: list[ResultRecord] = [Provider(name="p" * 63, nprobes=1)]
     long += [Probe(mod="m" * 63, fun="f" * 127, prb="q" * 63, ntp=1, nargc=0, xargc=0)]
     long += [Tracepoint(addr=1, is_enabled=False), Eof()]
     with pytest.raises(StashError) as err:
