@@ -16,6 +16,7 @@ Skipped when the goldens or fixtures are absent.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,9 @@ import pytest
 from common.grammar import check_stream
 from common.records import ObjectBase
 from common.stash_format import VERSION_BYTES, decode_probe_file, encode_probe_file
+from parserd import elf_notes
 from parserd.elf_notes import parse_notes
+from tests.parser.elf_build import CountingReader
 
 GOLDENS = Path(__file__).parents[1] / "golden" / "upstream-2.0.7"
 FIXTURES = Path(__file__).parent / "fixtures" / "notes"
@@ -67,3 +70,48 @@ def test_parsed_files_equal_upstreams(directory: Path) -> None:
         in_our_order = sorted(f.tracepoints, key=lambda t: (t.is_enabled, t.addr))
         assert ours[spec] == encode_probe_file(f.provider, f.probe, f.args, in_our_order), spec
         assert sorted(ours[spec]) == sorted(data)  # the same bytes, whatever the order
+
+
+@pytest.mark.skipif(not REGISTRATIONS, reason="no upstream goldens for the notes fixtures")
+def test_the_hash_table_model_predicts_upstreams_tracepoint_order(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Evidence for the emission-order finding (parserd/elf_notes.py docstring).
+
+    Upstream writes a probe's tracepoints in validation order as a list whose
+    head is the first tracepoint validated, each later one inserted right after
+    the head: first, then the rest in reverse.  Validation walks ``prbmap``; our
+    ``_Htab`` model of ``dt_htab`` gives that walk.  It must predict the order of
+    every TRACEPOINT in every upstream file exactly.
+    """
+    walked: list[elf_notes._Site] = []
+    real_iter = elf_notes._Htab.__iter__
+
+    def iterate(self: elf_notes._Htab) -> Iterator[object]:
+        for entry in real_iter(self):
+            if isinstance(entry, elf_notes._Site):
+                walked.append(entry)
+            yield entry
+
+    monkeypatch.setattr(elf_notes._Htab, "__iter__", iterate)
+    checked = 0
+    for directory in REGISTRATIONS:
+        walked.clear()
+        dh = (directory / "dh").read_bytes()
+        module = dh[:64].split(b"\0", 1)[0].decode()
+        obj = (FIXTURES / module).read_bytes()
+        records = parse_notes(dh, len(obj), CountingReader(obj))
+        assert isinstance(records[0], ObjectBase)
+        base = records[0].base
+        by_probe: dict[tuple[bytes, bytes, bytes], list[elf_notes._Site]] = {}
+        for site in walked:
+            by_probe.setdefault((site.prv, site.fun, site.prb), []).append(site)
+        for (prv, fun, prb), sites in by_probe.items():
+            spec = f"{prv.decode()}:{module}:{fun.decode()}:{prb.decode()}"
+            f = decode_probe_file((directory / "parsed" / spec).read_bytes())
+            predicted = [sites[0], *reversed(sites[1:])]
+            assert [(t.addr, t.is_enabled) for t in f.tracepoints] == [
+                (base + s.off, s.enabled) for s in predicted
+            ], spec
+            checked += 1
+    assert checked >= 10
