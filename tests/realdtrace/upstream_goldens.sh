@@ -33,10 +33,13 @@ die() { log "error: $*"; exit 1; }
 if [ "${1:-}" = --guest ]; then
     ROOT=$2 OUTRUN=$3
     # Always mount, never test with mountpoint(1): the host's own mounts in the chroot
-    # (partner.py binds the host's /dev there) show through the 9p root, without /dev/cuse.
+    # (partner.py binds the host's /proc, /sys, /dev there while its tests run) show through
+    # the 9p root, without /dev/cuse. sysfs then refuses a second mount ("already mounted");
+    # nothing here needs /sys, so that one may fail.
     mount -t proc proc "$ROOT/proc"
-    mount -t sysfs sysfs "$ROOT/sys"
+    mount -t sysfs sysfs "$ROOT/sys" 2>/dev/null || true
     mount --rbind /dev "$ROOT/dev"
+    [ -e "$ROOT/proc/$$/maps" ] || { echo "no guest /proc in $ROOT/proc" >&2; exit 1; }
     [ -c "$ROOT/dev/cuse" ] || { echo "no $ROOT/dev/cuse in the guest" >&2; exit 1; }
     exec /usr/bin/python3 -I "$ROOT$WORK_IN/driver.py" "$ROOT" "$WORK_IN" "$OUTRUN"
 fi
@@ -57,10 +60,15 @@ OUT=$REPO/tests/golden/upstream-2.0.7
 FIX=$REPO/tests/parser/fixtures/notes
 ROOT=$("$HERE/chroot.sh")
 W=$ROOT$WORK_IN
-rm -rf "${W:?}"
-mkdir -p "$W"
-cp "$FIX"/fx_exec "$FIX"/libfx.so "$FIX"/fx_isenabled "$FIX"/fx_kinds "$W/"
-cp "$REPO/tests/realkernel/client.c" "$W/client.c"
+# The work folder is kept between runs and files are only overwritten in place when their
+# bytes change (cp onto an existing file keeps its inode): the objects keep their inode
+# numbers, so the `$dev-$ino` names in the goldens stay the same from one run to the next.
+put() {  # source destination
+    cmp -s "$1" "$2" || cp "$1" "$2"
+}
+mkdir -p "$W/.build"
+for f in fx_exec libfx.so fx_isenabled fx_kinds; do put "$FIX/$f" "$W/$f"; done
+put "$REPO/tests/realkernel/client.c" "$W/client.c"
 
 cat >"$W/fxhold.c" <<'EOF'
 /* LD_PRELOAD: keep a program alive after main() returns, obeying commands on stdin. */
@@ -157,7 +165,8 @@ log "DOF for the ADDDOF client (tests.realkernel.harness.probes_dof)"
 import sys
 from tests.realkernel.harness import probes_dof
 open(sys.argv[1], "wb").write(probes_dof("goldprov", 3))
-' "$W/probes.dof")
+' "$W/.build/probes.dof")
+put "$W/.build/probes.dof" "$W/probes.dof"
 
 log "building fxhold.so, fxload, dtprobed-test-client in the chroot"
 unshare --mount --propagation private bash -c '
@@ -165,9 +174,12 @@ unshare --mount --propagation private bash -c '
     mount --bind /proc "$1/proc"
     chroot "$1" env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LC_ALL=C sh -c "
         set -e; cd $2
-        gcc -O2 -Wall -Werror -shared -fPIC -o fxhold.so fxhold.c -ldl
-        gcc -O2 -Wall -Werror -o fxload fxload.c
-        gcc -O1 -Wall -no-pie -o dtprobed-test-client client.c
+        gcc -O2 -Wall -Werror -shared -fPIC -o .build/fxhold.so fxhold.c -ldl
+        gcc -O2 -Wall -Werror -o .build/fxload fxload.c
+        gcc -O1 -Wall -no-pie -o .build/dtprobed-test-client client.c
+        for f in fxhold.so fxload dtprobed-test-client; do
+            cmp -s .build/\$f \$f || cp .build/\$f \$f
+        done
         for f in fx_exec libfx.so fx_isenabled fx_kinds fxload dtprobed-test-client; do
             readelf -hSW \$f >\$f.readelf.txt
         done
