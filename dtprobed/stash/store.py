@@ -84,7 +84,9 @@ DEFAULT_LOCK_DIR: Final = "/run/dtprobed"
 LOCK_WAIT: Final = 10.0
 
 
-def writer_lock(root_fd: int, state_dir: str, lock_dir: str, wait: float = LOCK_WAIT) -> int:
+def writer_lock(
+    root_fd: int, state_dir: str, lock_dir: str, wait: float = LOCK_WAIT
+) -> _WriterLock:
     """One writer per state directory, by a lock no other user can reach; returns its fd.
 
     The state directory is 0755, so a lock on it (or on any file in it) is one
@@ -96,7 +98,8 @@ def writer_lock(root_fd: int, state_dir: str, lock_dir: str, wait: float = LOCK_
     the same state directory (another daemon with ``-s`` the same) refuses to
     start (after *wait* seconds) with ``EBUSY`` instead of
     interleaving with the first, whose in-memory
-    quota counts would go stale.  A killed writer's lock goes with its process.
+    quota counts would go stale.  A killed writer's lock goes with its process
+    (its file stays, and is reused); a writer that closes removes the file.
     """
     st = os.fstat(root_fd)
     with contextlib.suppress(FileExistsError):
@@ -113,38 +116,66 @@ def writer_lock(root_fd: int, state_dir: str, lock_dir: str, wait: float = LOCK_
                 f"{dst.st_uid}: it must be 0700 and ours, or other users could block the writer",
             )
         name = f"stash-{st.st_dev}-{st.st_ino}.lock"
-        fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dfd)
-    finally:
-        os.close(dfd)
-    try:
         deadline = time.monotonic() + wait
         while True:
+            fd = os.open(
+                name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dfd
+            )
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
             except BlockingIOError:
                 # a predecessor that has just lost its daemon may still be exiting
-                if time.monotonic() >= deadline:
-                    raise
-                time.sleep(0.05)
-    except BlockingIOError:
-        try:
-            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
-        finally:
+                if time.monotonic() < deadline:
+                    os.close(fd)
+                    time.sleep(0.05)
+                    continue
+                try:
+                    holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
+                finally:
+                    os.close(fd)
+                raise StashError(
+                    "start",
+                    state_dir,
+                    errno.EBUSY,
+                    f"state directory {state_dir} is in use by another stash writer "
+                    f"(pid {holder}; lock {lock_dir}/{name})",
+                ) from None
+            except BaseException:
+                os.close(fd)
+                raise
+            # the holder unlinks the file before it lets go: locked a file that is no
+            # longer the name's, so try again with the current one
+            try:
+                same = (
+                    os.stat(name, dir_fd=dfd, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+                )
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
             os.close(fd)
-        raise StashError(
-            "start",
-            state_dir,
-            errno.EBUSY,
-            f"state directory {state_dir} is in use by another stash writer (pid {holder}; "
-            f"lock {lock_dir}/{name})",
-        ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     except BaseException:
-        os.close(fd)
+        os.close(dfd)
         raise
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
+    return _WriterLock(dfd, name, fd)
+
+
+class _WriterLock:
+    """The held writer lock; :meth:`release` unlinks the file, then lets go of it."""
+
+    def __init__(self, dir_fd: int, name: str, fd: int) -> None:
+        self._dir_fd, self._name, self._fd = dir_fd, name, fd
+
+    def release(self) -> None:
+        if self._fd < 0:
+            return
+        with contextlib.suppress(OSError):
+            os.unlink(self._name, dir_fd=self._dir_fd)  # still holding: no one else has it
+        os.close(self._fd)
+        os.close(self._dir_fd)
+        self._fd = -1
 
 
 def _open_in_place(dir_fd: int, name: str) -> int:
@@ -323,7 +354,7 @@ class Stash:
             os.makedirs(state_dir, DIR_MODE, exist_ok=True)
             # the one absolute path: everything else is relative to these fds
             self.root = self._fds.enter_context(DirFd(None, state_dir, readable=True))
-            self._fds.callback(os.close, writer_lock(self.root.fd, state_dir, lock_dir, lock_wait))
+            self._fds.callback(writer_lock(self.root.fd, state_dir, lock_dir, lock_wait).release)
             stash = self._fds.enter_context(self._mkdir_open(self.root.fd, "stash"))
             self.dof = self._fds.enter_context(self._mkdir_open(stash.fd, "dof", readable=True))
             self.dofpid = self._fds.enter_context(

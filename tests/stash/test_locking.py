@@ -126,7 +126,12 @@ def test_a_second_writer_on_the_same_state_directory_is_refused(tmp_path: Path) 
         Stash(state, lock_wait=0)
     assert info.value.errno == errno.EBUSY
     assert f"in use by another stash writer (pid {os.getpid()}" in str(info.value)
+    st = os.stat(state)
+    lock_file = Path(f"/run/dtprobed/stash-{st.st_dev}-{st.st_ino}.lock")
+    assert lock_file.read_text() == f"{os.getpid()}\n"
+    assert stat.S_IMODE(lock_file.stat().st_mode) == 0o600
     first.close()
+    assert not lock_file.exists()  # a writer that closes leaves no file behind
     Stash(state, lock_wait=0).close()  # released with the first
 
 
