@@ -5,13 +5,24 @@ Both the receiver (checking what the parser child sends) and the stash writer
 :class:`StreamChecker`.  A record that is not allowed in the current state
 rejects the whole request: the sender is treated as broken or compromised.
 
-    stream   := ERR | [OBJECT_BASE] provider* EOF
+    stream   := ERR | provider* EOF
     provider := PROVIDER probe{nprobes}
     probe    := PROBE [ARGS_NATIVE [ARGS_XLAT ARGS_MAP]] TRACEPOINT{ntp}
 
 plus the cross-record rules: argument counts match ``nargc``/``xargc``, every
-argmap entry is below ``nargc``, regular tracepoints come first and each class
-is strictly ascending, and no ``prv:mod:fun:prb`` appears twice.
+argmap entry is below ``nargc``, no ``prv:mod:fun:prb`` appears twice, and the
+tracepoints of a probe follow the rule of the stream's kind:
+
+* DOF streams (``notes=False``, the answer to a ``ParseRequest``): regular
+  tracepoints come first and each class is strictly ascending (as the DOF
+  parser emits them);
+* ELF-notes streams (``notes=True``, the answer to a ``ParseNoteBlocks``):
+  no two tracepoints of a probe share an address, in any order (the parser
+  emits upstream's order: first validated, then the others in reverse, so
+  that parsed stash files are byte-identical to upstream's).
+
+The answer to a ``LocateNotes`` (one ``NotesLocation`` or ``Err``) is no
+stream: :func:`check_location` checks it.
 """
 
 from __future__ import annotations
@@ -28,7 +39,7 @@ from common.records import (
     ArgsXlat,
     Eof,
     Err,
-    ObjectBase,
+    NotesLocation,
     Probe,
     Provider,
     ResultRecord,
@@ -52,7 +63,7 @@ class ParsedProbe(NamedTuple):
 
 
 class _State(enum.Enum):
-    START = "OBJECT_BASE, PROVIDER, EOF or ERR"
+    START = "PROVIDER, EOF or ERR"
     PROBE = "PROBE"
     NATIVE = "ARGS_NATIVE"
     XLAT = "ARGS_XLAT"
@@ -63,7 +74,7 @@ class _State(enum.Enum):
 
 
 _ALLOWED: Final[dict[_State, frozenset[type]]] = {
-    _State.START: frozenset((ObjectBase, Provider, Eof, Err)),
+    _State.START: frozenset((Provider, Eof, Err)),
     _State.PROBE: frozenset((Probe,)),
     _State.NATIVE: frozenset((ArgsNative,)),
     _State.XLAT: frozenset((ArgsXlat,)),
@@ -89,16 +100,15 @@ class StreamChecker:
         max_probes: int | None = None,
         max_tracepoints: int | None = None,
         *,
-        object_base: bool | None = None,
+        notes: bool = False,
     ) -> None:
-        """*object_base*: None, an accepted stream may begin with one ObjectBase; True, it must
-        (the answer to a ParseNotes); False, it must not (the answer to a DOF ParseRequest)."""
+        """*notes*: the stream answers a ``ParseNoteBlocks`` (tracepoints: unique addresses,
+        any order), not a DOF ``ParseRequest`` (tracepoints: regular then is-enabled, each
+        strictly ascending).  The stash writer passes the kind of the registration."""
+        self.notes = notes
         self._state = _State.START
         self._allowed = _ALLOWED[_State.START]
-        if object_base is False:
-            self._allowed = self._allowed - {ObjectBase}
-        elif object_base:
-            self._allowed = frozenset((ObjectBase, Err))
+        self._addrs: set[int] = set()
         self._provider: Provider | None = None
         self._probes_left = 0
         self._probe: Probe | None = None
@@ -111,7 +121,6 @@ class StreamChecker:
         self._count = 0
         self._handlers: dict[type, Callable[[Any], None]] = {
             Err: self._on_err,
-            ObjectBase: self._on_base,
             Eof: self._on_eof,
             Provider: self._on_provider,
             Probe: self._on_probe,
@@ -123,8 +132,6 @@ class StreamChecker:
         self.probes: list[ParsedProbe] = []
         self.providers: list[Provider] = []
         self.error: Err | None = None
-        #: The ``ObjectBase`` the stream began with (ELF notes), else None.
-        self.base: ObjectBase | None = None
 
     @property
     def expected(self) -> str:
@@ -153,10 +160,6 @@ class StreamChecker:
         self.error = rec
         self._goto(_State.DONE)
 
-    def _on_base(self, rec: ObjectBase) -> None:
-        self.base = rec
-        self._goto(_State.NEXT)  # PROVIDER or EOF: an accepted stream, never ERR
-
     def _on_eof(self, rec: Eof) -> None:
         self._goto(_State.DONE)
 
@@ -182,6 +185,7 @@ class StreamChecker:
         self._probe = probe
         self._args = []
         self._tps = []
+        self._addrs = set()
         self._goto(_State.NATIVE if probe.nargc else _State.TRACEPOINT)
 
     def _on_native(self, rec: ArgsNative) -> None:
@@ -212,7 +216,12 @@ class StreamChecker:
 
     def _on_tracepoint(self, tp: Tracepoint) -> None:
         tps = self._tps
-        if tps:
+        if self.notes:
+            addrs = self._addrs
+            if tp.addr in addrs:
+                raise self._fail(f"tracepoint {tp.addr:#x} appears twice in one probe")
+            addrs.add(tp.addr)
+        elif tps:
             last = tps[-1]
             if last.is_enabled and not tp.is_enabled:
                 raise self._fail("regular tracepoint after an is-enabled one")
@@ -233,12 +242,21 @@ class StreamChecker:
 
 
 def check_stream(
-    records: list[ResultRecord], *, object_base: bool | None = None, **limits: int | None
+    records: list[ResultRecord], *, notes: bool = False, **limits: int | None
 ) -> StreamChecker:
     """Check a complete stream; raises :class:`ProtocolError` if it is bad or unfinished."""
-    checker = StreamChecker(**limits, object_base=object_base)
+    checker = StreamChecker(**limits, notes=notes)
     for rec in records:
         checker.feed(rec)
     if not checker.done:
         raise ProtocolError(f"stream ended early, expected {checker.expected}")
     return checker
+
+
+def check_location(records: list[ResultRecord]) -> NotesLocation | Err:
+    """The answer to a ``LocateNotes`` (``Log`` records removed): exactly one record,
+    ``NotesLocation`` or ``Err``; raises :class:`ProtocolError` otherwise."""
+    if len(records) != 1 or not isinstance(records[0], NotesLocation | Err):
+        kinds = ", ".join(type(r).__name__ for r in records[:4]) or "nothing"
+        raise ProtocolError(f"LocateNotes answered {kinds}, expected one NotesLocation or Err")
+    return records[0]

@@ -18,19 +18,27 @@ DEFAULT_MAX_DOF_SIZE: Final = DOF_MAXSZ
 DEFAULT_MAX_PROVIDERS: Final = 256
 DEFAULT_MAX_PROBES: Final = 65536
 DEFAULT_MAX_TRACEPOINTS: Final = 262144
-#: ELF-notes objects (``ParseNotes``): how many ``ReadAt`` one request may make, and how
-#: many bytes they may fetch in all.  A ``.note.usdt`` of a 20000-probe object is about
-#: 2 MiB, its ``.rodata`` function names a few KiB to a few MiB, the headers a few KiB:
-#: 64 reads of at most :data:`MAX_OBJECT_READ` (1 MiB) each, 64 MiB in all, admit that
-#: with a wide margin and keep a hostile object from making the daemon read a huge file.
+#: ELF-notes objects.  ``max_object_reads``: how many ``ReadAt`` one ``LocateNotes`` may
+#: make; ``max_object_bytes``: how many bytes they may fetch in all, and also how large the
+#: two blocks together may be (``notes_size + rodata_size`` in ``LocateNotes``,
+#: ``len(notes) + len(rodata)`` in ``ParseNoteBlocks``).  A ``.note.usdt`` of a 20000-probe
+#: object is about 2 MiB, a ``.rodata`` a few KiB to a few MiB, the headers a few KiB:
+#: 64 reads of at most :data:`MAX_OBJECT_READ` (1 MiB) each and 64 MiB admit that with a
+#: wide margin and keep a hostile object from making the daemon read a huge file.
 DEFAULT_MAX_OBJECT_READS: Final = 64
 DEFAULT_MAX_OBJECT_BYTES: Final = 64 << 20
 #: Largest single ``ReadAt``: as large as a record batch frame (``MAX_RECORD_FRAME``), so
 #: the ``ObjectBytes`` answer frame has the same kind of small, fixed bound, and one read
 #: covers the notes of a typical object.
 MAX_OBJECT_READ: Final = 1 << 20
-#: Upper bound of ``max_object_bytes`` (an option can raise it this far, no further).
-MAX_OBJECT_BYTES: Final = 1 << 30
+#: Upper bound of ``max_object_bytes`` (an option can raise it this far, no further): the two
+#: blocks of a ``ParseNoteBlocks`` travel in one request frame, whose bound is
+#: ``DOF_MAXSZ + 4096`` (:data:`common.framing.MAX_REQUEST_FRAME`); the helper and the
+#: msgpack overhead take well under 4096 bytes.
+MAX_OBJECT_BYTES: Final = DOF_MAXSZ
+#: Largest object file size a ``LocateNotes`` may state, and largest file offset a
+#: ``NotesLocation`` may give (u63: what ``fstat`` can report).
+MAX_OBJECT_SIZE: Final = (1 << 63) - 1
 
 Positive = Annotated[int, msgspec.Meta(ge=1)]
 

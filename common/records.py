@@ -13,13 +13,17 @@ smuggle ``../x`` past the host.
 
 The stream grammar for one request (checked by :mod:`common.grammar`):
 
-    [OBJECT_BASE] ( PROVIDER ( PROBE [ARGS_NATIVE [ARGS_XLAT ARGS_MAP]] TRACEPOINT{ntp} ){nprobes} )* EOF
-  | ERR
+    ParseRequest, ParseNoteBlocks:
+        ( PROVIDER ( PROBE [ARGS_NATIVE [ARGS_XLAT ARGS_MAP]] TRACEPOINT{ntp} ){nprobes} )* EOF
+      | ERR
+    LocateNotes:
+        NOTES_LOCATION | ERR
 
 ``Log`` records may appear anywhere before the end and are not part of it;
-neither may ``ReadAt`` (the ELF-notes path asking the host for file bytes),
-which is always the last record of its batch.  ``ObjectBase`` (notes only)
-has no C form: the host puts its value in the stored ``dof_helper_t``.
+neither may ``ReadAt`` (``LocateNotes`` asking the host for file bytes),
+which is always the last record of its batch.  ``NotesLocation`` has no C
+form: the host reads the two blocks it names, and stores its ``base`` as the
+``dofhp_addr`` of the registration's ``dof_helper_t``.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from typing import Annotated, Final
 
 import msgspec
 
-from common.limits import MAX_OBJECT_READ
+from common.limits import MAX_OBJECT_BYTES, MAX_OBJECT_READ, MAX_OBJECT_SIZE
 from common.names import MAX_SARGS_BYTES, NameRefused, check_argtype, check_name, check_sargs
 
 DIT_PROVIDER: Final = 0
@@ -41,7 +45,7 @@ DIT_ARGS_XLAT: Final = 6
 DIT_ARGS_MAP: Final = 7
 LOG_TAG: Final = 100
 READ_AT_TAG: Final = 101
-OBJECT_BASE_TAG: Final = 102
+NOTES_LOCATION_TAG: Final = 102
 
 #: Hard caps on counts a record may carry, whatever the configured limits.
 MAX_NPROBES: Final = 1 << 24
@@ -168,14 +172,38 @@ class ReadAt(Record, tag=READ_AT_TAG, frozen=True):
     size: Annotated[int, msgspec.Meta(ge=1, le=MAX_OBJECT_READ)]
 
 
-class ObjectBase(Record, tag=OBJECT_BASE_TAG, frozen=True):
-    """First result record of an accepted notes parse: the load base the parser derived.
+FileOffset = Annotated[int, msgspec.Meta(ge=0, le=MAX_OBJECT_SIZE)]
+BlockSize = Annotated[int, msgspec.Meta(ge=0, le=MAX_OBJECT_BYTES)]
 
-    ``dofhp_addr`` for ET_DYN, 0 for ET_EXEC (as upstream); the host stores it as
-    the ``dofhp_addr`` of the registration's ``dof_helper_t``.
+
+class NotesLocation(Record, tag=NOTES_LOCATION_TAG, frozen=True):
+    """The answer to an accepted ``LocateNotes``: where the two blocks lie, and the load base.
+
+    ``base`` is ``dofhp_addr`` for ET_DYN, 0 for ET_EXEC (as upstream); the host
+    stores it as the ``dofhp_addr`` of the registration's ``dof_helper_t`` and
+    sends it in the ``ParseNoteBlocks`` helper.  ``*_addr`` are the sections'
+    ``sh_addr``, ``*_offset`` / ``*_size`` their place in the file (the parser
+    checked them against the file size it was told; the host, which knows the
+    size, checks again).  The two sizes together are at most
+    :data:`~common.limits.MAX_OBJECT_BYTES` (the configured ``max_object_bytes``
+    is the parser's to apply).
     """
 
     base: U64
+    notes_addr: U64
+    notes_offset: FileOffset
+    notes_size: BlockSize
+    rodata_addr: U64
+    rodata_offset: FileOffset
+    rodata_size: BlockSize
+
+    def __post_init__(self) -> None:
+        if self.notes_offset + self.notes_size > MAX_OBJECT_SIZE:
+            raise ValueError("notes block extends past the largest file size")
+        if self.rodata_offset + self.rodata_size > MAX_OBJECT_SIZE:
+            raise ValueError("rodata block extends past the largest file size")
+        if self.notes_size + self.rodata_size > MAX_OBJECT_BYTES:
+            raise ValueError(f"blocks of {self.notes_size + self.rodata_size} bytes in all")
 
 
 ParserRecord = (
@@ -189,9 +217,9 @@ ParserRecord = (
     | Eof
     | Log
     | ReadAt
-    | ObjectBase
+    | NotesLocation
 )
-#: The records that make up a parse result (everything but ``Log`` and ``ReadAt``).
+#: The records that make up an answer (everything but ``Log`` and ``ReadAt``).
 ResultRecord = (
-    Provider | Probe | ArgsNative | ArgsXlat | ArgsMap | Tracepoint | Err | Eof | ObjectBase
+    Provider | Probe | ArgsNative | ArgsXlat | ArgsMap | Tracepoint | Err | Eof | NotesLocation
 )
