@@ -138,6 +138,11 @@ static int hold(int argc, char **argv, char **envp)
 		} else if (strncmp(line, "o ", 2) == 0) {
 			lib = dlopen(line + 2, RTLD_NOW);
 			say(lib ? "ok %s %ld" : "error %s %ld", lib ? "o" : dlerror(), 0);
+		} else if (strncmp(line, "x ", 2) == 0) {
+			char *args[] = { line + 2, NULL };
+			/* no destructors, no REMOVE: the new image registers from its constructor */
+			execv(line + 2, args);
+			say("error %s %ld", "exec", 0);
 		} else if (strcmp(line, "c") == 0) {
 			int r = lib ? dlclose(lib) : -1;
 			lib = NULL;
@@ -272,44 +277,67 @@ def snapshot(dest, label):
 
 
 class Daemon:
-    def __init__(self, logpath):
-        subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0755", "tmpfs", ROOT + "/run"], check=True)
+    def __init__(self, logpath, fresh=True):
+        if fresh:
+            subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0755", "tmpfs", ROOT + "/run"], check=True)
         wait_for(lambda: not os.path.exists(HELPER), "the previous helper to go")
-        self.log = open(logpath, "w")
+        time.sleep(0.5)   # the node goes before the old CUSE device's name is free
+        self.log = open(logpath, "a")
         self.p = subprocess.Popen(["chroot", ROOT, *ENV, "/usr/sbin/dtprobed", "-F"],
                                   stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT)
         try:
             wait_for(lambda: self.p.poll() is not None or
                      (os.path.exists(HELPER) and os.path.isdir(STATE + "/stash")), "dtprobed", 30)
             if self.p.poll() is not None:
-                raise RuntimeError(f"dtprobed exited {self.p.returncode}")
+                ls = subprocess.run(["ls", "-l", "/dev/cuse", ROOT + "/dev/cuse", "/dev/dtrace"],
+                                    capture_output=True, text=True)
+                raise RuntimeError(f"dtprobed exited {self.p.returncode}: {ls.stdout}{ls.stderr}")
         except Exception:
             self.stop()
             raise
         time.sleep(0.5)   # prune and reparse of an empty stash, then the loop
         note(f"dtprobed pid {self.p.pid} up")
 
-    def stop(self):
+    def stop(self, keep=False):
         if self.p.poll() is None:
             self.p.send_signal(signal.SIGTERM)
         rc = self.p.wait(30)
         self.log.write(f"# exit status {rc}\n")
         self.log.close()
-        subprocess.run(["umount", ROOT + "/run"], check=True)
+        if not keep:
+            subprocess.run(["umount", ROOT + "/run"], check=True)
 
 
 class Prog:
+    """A program in the chroot. drti's DTRACE_DOF_INIT_DEBUG is on (it only prints to stderr:
+    "DRTI: Ioctl OK (gen N)", "DRTI: Ioctl failed", ...); stderr goes to a file, read by
+    drti_log() at any time."""
+
+    count = 0
+
     def __init__(self, argv, hold=True):
-        env = [*ENV, HOLD] if hold else ENV
-        self.p = subprocess.Popen(["chroot", ROOT, *env, *argv], stdin=subprocess.PIPE,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
+        env = [*ENV, HOLD] if hold else [*ENV]
+        env.append("DTRACE_DOF_INIT_DEBUG=1")
+        Prog.count += 1
+        self.errpath = f"/tmp/prog-{Prog.count}.stderr"
+        with open(self.errpath, "w") as err:
+            self.p = subprocess.Popen(["chroot", ROOT, *env, *argv], stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, stderr=err, text=True, bufsize=1)
         self.pid = self.p.pid
         self.replies = []
+
+    def stderr(self):
+        with open(self.errpath) as f:
+            return f.read()
+
+    def expect_ok(self, n):
+        """drti has reported n successful registrations (a check that the golden is one)."""
+        wait_for(lambda: self.stderr().count("DRTI: Ioctl OK") >= n, f"{n} x 'DRTI: Ioctl OK'", 10)
 
     def line(self):
         ln = self.p.stdout.readline()
         if not ln:
-            raise RuntimeError(f"{self.pid}: no answer; stderr: {self.p.stderr.read()}")
+            raise RuntimeError(f"{self.pid}: no answer; stderr: {self.stderr()!r}")
         self.replies.append(ln.rstrip("\n"))
         return ln.split()
 
@@ -331,7 +359,7 @@ class Prog:
             self.p.stdin.write(c + "\n")
         self.p.stdin.close()
         rc = self.p.wait(30)
-        self.replies.append(f"# exit status {rc}; stderr: {self.p.stderr.read()!r}")
+        self.replies.append(f"# exit status {rc}; stderr: {self.stderr()!r}")
         return rc
 
 
@@ -344,18 +372,26 @@ def scenario(name, body):
     d = os.path.join(OUT, name)
     os.makedirs(d)
     info = {"scenario": name, "objects": {}, "processes": {}, "notes": []}
-    dm = Daemon(os.path.join(d, "daemon.log"))
+    daemons = [Daemon(os.path.join(d, "daemon.log"))]
     step = [0]
 
     def snap(label):
         step[0] += 1
         snapshot(os.path.join(d, f"{step[0]:02d}-{label}"), label)
 
+    def restart():
+        daemons.pop().stop(keep=True)
+        daemons.append(Daemon(os.path.join(d, "daemon.log"), fresh=False))
+
+    snap.restart = restart
     try:
         body(info, snap)
     finally:
-        dm.stop()
-        info["daemon_pid"] = dm.p.pid
+        if daemons:
+            daemons[-1].stop()
+            info["daemon_pids"] = [dm.p.pid for dm in daemons]
+        else:
+            subprocess.run(["umount", ROOT + "/run"])
         with open(os.path.join(d, "info.json"), "w") as f:
             json.dump(info, f, indent=1)
             f.write("\n")
@@ -363,7 +399,7 @@ def scenario(name, body):
 
 def proc_info(p, obj, role):
     maps = p.maps()
-    return {"pid": p.pid, "role": role, "object": obj,
+    return {"pid": p.pid, "role": role, "object": obj, "drti_stderr": p.stderr(),
             "object_maps": [m for m in maps if m.endswith("/" + obj)],
             "maps": maps}
 
@@ -372,7 +408,8 @@ def held_program(obj):
     def body(info, snap):
         info["objects"][obj] = readelf(obj)
         p = Prog([WORK + "/" + obj])
-        held = p.line()
+        p.line()
+        p.expect_ok(1)
         info["processes"]["main"] = proc_info(p, obj, "registers " + obj + " from its constructor")
         snap("registered")
         p.quit()
@@ -389,6 +426,7 @@ def fork_body(info, snap):
     info["processes"]["parent"] = proc_info(p, obj, "parent")
     snap("registered")
     child = int(p.cmd("k")[3])
+    p.expect_ok(2)
     info["processes"]["child"] = dict(proc_info(p, obj, "fork child"), pid=child,
                                       maps=p.maps(child))
     info["processes"]["child"]["object_maps"] = [m for m in p.maps(child) if m.endswith("/" + obj)]
@@ -404,8 +442,8 @@ def fork_body(info, snap):
 def twice_body(info, snap):
     obj = "fx_exec"
     info["objects"][obj] = readelf(obj)
-    a = Prog([WORK + "/" + obj]); a.line()
-    b = Prog([WORK + "/" + obj]); b.line()
+    a = Prog([WORK + "/" + obj]); a.line(); a.expect_ok(1)
+    b = Prog([WORK + "/" + obj]); b.line(); b.expect_ok(1)
     info["processes"]["first"] = proc_info(a, obj, "first process")
     info["processes"]["second"] = proc_info(b, obj, "second process, same object")
     snap("both-registered")
@@ -424,6 +462,7 @@ def libfx_body(info, snap):
     p.line()
     snap("started")
     p.cmd("o " + WORK + "/libfx.so")
+    p.expect_ok(1)
     info["processes"]["loader"] = proc_info(p, "libfx.so", "dlopens libfx.so")
     snap("dlopened")
     p.cmd("c")
@@ -439,9 +478,11 @@ def exec_lib_body(info, snap):
     info["objects"]["libfx.so"] = readelf("libfx.so")
     p = Prog([WORK + "/fx_exec"])
     p.line()
+    p.expect_ok(1)
     info["processes"]["main"] = proc_info(p, "fx_exec", "registers fx_exec (gen 0), then dlopens libfx.so (gen 1)")
     snap("registered")
     p.cmd("o " + WORK + "/libfx.so")
+    p.expect_ok(2)
     info["processes"]["main"]["libfx_maps"] = [m for m in p.maps() if m.endswith("/libfx.so")]
     info["processes"]["main"]["maps"] = p.maps()
     snap("dlopened")
@@ -450,6 +491,40 @@ def exec_lib_body(info, snap):
     p.quit()
     info["processes"]["main"]["replies"] = p.replies
     snap("exited")
+
+
+def exec_body(first, second):
+    def body(info, snap):
+        info["objects"][first] = readelf(first)
+        info["objects"][second] = readelf(second)
+        p = Prog([WORK + "/" + first])
+        p.line()
+        p.expect_ok(1)
+        info["processes"]["before"] = proc_info(p, first, f"runs {first}, then execs {second}")
+        snap("registered")
+        p.cmd("x " + WORK + "/" + second)   # answered by the new image's "held" line
+        info["processes"]["after"] = proc_info(p, second, f"the same pid after exec of {second}")
+        snap("execed")
+        p.quit()
+        info["processes"]["before"]["replies"] = p.replies
+        snap("exited")
+    return body
+
+
+def killed_body(info, snap):
+    obj = "fx_exec"
+    info["objects"][obj] = readelf(obj)
+    p = Prog([WORK + "/" + obj])
+    p.line()
+    p.expect_ok(1)
+    info["processes"]["main"] = proc_info(p, obj, "SIGKILLed: no REMOVE")
+    snap("registered")
+    p.p.kill()
+    p.p.wait(30)
+    info["processes"]["main"]["stderr"] = p.stderr()
+    snap("killed")
+    snap.restart()   # a new dtprobed on the same state directory prunes the dead pid
+    snap("restarted")
 
 
 def adddof_body(info, snap):
@@ -478,6 +553,9 @@ SCENARIOS = [
     ("twice", twice_body),
     ("exec_lib", exec_lib_body),
     ("adddof", adddof_body),
+    ("exec_other", exec_body("fx_exec", "fx_kinds")),
+    ("exec_same", exec_body("fx_exec", "fx_exec")),
+    ("killed", killed_body),
 ]
 only = os.environ.get("GOLDEN_ONLY")
 failed = 0

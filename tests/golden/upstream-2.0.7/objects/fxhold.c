@@ -65,6 +65,11 @@ static int hold(int argc, char **argv, char **envp)
 		} else if (strncmp(line, "o ", 2) == 0) {
 			lib = dlopen(line + 2, RTLD_NOW);
 			say(lib ? "ok %s %ld" : "error %s %ld", lib ? "o" : dlerror(), 0);
+		} else if (strncmp(line, "x ", 2) == 0) {
+			char *args[] = { line + 2, NULL };
+			/* no destructors, no REMOVE: the new image registers from its constructor */
+			execv(line + 2, args);
+			say("error %s %ld", "exec", 0);
 		} else if (strcmp(line, "c") == 0) {
 			int r = lib ? dlclose(lib) : -1;
 			lib = NULL;
