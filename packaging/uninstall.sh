@@ -87,7 +87,8 @@ stop_direct() {
         esac
         rm -f "$pid_file"
     fi
-    for pid in $(ls /proc | grep -x '[0-9]*'); do
+    for pid in /proc/[0-9]*; do
+        pid=${pid#/proc/}
         [ "$pid" != $$ ] || continue
         if is_our_daemon "$pid"; then stop_pid "$pid"; fi
     done

@@ -163,7 +163,10 @@ def test_readme_install_command_on_a_host_without_systemd(
     by_hand = daemon_by_hand(host, tmp_path)
     client, hello = start_namespaced_client(host.pid1)
     try:
-        assert hello.get("register", {}).get("gen") == 0, (hello, tmp_path / "by-hand.log")
+        assert hello.get("register", {}).get("gen") == 0, (
+            hello,
+            (tmp_path / "by-hand.log").read_text(),
+        )
         pid = hello["pid"]
         stop_in_host(host, by_hand)
         by_hand_log = (tmp_path / "by-hand.log").read_text()
