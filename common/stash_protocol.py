@@ -69,6 +69,21 @@ class StashQuotas(_Msg, frozen=True):
     max_probes_total: Count = DEFAULT_MAX_PROBES_TOTAL
 
 
+class RawBlock(_Msg, frozen=True):
+    """One raw block as upstream's raw files hold it: ``u64 base``, then the bytes.
+
+    A DOF registration has one block, ``{0, DOF}``; a ``.note.usdt``
+    registration two: ``{sh_addr(.note.usdt), the whole section}`` and
+    ``{sh_addr(.rodata), the whole section}`` (files ``raw`` and ``raw-1``).
+    """
+
+    base: U64
+    data: Dof
+
+
+RawBlocks = Annotated[list[RawBlock], msgspec.Meta(min_length=1, max_length=2)]
+
+
 class Registration(_Msg, frozen=True):
     """One ADDDOF as the receiver identified it.
 
@@ -87,7 +102,12 @@ class Registration(_Msg, frozen=True):
     exec_ino: U64
     exec_token: ExecToken
     helper: Helper
-    dof: Dof
+    raw: RawBlocks
+
+    @property
+    def notes(self) -> bool:
+        """A ``.note.usdt`` registration (two blocks), not DOF."""
+        return len(self.raw) == 2
 
 
 class ReparseItem(_Msg, frozen=True):
@@ -95,8 +115,9 @@ class ReparseItem(_Msg, frozen=True):
 
     ``dir_ino`` is the inode of ``dof-pid/$pid/$dev-$ino`` when scanned: the
     writer refuses (``ESTALE``) to write results into a directory that was
-    replaced since.  ``dof`` is the DOF without the 8-byte base prefix (a raw
-    file from an older daemon has none; ``legacy_raw`` then says so).
+    replaced since.  ``raw`` are its raw blocks (one: DOF; two: notes and
+    .rodata); a raw file from an older daemon has no base prefix, which
+    ``legacy_raw`` then says (its one block has base 0).
     """
 
     pid: Pid
@@ -104,8 +125,12 @@ class ReparseItem(_Msg, frozen=True):
     ino: U64
     dir_ino: U64
     helper: Helper
-    dof: Dof
+    raw: RawBlocks
     legacy_raw: bool = False
+
+    @property
+    def notes(self) -> bool:
+        return len(self.raw) == 2
 
 
 class Command(

@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Final, NamedTuple
+from typing import Final, NamedTuple, Protocol
 
 import msgspec
 
@@ -35,12 +35,24 @@ from common.errors import (
     ProtocolError,
     RequestRejected,
 )
-from common.framing import HEADER, HEADER_SIZE, MAX_RECORD_FRAME, FrameDecoder
+from common.framing import HEADER, HEADER_SIZE, MAX_RECORD_FRAME, FrameDecoder, FrameEncoder
 from common.grammar import ParsedProbe, StreamChecker
 from common.limits import ParseLimits
-from common.records import Err, Log, ParserRecord, Provider, ResultRecord, Tracepoint
-from common.requests import ParseRequest
+from common.records import (
+    Err,
+    Log,
+    NotesLocation,
+    ParserRecord,
+    Provider,
+    ReadAt,
+    ResultRecord,
+    Tracepoint,
+)
+from common.requests import LocateNotes, ObjectBytes, ParseNoteBlocks, ParseRequest, ParserRequest
 from dtprobed.children.process import ChildSlot, RunningChild
+
+#: ``read(offset, size)``: the object's bytes there (shorter only at its end).
+ReadFn = Callable[[int, int], bytes]
 
 #: Log records one request may carry before the child counts as misbehaving.
 MAX_LOG_RECORDS: Final = 64
@@ -107,6 +119,7 @@ class ParserChild:
             list[ParserRecord], MAX_RECORD_FRAME
         )
         self._encoder = msgspec.msgpack.Encoder()
+        self._frames = FrameEncoder()
 
     # --- lifecycle ----------------------------------------------------------------
     @property
@@ -130,6 +143,8 @@ class ParserChild:
             f"--max-providers={lim.max_providers}",
             f"--max-probes={lim.max_probes}",
             f"--max-tracepoints={lim.max_tracepoints}",
+            f"--max-object-reads={lim.max_object_reads}",
+            f"--max-object-bytes={lim.max_object_bytes}",
             f"--cpu-limit={max(1, int(2 * self.restart_after_cpu))}",
         ]
         return argv
@@ -175,6 +190,65 @@ class ParserChild:
         """The checked record stream (ending in Eof or Err), for tools that print it."""
         return self._run(helper, dof).records
 
+    def locate_notes(
+        self,
+        helper: bytes,
+        size: int,
+        read: ReadFn,
+        *,
+        meanwhile: Callable[[], object] | None = None,
+    ) -> NotesLocation:
+        """Where an ELF object's ``.note.usdt`` and ``.rodata`` lie (the ELF phase).
+
+        The child interprets the object; it sees its bytes only through
+        ``ReadAt`` records, which this method answers with *read(offset, size)*
+        (a bounded ``pread`` on the object the receiver holds), within the file
+        size and the request's budgets (``max_object_reads``,
+        ``max_object_bytes``).  Raises :class:`RequestRejected` when the parser
+        refused the object.
+        """
+        if len(helper) != DOF_HELPER.size:
+            raise ValueError(f"dof_helper_t is {DOF_HELPER.size} bytes, got {len(helper)}")
+        reads = _ObjectReads(read, size, self.limits)
+        located = _Located()
+        self._request(LocateNotes(helper=helper, size=size), located, meanwhile, reads)
+        if located.error is not None:
+            raise RequestRejected(located.error.errno, located.error.message)
+        assert located.location is not None
+        return located.location
+
+    def parse_note_blocks(
+        self,
+        helper: bytes,
+        notes_addr: int,
+        notes: bytes,
+        rodata_addr: int,
+        rodata: bytes,
+        *,
+        meanwhile: Callable[[], object] | None = None,
+    ) -> ParseResult:
+        """Parse the two blocks of a notes object (``helper``'s ``dofhp_addr`` is the base)."""
+        if len(helper) != DOF_HELPER.size:
+            raise ValueError(f"dof_helper_t is {DOF_HELPER.size} bytes, got {len(helper)}")
+        if len(notes) + len(rodata) > self.limits.max_object_bytes:
+            raise RequestRejected(
+                errno.E2BIG,
+                f"notes and .rodata of {len(notes) + len(rodata)} bytes exceed "
+                f"max_object_bytes {self.limits.max_object_bytes}",
+            )
+        checked = _Checked(self.limits, notes=True)
+        request = ParseNoteBlocks(
+            helper=helper,
+            notes_addr=notes_addr,
+            notes=notes,
+            rodata_addr=rodata_addr,
+            rodata=rodata,
+        )
+        self._request(request, checked, meanwhile)
+        if checked.error is not None:
+            raise RequestRejected(checked.error.errno, checked.error.message)
+        return ParseResult(checked.records, checked.probes)
+
     def _run(
         self, helper: bytes, dof: bytes, meanwhile: Callable[[], object] | None = None
     ) -> _Checked:
@@ -185,12 +259,24 @@ class ParserChild:
             if meanwhile is not None:
                 meanwhile()
             return _Checked.from_records([too_big], self.limits)
+        checked = _Checked(self.limits)
+        self._request(ParseRequest(helper=helper, dof=dof), checked, meanwhile)
+        return checked
+
+    def _request(
+        self,
+        request: ParserRequest,
+        answer: _Answer,
+        meanwhile: Callable[[], object] | None,
+        reads: _ObjectReads | None = None,
+    ) -> None:
+        """One exchange: *request* out, its answer fed into *answer* (ReadAt answered by *reads*)."""
         body = bytearray(HEADER_SIZE)
-        self._encoder.encode_into(ParseRequest(helper=helper, dof=dof), body, HEADER_SIZE)
+        self._encoder.encode_into(request, body, HEADER_SIZE)
         HEADER.pack_into(body, 0, len(body) - HEADER_SIZE)
         with self._lock:
             child = self._ready_child()
-            result = self._exchange(child, memoryview(body), meanwhile)
+            self._exchange(child, memoryview(body), answer, meanwhile, reads)
             self._slot.succeeded(child)
             if child.requests >= self.restart_after_requests:
                 self._slot.stop(f"scheduled restart after {child.requests} requests")
@@ -199,7 +285,6 @@ class ParserChild:
                 and (cpu := child.cpu_seconds()) >= self.restart_after_cpu
             ):
                 self._slot.stop(f"scheduled restart after {cpu:.0f} CPU seconds")
-            return result
 
     def _ready_child(self) -> RunningChild:
         """The live child, after checking that nothing arrived since the last request."""
@@ -238,8 +323,10 @@ class ParserChild:
         self,
         child: RunningChild,
         frame: memoryview,
-        meanwhile: Callable[[], object] | None = None,
-    ) -> _Checked:
+        answer: _Answer,
+        meanwhile: Callable[[], object] | None,
+        reads: _ObjectReads | None,
+    ) -> None:
         # -t bounds a *silent* child (each wait in send and receive); the whole
         # exchange has only a backstop, far beyond any honest parse, against a
         # child that trickles bytes forever.
@@ -253,26 +340,36 @@ class ParserChild:
                 meanwhile()
             except Exception as err:
                 side_error = err
-        checked = self._receive(child, deadline)
+        self._receive(child, deadline, answer, reads)
         if side_error is not None:
             raise side_error
-        return checked
 
-    def _receive(self, child: RunningChild, deadline: float) -> _Checked:
-        checked = _Checked(self.limits)
+    def _receive(
+        self, child: RunningChild, deadline: float, answer: _Answer, reads: _ObjectReads | None
+    ) -> None:
         pending = bytearray()
-        while not checked.done:
+        while not answer.done:
             pending += self._slot.receive_some(child, deadline, self.timeout)
             try:
                 batches, used = self._decoder.split(pending)
                 del pending[:used]
-                for batch in batches:
-                    checked.feed_batch(batch, self._emit)
-                if checked.done and pending:
+                for i, batch in enumerate(batches):
+                    last = batch[-1] if batch else None
+                    if isinstance(last, ReadAt):
+                        if reads is None:
+                            raise ProtocolError("ReadAt in the answer to a request without a file")
+                        if i != len(batches) - 1 or pending:
+                            raise ProtocolError("records after a ReadAt before its answer")
+                        answer.feed_batch(batch[:-1], self._emit)
+                        data = reads.answer(last)
+                        frame = self._frames.encode(ObjectBytes(data=data))
+                        self._slot.send(child, memoryview(frame), deadline, self.timeout)
+                    else:
+                        answer.feed_batch(batch, self._emit)
+                if answer.done and pending:
                     raise ProtocolError("bytes after the end of the stream")
             except ProtocolError as err:
                 raise self._slot.failed(child, f"broke the protocol: {err}", kill=True) from err
-        return checked
 
     def _emit(self, rec: Log) -> None:
         level = rec.level if rec.level > 0 else logging.DEBUG
@@ -282,9 +379,9 @@ class ParserChild:
 class _Checked:
     """The stream of one request as it passes the grammar and the provider limit."""
 
-    def __init__(self, limits: ParseLimits) -> None:
+    def __init__(self, limits: ParseLimits, *, notes: bool = False) -> None:
         self._checker = StreamChecker(
-            max_probes=limits.max_probes, max_tracepoints=limits.max_tracepoints
+            max_probes=limits.max_probes, max_tracepoints=limits.max_tracepoints, notes=notes
         )
         self._max_providers = limits.max_providers
         self.records: list[ResultRecord] = []
@@ -338,3 +435,70 @@ class _Checked:
 
 def _no_log(rec: Log) -> None:
     raise ProtocolError("Log record where none may be")
+
+
+class _Answer(Protocol):
+    """What an exchange feeds the child's batches into."""
+
+    @property
+    def done(self) -> bool: ...
+    def feed_batch(self, batch: list[ParserRecord], on_log: Callable[[Log], None]) -> None: ...
+
+
+class _Located:
+    """The answer to LocateNotes: Log records, then exactly one NotesLocation or Err."""
+
+    def __init__(self) -> None:
+        self.location: NotesLocation | None = None
+        self.error: Err | None = None
+        self.logs = 0
+
+    @property
+    def done(self) -> bool:
+        return self.location is not None or self.error is not None
+
+    def feed_batch(self, batch: list[ParserRecord], on_log: Callable[[Log], None]) -> None:
+        for rec in batch:
+            if self.done:
+                raise ProtocolError(f"{type(rec).__name__} after the answer")
+            if isinstance(rec, Log):
+                self.logs += 1
+                if self.logs > MAX_LOG_RECORDS:
+                    raise ProtocolError(f"more than {MAX_LOG_RECORDS} Log records")
+                on_log(rec)
+            elif isinstance(rec, NotesLocation):
+                self.location = rec
+            elif isinstance(rec, Err):
+                self.error = rec
+            else:
+                raise ProtocolError(f"{type(rec).__name__} in the answer to LocateNotes")
+
+
+class _ObjectReads:
+    """Answers the child's ReadAt from the object, within its size and the budgets.
+
+    The child bounds its own reads; one that asks past the file or the budgets is
+    broken or compromised (a protocol error), not the object's sender.
+    """
+
+    def __init__(self, read: ReadFn, size: int, limits: ParseLimits) -> None:
+        self._read = read
+        self._size = size
+        self._reads_left = limits.max_object_reads
+        self._bytes_left = limits.max_object_bytes
+
+    def answer(self, rec: ReadAt) -> bytes:
+        if self._reads_left <= 0:
+            raise ProtocolError("more ReadAt than max_object_reads")
+        if rec.offset >= self._size or rec.size > self._size - rec.offset:
+            raise ProtocolError(
+                f"ReadAt({rec.offset}, {rec.size}) past the object's {self._size} bytes"
+            )
+        if rec.size > self._bytes_left:
+            raise ProtocolError("ReadAt beyond max_object_bytes")
+        self._reads_left -= 1
+        self._bytes_left -= rec.size
+        data = self._read(rec.offset, rec.size)
+        if len(data) > rec.size:  # shorter only when the file shrank meanwhile
+            raise ValueError(f"read({rec.offset}, {rec.size}) returned {len(data)} bytes")
+        return data

@@ -263,7 +263,10 @@ class StashWriterChild:
         return items
 
     def write_reparsed(self, item: ReparseItem, probes: list[ParsedProbe] | None) -> None:
-        records = None if probes is None else probes_to_records(probes)
+        self.write_reparsed_records(item, None if probes is None else probes_to_records(probes))
+
+    def write_reparsed_records(self, item: ReparseItem, records: list[ResultRecord] | None) -> None:
+        """Replace one mapping's parsed files with the parser's stream (None: parse failed)."""
         self._call(WriteReparsed(item=item, records=records), Done)
 
     def verify(self) -> list[str]:

@@ -1,4 +1,7 @@
-"""``dtprobed-parse DOF [--helper DH] [--json]``: run the sandboxed parser on a DOF file.
+"""``dtprobed-parse DOF [--helper DH] [--json]``, ``dtprobed-parse --elf OBJECT [--base N]``.
+
+Runs the sandboxed parser on a DOF file, or on an ELF object's ``.note.usdt``
+(what a program built by dtrace ≥ 2.0.3 registers with DTRACEHIOC_HASUSDT).
 
 A user's tool for looking inside DOF, and the parser's command-line test
 driver.  It starts the same sandboxed child the daemon uses (through
@@ -9,6 +12,13 @@ against the schema and grammar) and prints the records of the answer:
   ``design.md`` (``{"type":"provider","name":S,"nprobes":N}`` …
   ``{"type":"eof"}``), strings as UTF-8;
 * otherwise one readable line per record.
+
+With ``--elf`` the object goes through the same two exchanges as a HASUSDT
+registration: the child locates ``.note.usdt`` and ``.rodata`` (reading the
+file only through the bounded reads this tool answers), then parses those
+two sections.  ``--base`` is the load base (``dofhp_addr``) of an ET_DYN
+object, 0 by default (link-time addresses); the module is the file's basename.
+Tracepoints of a notes object carry their argument string (``"args"`` in JSON).
 
 Exit status: 0 the DOF was accepted (its records, then one ``eof`` line);
 1 the parser rejected it (exactly one ``err`` line); 2 usage error; 3 the
@@ -28,8 +38,8 @@ from typing import Any, Final
 import msgspec
 
 from common.argtypes import positive_int, positive_seconds
-from common.dof_abi import DOF_HELPER
-from common.errors import ChildFailed
+from common.dof_abi import DOF_HELPER, DTRACE_MODNAMELEN
+from common.errors import ChildFailed, RequestRejected
 from common.limits import ParseLimits
 from common.names import printable
 from common.records import (
@@ -74,7 +84,14 @@ def record_json(rec: ResultRecord) -> dict[str, Any]:
         case ArgsMap():
             return {"type": "args_map", "map": list(rec.map)}
         case Tracepoint():
-            return {"type": "tracepoint", "addr": rec.addr, "is_enabled": rec.is_enabled}
+            shape: dict[str, Any] = {
+                "type": "tracepoint",
+                "addr": rec.addr,
+                "is_enabled": rec.is_enabled,
+            }
+            if rec.args is not None:  # a notes object's source-argument string
+                shape["args"] = rec.args
+            return shape
         case Err():
             return {"type": "err", "errno": rec.errno, "message": rec.message}
         case Eof():
@@ -97,7 +114,8 @@ def record_text(rec: ResultRecord) -> str:
         case ArgsMap():
             return "    args_map [" + ", ".join(str(i) for i in rec.map) + "]"
         case Tracepoint():
-            return f"    tracepoint {rec.addr:#x}" + (" is-enabled" if rec.is_enabled else "")
+            line = f"    tracepoint {rec.addr:#x}" + (" is-enabled" if rec.is_enabled else "")
+            return line if rec.args is None else f"{line} args {printable(rec.args)!r}"
         case Err():
             name = errno.errorcode.get(rec.errno, str(rec.errno))
             return f"err {name} ({rec.errno}): {printable(rec.message)}"
@@ -113,11 +131,25 @@ def _parser() -> argparse.ArgumentParser:
         description="Run the sandboxed DOF parser on a file and print its records.",
         epilog="Exit status: 0 accepted, 1 rejected, 2 usage error, 3 the parser child failed.",
     )
-    p.add_argument("dof", metavar="DOF", help="file holding the DOF (dofh_loadsz bytes)")
+    p.add_argument(
+        "dof",
+        metavar="DOF",
+        help="file holding the DOF (dofh_loadsz bytes), or with --elf the object",
+    )
     p.add_argument(
         "--helper",
         metavar="DH",
         help="file holding the 80-byte dof_helper_t (default: module a.out, addr 0, dof 0)",
+    )
+    p.add_argument(
+        "--elf", action="store_true", help="DOF is an ELF object: parse its .note.usdt section"
+    )
+    p.add_argument(
+        "--base",
+        type=_address,
+        default=0,
+        metavar="N",
+        help="with --elf: load base of an ET_DYN object (default 0: link-time addresses)",
     )
     p.add_argument("--json", action="store_true", help="one JSON object per record and line")
     p.add_argument(
@@ -140,6 +172,40 @@ def _parser() -> argparse.ArgumentParser:
             help="default %(default)s",
         )
     return p
+
+
+def _address(text: str) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an address, not {text}") from None
+    if not 0 <= value < 1 << 64:
+        raise argparse.ArgumentTypeError(f"address {text} is outside 0 .. 2**64-1")
+    return value
+
+
+def _elf_records(child: ParserChild, path: str, base: int) -> list[ResultRecord]:
+    """Locate, read and parse an object's notes exactly as a HASUSDT registration does."""
+    name = os.path.basename(path).encode("utf-8", "surrogateescape")[: DTRACE_MODNAMELEN - 1]
+    with open(path, "rb") as f:
+        fd = f.fileno()
+        size = os.fstat(fd).st_size
+
+        def read(offset: int, length: int) -> bytes:
+            return os.pread(fd, length, offset)
+
+        try:
+            helper = DOF_HELPER.pack(name.ljust(DTRACE_MODNAMELEN, b"\0"), base, 0)
+            where = child.locate_notes(helper, size, read)
+            notes = os.pread(fd, where.notes_size, where.notes_offset)
+            rodata = os.pread(fd, where.rodata_size, where.rodata_offset)
+            helper = DOF_HELPER.pack(name.ljust(DTRACE_MODNAMELEN, b"\0"), where.base, 0)
+            result = child.parse_note_blocks(
+                helper, where.notes_addr, notes, where.rodata_addr, rodata
+            )
+        except RequestRejected as err:
+            return [Err(errno=err.errno, message=err.reason)]
+    return result.records
 
 
 def _read_file(parser: argparse.ArgumentParser, path: str, limit: int) -> tuple[bytes, int]:
@@ -166,7 +232,19 @@ def main(argv: list[str] | None = None) -> int:
         )
     except msgspec.ValidationError as err:
         parser.error(str(err))
-    dof, dof_size = _read_file(parser, args.dof, limits.max_dof_size)
+    if args.elf and args.helper is not None:
+        parser.error("--helper goes with a DOF file, not with --elf")
+    if args.base and not args.elf:
+        parser.error("--base goes with --elf")
+    if args.elf:
+        dof, dof_size = b"", 0
+        try:
+            with open(args.dof, "rb"):
+                pass
+        except OSError as err:
+            parser.error(f"cannot read {args.dof}: {err.strerror}")
+    else:
+        dof, dof_size = _read_file(parser, args.dof, limits.max_dof_size)
     if args.helper is None:
         helper = DOF_HELPER.pack(b"a.out", 0, 0)
     else:
@@ -185,7 +263,11 @@ def main(argv: list[str] | None = None) -> int:
             limits=limits, timeout=args.timeout, sandbox=not args.no_sandbox, log=log
         )
         try:
-            records = child.parse_records(helper, dof)
+            records = (
+                _elf_records(child, args.dof, args.base)
+                if args.elf
+                else child.parse_records(helper, dof)
+            )
         except ChildFailed as err:
             print(f"dtprobed-parse: {err}", file=sys.stderr)
             return EXIT_CHILD_FAILED

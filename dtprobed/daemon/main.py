@@ -52,7 +52,6 @@ from typing import Final, NoReturn
 
 from common.argtypes import positive_int, positive_seconds
 from common.errors import DtprobedError, RequestRejected, StashError
-from common.grammar import ParsedProbe
 from common.limits import (
     DEFAULT_MAX_DOF_SIZE,
     DEFAULT_MAX_PROBES,
@@ -60,13 +59,15 @@ from common.limits import (
     DEFAULT_MAX_TRACEPOINTS,
     ParseLimits,
 )
+from common.records import ResultRecord
 from common.stash_protocol import (
     DEFAULT_MAX_GENERATIONS,
     DEFAULT_MAX_PROBES_PER_PID,
     DEFAULT_MAX_PROBES_TOTAL,
+    ReparseItem,
     StashQuotas,
 )
-from dtprobed.children.parser import ParserChild
+from dtprobed.children.parser import ParserChild, ParseResult
 from dtprobed.children.writer import StashWriterChild
 from dtprobed.daemon import statedir
 from dtprobed.daemon.exitwatch import ExitWatcher
@@ -360,6 +361,15 @@ class Daemon:
             return []
         return sorted(int(n) for n in names if n.isdigit())
 
+    def _reparse_one(self, item: ReparseItem) -> ParseResult:
+        """Parse one stored mapping again: its DOF, or its notes and .rodata blocks."""
+        if item.notes:
+            notes, rodata = item.raw
+            return self.large_parser.parse_note_blocks(
+                item.helper, notes.base, notes.data, rodata.base, rodata.data
+            )
+        return self.large_parser.parse_result(item.helper, item.raw[0].data)
+
     def _reparse(self, *, force: bool, stopping: Callable[[], bool] = lambda: False) -> None:
         """Reparse outdated (or, forced, all) mappings, one exchange each.
 
@@ -374,7 +384,7 @@ class Daemon:
                 log.info("reparse stopped after %d of %d mappings", index - 1, len(items))
                 break
             try:
-                probes: list[ParsedProbe] | None = self.large_parser.parse(item.helper, item.dof)
+                records: list[ResultRecord] | None = self._reparse_one(item).records
             except DtprobedError as err:
                 level = logging.WARNING if isinstance(err, RequestRejected) else logging.ERROR
                 log.log(
@@ -385,9 +395,9 @@ class Daemon:
                     item.ino,
                     err,
                 )
-                probes = None
+                records = None
             try:
-                self.writer.write_reparsed(item, probes)
+                self.writer.write_reparsed_records(item, records)
             except StashError as err:
                 if err.errno not in (errno.ENOENT, errno.ESTALE):
                     raise
@@ -397,7 +407,7 @@ class Daemon:
                 )
                 gone += 1
                 continue
-            if probes is None:
+            if records is None:
                 failed += 1
             else:
                 done += 1

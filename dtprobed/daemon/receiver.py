@@ -46,6 +46,7 @@ from __future__ import annotations
 import concurrent.futures
 import errno
 import logging
+import os
 import sys
 import threading
 import time
@@ -53,13 +54,13 @@ from collections.abc import Callable
 from functools import partial
 from typing import Final, Protocol
 
-from common.dof_abi import DOF_HELPER
+from common.dof_abi import DOF_HELPER, DTRACE_MODNAMELEN
 from common.errors import ChildFailed, DtprobedError, RequestRejected, StashError
-from common.records import ResultRecord
-from common.stash_protocol import Registration
+from common.records import NotesLocation, ResultRecord
+from common.stash_protocol import RawBlock, Registration
 from dtprobed.children.parser import ParseResult
 from dtprobed.daemon.exitwatch import ExitWatcher
-from dtprobed.daemon.identity import Caller, identify, tgid_of
+from dtprobed.daemon.identity import Caller, identify, identify_object, tgid_of
 from dtprobed.device.request import HelperRequest
 
 log = logging.getLogger("dtprobed")
@@ -78,6 +79,12 @@ Reply = Callable[[int], None]
 class Parser(Protocol):
     def parse_result(
         self, helper: bytes, dof: bytes, *, meanwhile: Callable[[], object] | None = None
+    ) -> ParseResult: ...
+    def locate_notes(
+        self, helper: bytes, size: int, read: Callable[[int, int], bytes]
+    ) -> NotesLocation: ...
+    def parse_note_blocks(
+        self, helper: bytes, notes_addr: int, notes: bytes, rodata_addr: int, rodata: bytes
     ) -> ParseResult: ...
 
 
@@ -157,6 +164,8 @@ class Receiver:
         try:
             if request.kind == "adddof":
                 result, report = self._adddof(request, size)
+            elif request.kind == "hasusdt":
+                result, report = self._hasusdt(request)
             elif request.kind == "remove":
                 result, report = self._remove(request)
             else:  # a kind the device layer knows and we don't (yet): EINVAL
@@ -223,7 +232,7 @@ class Receiver:
             caller.space.check_tracepoints(result.tracepoint_addrs())
             if not caller.still_alive():
                 raise RequestRejected(errno.EINVAL, f"process {caller.pid} exited")
-            gen = self._register(caller, helper, request.dof, result.records)
+            gen = self._register(caller, helper, [RawBlock(0, request.dof)], result.records)
             self._watcher.watch(caller.pid, caller.take_pidfd())
         finally:
             caller.close()
@@ -250,8 +259,74 @@ class Receiver:
 
         return gen, report
 
+    # --- HASUSDT ------------------------------------------------------------------
+
+    def _hasusdt(self, request: HelperRequest) -> tuple[int, Callable[[], None]]:
+        """Register the ``.note.usdt`` object that ``request.address`` lies in.
+
+        Two exchanges with the sandboxed parser, which alone interprets the
+        object: the ELF phase locates ``.note.usdt`` and ``.rodata`` (it reads
+        headers through bounded ``pread``s we answer); we read those two
+        sections once, and the parser parses exactly those bytes, which are
+        also what the stash keeps as the raw blocks (so a reparse parses them
+        again, with no file).
+        """
+        started = time.monotonic()
+        caller, obj = identify_object(request.tid, request.address)
+        try:
+            name = obj.module.encode("utf-8", "surrogateescape")[: DTRACE_MODNAMELEN - 1]
+            helper = DOF_HELPER.pack(name.ljust(DTRACE_MODNAMELEN, b"\0"), obj.first.start, 0)
+            where = self._small_parser.locate_notes(helper, obj.size, partial(_pread, obj.fd))
+            notes = _pread(obj.fd, where.notes_offset, where.notes_size)
+            rodata = _pread(obj.fd, where.rodata_offset, where.rodata_size)
+            if len(notes) != where.notes_size or len(rodata) != where.rodata_size:
+                raise RequestRejected(errno.EINVAL, f"object {obj.module} shrank while read")
+            # dofhp_addr is the load base as upstream stores it: the first mapping
+            # of an ET_DYN object, 0 for ET_EXEC (the parser told which).
+            helper = DOF_HELPER.pack(name.ljust(DTRACE_MODNAMELEN, b"\0"), where.base, 0)
+            size = len(notes) + len(rodata)
+            parser = self._large_parser if size >= SMALL_DOF else self._small_parser
+            result = parser.parse_note_blocks(
+                helper, where.notes_addr, notes, where.rodata_addr, rodata
+            )
+            parsed = time.monotonic()
+            self._watcher.settle(caller.pid)
+            caller.space.check_tracepoints(
+                result.tracepoint_addrs(), object_key=(caller.dev, caller.ino)
+            )
+            if not caller.still_alive():
+                raise RequestRejected(errno.EINVAL, f"process {caller.pid} exited")
+            blocks = [RawBlock(where.notes_addr, notes), RawBlock(where.rodata_addr, rodata)]
+            gen = self._register(caller, helper, blocks, result.records)
+            self._watcher.watch(caller.pid, caller.take_pidfd())
+        finally:
+            obj.close()
+            caller.close()
+        done = time.monotonic()
+
+        def report() -> None:
+            log.debug(
+                "%d: locate and parse %.1f ms, check and stash %.1f ms",
+                caller.pid,
+                (parsed - started) * 1000,
+                (done - parsed) * 1000,
+            )
+            log.info(
+                "%d: registered generation %d: object %s, %s, %d probes, "
+                "%d bytes of notes and .rodata (%.1f ms)",
+                caller.pid,
+                gen,
+                obj.module,
+                f"{caller.dev}-{caller.ino}",
+                len(result.probes),
+                size,
+                (done - started) * 1000,
+            )
+
+        return gen, report
+
     def _register(
-        self, caller: Caller, helper: bytes, dof: bytes, records: list[ResultRecord]
+        self, caller: Caller, helper: bytes, raw: list[RawBlock], records: list[ResultRecord]
     ) -> int:
         reg = Registration(
             pid=caller.pid,
@@ -262,7 +337,7 @@ class Receiver:
             exec_ino=caller.exec_ino,
             exec_token=caller.exec_token,
             helper=helper,
-            dof=dof,
+            raw=raw,
         )
         return self._writer_call(lambda: self._writer.register_records(reg, records))
 
@@ -306,6 +381,19 @@ class Receiver:
             self._closed = True
         self._small.shutdown(wait=True)
         self._large.shutdown(wait=True)
+
+
+def _pread(fd: int, offset: int, size: int) -> bytes:
+    """*size* bytes of the object at *offset* (fewer only at its end)."""
+    chunks: list[bytes] = []
+    while size > 0:
+        chunk = os.pread(fd, min(size, 1 << 20), offset)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        offset += len(chunk)
+        size -= len(chunk)
+    return b"".join(chunks)
 
 
 def _done(call: Callable[..., None], *args: int) -> int:

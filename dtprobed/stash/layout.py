@@ -12,9 +12,14 @@ Layout (``$dev`` is glibc ``makedev`` encoding, ``$dev-$ino`` is ``%ju-%ju``;
 ``$dev-$ino`` = ``0-<dofhp_dof>`` for DOF in anonymous memory)::
 
   stash/dof/$dev-$ino
-      raw block: u64 base (0 for DOF) + the DOF bytes.  Shared, by hard link,
-      among registrations of the same mapping whose bytes are *identical*;
-      unlinked when its link count drops to 1.  Never for anonymous DOF.
+      raw block 0: u64 base + bytes.  DOF (ADDDOF): base 0 + the DOF.  ELF
+      notes (HASUSDT): base ``sh_addr(.note.usdt)`` + the whole section.
+      Shared, by hard link, among registrations of the same mapping whose
+      bytes are *identical*; unlinked when its link count drops to 1.  Never
+      for anonymous DOF.
+  stash/dof/$dev-$ino-1
+      raw block 1, notes only: u64 ``sh_addr(.rodata)`` + the whole
+      ``.rodata`` (the function names the notes point at).  Shared like block 0.
   stash/dof-pid/$pid/
       one directory per registered process; xattrs
       ``trusted.dtprobed.start_time`` (decimal clock ticks, /proc/PID/stat
@@ -34,12 +39,16 @@ Layout (``$dev`` is glibc ``makedev`` encoding, ``$dev-$ino`` is ``%ju-%ju``;
       is rolled back at start-up.  Several generations may point at one
       mapping (the same mapping registered twice); the directory goes with
       the last of them.
-  stash/dof-pid/$pid/$dev-$ino/raw
-      hard link to stash/dof/$dev-$ino (link count > 1), or — when this
+  stash/dof-pid/$pid/$dev-$ino/raw, .../raw-1
+      hard link to stash/dof/$dev-$ino (-1) (link count > 1), or — when this
       registration's bytes differ from the shared file, or the DOF is
-      anonymous — a private file of the same format (link count 1).
+      anonymous — a private file of the same format (link count 1).  raw-1
+      exists exactly for notes registrations.
   stash/dof-pid/$pid/$dev-$ino/dh
-      the 80-byte ``dof_helper_t`` as received.
+      the 80-byte ``dof_helper_t``: as received (ADDDOF), or as upstream
+      builds it for notes: the object's basename NUL-padded (upstream leaves
+      stack garbage after the NUL; we write zeros), ``dofhp_addr`` the load
+      base (first mapping for ET_DYN, 0 for ET_EXEC), ``dofhp_dof`` 0.
   stash/dof-pid/$pid/$dev-$ino/parsed/version
       u64 ``DOF_PARSED_VERSION``; written *last*, so a mapping without it
       has no (or partial) parsed files and is reparsed at start-up.
@@ -101,7 +110,8 @@ _OPEN_FILE: Final = os.O_CLOEXEC | os.O_NOFOLLOW
 LAYOUT: Final[tuple[tuple[str, str, str], ...]] = (
     ("stash", "dir", "private to the daemon"),
     ("stash/dof", "dir", "shared raw blocks"),
-    ("stash/dof/$dev-$ino", "file", "u64 base + DOF; hard-linked"),
+    ("stash/dof/$dev-$ino", "file", "u64 base + DOF or .note.usdt; hard-linked"),
+    ("stash/dof/$dev-$ino-1", "file", "u64 base + .rodata (notes); hard-linked"),
     ("stash/dof-pid", "dir", "per-process state"),
     ("stash/dof-pid/$pid", "dir", "one process; xattrs start_time, exec_token"),
     ("stash/dof-pid/$pid/next-gen", "file", "sparse; size = next generation"),
@@ -109,6 +119,7 @@ LAYOUT: Final[tuple[tuple[str, str, str], ...]] = (
     ("stash/dof-pid/$pid/$gen", "symlink", "-> $dev-$ino; the commit point"),
     ("stash/dof-pid/$pid/$dev-$ino", "dir", "one mapping"),
     ("stash/dof-pid/$pid/$dev-$ino/raw", "file", "link to stash/dof/$dev-$ino or private"),
+    ("stash/dof-pid/$pid/$dev-$ino/raw-1", "file", "notes: link to stash/dof/$dev-$ino-1"),
     ("stash/dof-pid/$pid/$dev-$ino/dh", "file", "80-byte dof_helper_t"),
     ("stash/dof-pid/$pid/$dev-$ino/parsed", "dir", "parsed records"),
     ("stash/dof-pid/$pid/$dev-$ino/parsed/version", "file", "u64 DOF_PARSED_VERSION"),
@@ -120,6 +131,30 @@ LAYOUT: Final[tuple[tuple[str, str, str], ...]] = (
 
 def mapping_key(dev: int, ino: int) -> str:
     return f"{dev}-{ino}"
+
+
+#: Raw blocks a registration has at most (DOF: 1; ELF notes: 2).
+MAX_RAW_BLOCKS: Final = 2
+
+
+def raw_name(index: int) -> str:
+    """The mapping directory's file of raw block *index*: ``raw``, ``raw-1``."""
+    return "raw" if index == 0 else f"raw-{index}"
+
+
+def shared_raw_name(key: str, index: int) -> str:
+    """The shared file of raw block *index* in ``stash/dof``: ``$dev-$ino``, ``$dev-$ino-1``."""
+    return key if index == 0 else f"{key}-{index}"
+
+
+def split_shared_raw_name(name: str) -> tuple[str, int] | None:
+    """``stash/dof`` entry → (mapping key, block index), or None when it is not one."""
+    if split_key(name) is not None:
+        return name, 0
+    key, dash, index = name.rpartition("-")
+    if dash and index.isdigit() and 0 < int(index) < MAX_RAW_BLOCKS and split_key(key):
+        return key, int(index)
+    return None
 
 
 def exec_mapping_bytes(exec_dev: int, exec_ino: int) -> bytes:

@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import stat
+import struct
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from common.stash_format import (
     encode_probe_file,
     encode_record,
 )
-from common.stash_protocol import REPLY_BUDGET, Registration, ReparseItem, StashQuotas
+from common.stash_protocol import REPLY_BUDGET, RawBlock, Registration, ReparseItem, StashQuotas
 from dtprobed.oslib.dirfd import DirFd
 from dtprobed.oslib.fdio import write_all
 from dtprobed.oslib.procfs import current_exec_token, start_time_of
@@ -39,6 +40,7 @@ from dtprobed.stash.layout import (
     FILE_MODE,
     HELPER_SIZE,
     MAX_EXEC_MAPPING,
+    MAX_RAW_BLOCKS,
     RAW_PREFIX,
     XATTR_EXEC_TOKEN,
     XATTR_START_TIME,
@@ -46,13 +48,24 @@ from dtprobed.stash.layout import (
     is_number,
     mapping_key,
     parse_exec_mapping,
+    raw_name,
     read_small,
+    shared_raw_name,
     split_key,
+    split_shared_raw_name,
     split_spec,
 )
 from dtprobed.stash.verify import verify_tree
 
 log = logging.getLogger("dtprobed.stash")
+
+#: The u64 base that starts every raw file (upstream's ``[u64 base][data]``).
+_BASE: Final = struct.Struct("<Q")
+
+
+def _block(raw: bytes) -> RawBlock:
+    """A raw file's bytes as the block it holds (``RAW_PREFIX``-sized base, then data)."""
+    return RawBlock(_BASE.unpack_from(raw)[0] if len(raw) >= _BASE.size else 0, raw[_BASE.size :])
 
 
 def _unlink_quiet(dir_fd: int, name: str) -> None:
@@ -447,11 +460,20 @@ class Stash:
 
     # ------------------------------------------------------------ validation
 
-    def check_records(self, records: Sequence[ResultRecord], op: str) -> list[ParsedProbe]:
-        """The whole record stream, before any write: grammar, names, counts."""
+    def check_records(
+        self, records: Sequence[ResultRecord], op: str, *, notes: bool = False
+    ) -> list[ParsedProbe]:
+        """The whole record stream, before any write: grammar, names, counts.
+
+        *notes*: the stream of a ``.note.usdt`` object, whose tracepoints come
+        in upstream's order (unique, not sorted).
+        """
         try:
             checker = check_stream(
-                list(records), max_probes=self.quotas.max_probes_per_pid, max_tracepoints=None
+                list(records),
+                max_probes=self.quotas.max_probes_per_pid,
+                max_tracepoints=None,
+                notes=notes,
             )
         except ProtocolError as err:
             raise StashError(op, "records", errno.EINVAL, f"bad record stream: {err}") from err
@@ -464,8 +486,10 @@ class Stash:
     def _check_registration(self, reg: Registration) -> None:
         if len(reg.helper) != HELPER_SIZE:
             raise StashError("add", "dh", errno.EINVAL, f"helper is {len(reg.helper)} bytes")
-        if not 0 < len(reg.dof) <= DOF_MAXSZ:
-            raise StashError("add", "raw", errno.E2BIG, f"DOF of {len(reg.dof)} bytes")
+        if not reg.notes and reg.raw[0].base != 0:
+            raise StashError("add", "raw", errno.EINVAL, f"DOF block with base {reg.raw[0].base}")
+        if reg.notes and reg.dev == 0:
+            raise StashError("add", "raw", errno.EINVAL, "notes of anonymous memory")
 
     def _quota_error(self, what: str, value: int, limit: int) -> StashError:
         return StashError(
@@ -517,7 +541,7 @@ class Stash:
     def register(self, reg: Registration, records: Sequence[ResultRecord]) -> int:
         """add + write-parsed as one all-or-nothing operation; returns the generation."""
         self._check_registration(reg)
-        probes = self.check_records(records, "add")
+        probes = self.check_records(records, "add", notes=reg.notes)
         return self._register(reg, probes)
 
     @_stash_op("add")
@@ -628,24 +652,30 @@ class Stash:
                 self._write_parsed(reg.pid, parsed, probes, undo, undo_files=False)
 
     def _write_raw(self, mdir: DirFd, reg: Registration, key: str, undo: _Undo) -> None:
-        data = RAW_PREFIX + reg.dof
+        for index, block in enumerate(reg.raw):
+            self._write_block(mdir, index, _BASE.pack(block.base) + block.data, reg, key, undo)
+
+    def _write_block(
+        self, mdir: DirFd, index: int, data: bytes, reg: Registration, key: str, undo: _Undo
+    ) -> None:
+        own, shared = raw_name(index), shared_raw_name(key, index)
         if reg.dev == 0:  # anonymous memory: per process, never shared
-            self._write_file(mdir.fd, "raw", data)
+            self._write_file(mdir.fd, own, data)
             return
         try:
-            st = os.lstat(key, dir_fd=self.dof.fd)
+            st = os.lstat(shared, dir_fd=self.dof.fd)
         except FileNotFoundError:
-            self._write_file(self.dof.fd, key, data)
-            undo.add(_unlink_quiet, self.dof.fd, key)
-            os.link(key, "raw", src_dir_fd=self.dof.fd, dst_dir_fd=mdir.fd, follow_symlinks=False)
+            self._write_file(self.dof.fd, shared, data)
+            undo.add(_unlink_quiet, self.dof.fd, shared)
+            os.link(shared, own, src_dir_fd=self.dof.fd, dst_dir_fd=mdir.fd, follow_symlinks=False)
             return
         if not stat.S_ISREG(st.st_mode):
-            raise OSError(errno.EINVAL, f"stash/dof/{key} is not a regular file")
-        if st.st_size == len(data) and read_small(self.dof.fd, key, len(data)) == data:
-            os.link(key, "raw", src_dir_fd=self.dof.fd, dst_dir_fd=mdir.fd, follow_symlinks=False)
+            raise OSError(errno.EINVAL, f"stash/dof/{shared} is not a regular file")
+        if st.st_size == len(data) and read_small(self.dof.fd, shared, len(data)) == data:
+            os.link(shared, own, src_dir_fd=self.dof.fd, dst_dir_fd=mdir.fd, follow_symlinks=False)
         else:
             # different bytes (ASLR relocations, or a hostile process): keep our own copy
-            self._write_file(mdir.fd, "raw", data)
+            self._write_file(mdir.fd, own, data)
 
     def _write_parsed(
         self,
@@ -845,12 +875,14 @@ class Stash:
         self._drop_unused_raw(key)
 
     def _drop_unused_raw(self, key: str) -> None:
-        try:
-            st = os.lstat(key, dir_fd=self.dof.fd)
-        except FileNotFoundError:
-            return
-        if not stat.S_ISREG(st.st_mode) or st.st_nlink == 1:
-            _remove_tree(self.dof.fd, key)
+        for index in range(MAX_RAW_BLOCKS):
+            shared = shared_raw_name(key, index)
+            try:
+                st = os.lstat(shared, dir_fd=self.dof.fd)
+            except FileNotFoundError:
+                continue
+            if not stat.S_ISREG(st.st_mode) or st.st_nlink == 1:
+                _remove_tree(self.dof.fd, shared)
 
     def _remove_parsed(self, pid: int, pid_fd: int, map_fd: int, key: str) -> None:
         """Delete parsed/* of one mapping (version first) and the probes/ links bound to them.
@@ -1015,7 +1047,7 @@ class Stash:
             item = self._read_item(*candidates[index])
             if item is not None:
                 items.append(item)
-                used += len(item.dof)
+                used += sum(len(block.data) for block in item.raw)
         return items, None
 
     def _reparse_candidates(self, force: bool) -> list[tuple[int, str]]:
@@ -1047,13 +1079,21 @@ class Stash:
             with DirFd(self.dofpid.fd, str(pid)) as pdir, DirFd(pdir.fd, key) as mdir:
                 dir_ino = os.fstat(mdir.fd).st_ino
                 raw = read_small(mdir.fd, "raw", len(RAW_PREFIX) + DOF_MAXSZ)
+                try:
+                    rodata: bytes | None = read_small(
+                        mdir.fd, raw_name(1), len(RAW_PREFIX) + DOF_MAXSZ
+                    )
+                except FileNotFoundError:
+                    rodata = None
                 helper = read_small(mdir.fd, "dh", HELPER_SIZE)
         except OSError as err:
             log.warning("%i: cannot read DOF in mapping %s for reparsing: %s", pid, key, err)
             return None
         legacy = raw[:4] == DOF_MAG_STRING  # an older daemon stored the DOF without a prefix
-        dof = raw if legacy else raw[len(RAW_PREFIX) :]
-        if len(helper) != HELPER_SIZE or not dof:
+        blocks = [RawBlock(0, raw)] if legacy else [_block(raw)]
+        if rodata is not None and not legacy:
+            blocks.append(_block(rodata))
+        if len(helper) != HELPER_SIZE or not all(b.data for b in blocks):
             log.warning("%i: mapping %s has a bad dh or raw file, not reparsed", pid, key)
             return None
         return ReparseItem(
@@ -1062,13 +1102,15 @@ class Stash:
             ino=ids[1],
             dir_ino=dir_ino,
             helper=helper,
-            dof=dof,
+            raw=blocks,
             legacy_raw=legacy,
         )
 
     def write_reparsed(self, item: ReparseItem, records: Sequence[ResultRecord] | None) -> None:
         """Replace one mapping's parsed files; None (parse failed): leave it with none."""
-        probes = None if records is None else self.check_records(records, "reparse")
+        probes = (
+            None if records is None else self.check_records(records, "reparse", notes=item.notes)
+        )
         self.write_reparsed_probes(item, probes)
 
     @_stash_op("reparse")
@@ -1130,7 +1172,7 @@ class Stash:
         self._recover_probes(actions)
         for item in os.scandir(self.dof.fd):
             st = item.stat(follow_symlinks=False)
-            if split_key(item.name) is None or not stat.S_ISREG(st.st_mode):
+            if split_shared_raw_name(item.name) is None or not stat.S_ISREG(st.st_mode):
                 continue  # not ours: verify reports it
             if st.st_nlink == 1:
                 actions.append(f"removed unreferenced stash/dof/{item.name}")

@@ -20,8 +20,11 @@ from dtprobed.stash.layout import (
     RAW_PREFIX,
     is_number,
     parse_exec_mapping,
+    raw_name,
     read_small,
+    shared_raw_name,
     split_key,
+    split_shared_raw_name,
     split_spec,
 )
 
@@ -166,22 +169,30 @@ class _Verifier:
 
     def check_mapping(self, pid: int, key: str, map_fd: int, where: str) -> None:
         names = set(os.listdir(map_fd))
-        for extra in sorted(names - {"raw", "dh", "parsed"}):
+        notes = raw_name(1) in names
+        for extra in sorted(names - {"raw", raw_name(1), "dh", "parsed"}):
             self.bad(f"unexpected entry {where}/{printable(extra)}")
-        try:
-            st = os.lstat("raw", dir_fd=map_fd)
-            if not stat.S_ISREG(st.st_mode):
-                self.bad(f"{where}/raw is not a regular file")
-            else:
+        for index in range(2 if notes else 1):
+            own = raw_name(index)
+            try:
+                st = os.lstat(own, dir_fd=map_fd)
+                if not stat.S_ISREG(st.st_mode):
+                    self.bad(f"{where}/{own} is not a regular file")
+                    continue
                 if st.st_nlink > 1:
-                    self.raw_links.setdefault(key, []).append(st.st_ino)
-                raw = read_small(map_fd, "raw", len(RAW_PREFIX) + DOF_MAXSZ)
-                if raw[:4] != DOF_MAG_STRING and (
-                    raw[:8] != RAW_PREFIX or raw[8:12] != DOF_MAG_STRING
-                ):
-                    self.bad(f"{where}/raw is neither u64 base 0 + DOF nor legacy DOF")
-        except OSError as err:
-            self.bad(f"{where}/raw: {err.strerror}")
+                    self.raw_links.setdefault(shared_raw_name(key, index), []).append(st.st_ino)
+                raw = read_small(map_fd, own, len(RAW_PREFIX) + DOF_MAXSZ)
+            except OSError as err:
+                self.bad(f"{where}/{own}: {err.strerror}")
+                continue
+            if len(raw) <= len(RAW_PREFIX) and not (index == 0 and raw[:4] == DOF_MAG_STRING):
+                self.bad(f"{where}/{own} is {len(raw)} bytes: no data after its u64 base")
+            elif (
+                not notes
+                and raw[:4] != DOF_MAG_STRING
+                and (raw[:8] != RAW_PREFIX or raw[8:12] != DOF_MAG_STRING)
+            ):
+                self.bad(f"{where}/raw is neither u64 base 0 + DOF nor legacy DOF")
         try:
             dh = read_small(map_fd, "dh", HELPER_SIZE + 1)
             if len(dh) != HELPER_SIZE:
@@ -249,11 +260,13 @@ class _Verifier:
             st = _lstat(name, dof_fd)
             if st is None:
                 continue
-            ids = split_key(name)
-            if ids is None or not stat.S_ISREG(st.st_mode):
+            block = split_shared_raw_name(name)
+            if block is None or not stat.S_ISREG(st.st_mode):
                 self.bad(f"unexpected entry stash/dof/{printable(name)}")
                 continue
             seen.add(name)
+            ids = split_key(block[0])
+            assert ids is not None
             if ids[0] == 0:
                 self.bad(f"stash/dof/{name}: anonymous DOF must not be shared")
             links = self.raw_links.get(name, [])

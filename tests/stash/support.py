@@ -21,7 +21,7 @@ from common.records import (
     ResultRecord,
     Tracepoint,
 )
-from common.stash_protocol import Registration
+from common.stash_protocol import RawBlock, Registration
 from dtprobed.oslib.procfs import current_exec_token
 from dtprobed.oslib.procfs import start_time_of as proc_start_time
 
@@ -86,7 +86,7 @@ def registration(
         exec_ino=exec_ino,
         exec_token=token,
         helper=build_helper(b"a.out", 0x400000, 0x400000),
-        dof=dof if dof is not None else dof_bytes(),
+        raw=[RawBlock(0, dof if dof is not None else dof_bytes())],
     )
 
 
@@ -169,7 +169,7 @@ def parsed(reg: Registration) -> list[ResultRecord]:
     """What the real parser makes of *reg* (tests only: the writer never parses)."""
     from parserd.dof_parse import parse_dof
 
-    return list(parse_dof(reg.helper, reg.dof))
+    return list(parse_dof(reg.helper, reg.raw[0].data))
 
 
 def normalized(

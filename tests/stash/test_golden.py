@@ -111,7 +111,7 @@ def test_differing_bytes_keep_a_private_raw(state: Path, procs: list[Proc]) -> N
     stash = Stash(str(state))
     stash.register(registration(a.pid, a.start_time), WORKED)
     other = registration(b.pid, b.start_time, dof=dof_bytes("y"))  # same size, other bytes
-    assert len(other.dof) == len(dof_bytes())
+    assert len(other.raw[0].data) == len(dof_bytes())
     stash.register(other, WORKED)
     assert (state / "stash/dof/64768-99").stat().st_nlink == 2
     private = state / f"stash/dof-pid/{b.pid}/64768-99/raw"
@@ -122,7 +122,8 @@ def test_differing_bytes_keep_a_private_raw(state: Path, procs: list[Proc]) -> N
     check_golden("private_raw", state, procs)
     # the reparse of b reads b's own upload, never a's
     items = {i.pid: i for i in stash.reparse_scan(force=True)}
-    assert items[b.pid].dof == dof_bytes("y") and items[a.pid].dof == dof_bytes()
+    assert items[b.pid].raw[0].data == dof_bytes("y")
+    assert items[a.pid].raw[0].data == dof_bytes()
 
 
 def test_anonymous_dof_is_never_shared(state: Path, procs: list[Proc]) -> None:
@@ -224,11 +225,11 @@ def test_older_format_raw_is_reparsed(state: Path, procs: list[Proc]) -> None:
     for name in ("trusted.dtprobed.start_time", "trusted.dtprobed.exec_token"):
         os.removexattr(pdir, name)
     raw = state / "stash/dof/64768-99"
-    raw.write_bytes(reg.dof)  # in place: every hard link sees the old format
+    raw.write_bytes(reg.raw[0].data)  # in place: every hard link sees the old format
     (pdir / "64768-99/parsed/version").write_bytes((1).to_bytes(8, "little"))
     stash = Stash(str(state))
     (item,) = stash.reparse_scan(force=False)
-    assert item.legacy_raw and item.dof == reg.dof and item.helper == reg.helper
+    assert item.legacy_raw and item.raw == reg.raw and item.helper == reg.helper
     stash.write_reparsed(item, parsed(reg))
     assert stash.verify() == []
     after = snapshot(str(state))
