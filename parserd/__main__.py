@@ -1,4 +1,4 @@
-"""``python -m parserd``: the sandboxed DOF parser child.
+"""``python -m parserd``: the sandboxed parser child (DOF and ELF notes).
 
     python -m parserd [--no-sandbox] [--max-dof-size N] [--max-providers N]
                       [--max-probes N] [--max-tracepoints N] [--max-object-reads N]
@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> NoReturn:
         loop = ChildLoop(limits)
         summary = lock(
             warm_up=loop.warm_up,
-            max_dof_size=limits.max_dof_size,
+            # RLIMIT_AS room for the largest request: a DOF, or a ParseNoteBlocks' two blocks
+            max_dof_size=max(limits.max_dof_size, limits.max_object_bytes),
             cpu_seconds=args.cpu_limit,
             debug=debug_mode_from_env(),
             seccomp=not args.no_sandbox,

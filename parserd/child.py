@@ -7,12 +7,14 @@ whose body is a msgpack array (a batch) of records, each frame at most
 request ends with exactly one ``Eof`` or ``Err``.  ``Log`` records may come
 before it.
 
-A ``ParseNotes`` request is an exchange: while it parses, the child sends
-batches ending in one ``ReadAt`` and reads exactly one ``ObjectBytes`` frame
-(bounded by :data:`~common.limits.MAX_OBJECT_READ`) on fd 0 for each; the
-same two fds, so the seccomp allowlist needs nothing new.  Anything else in
-answer to a ``ReadAt``, or an ``ObjectBytes`` as a request, is a protocol
-error (exit :data:`EXIT_PROTOCOL`).
+A ``LocateNotes`` request is an exchange: while it locates the notes, the
+child sends batches ending in one ``ReadAt`` and reads exactly one
+``ObjectBytes`` frame (bounded by :data:`~common.limits.MAX_OBJECT_READ`) on
+fd 0 for each; the same two fds, so the seccomp allowlist needs nothing new.
+Its answer is one ``NotesLocation`` or one ``Err``.  Anything else in answer
+to a ``ReadAt``, or an ``ObjectBytes`` as a request, is a protocol error
+(exit :data:`EXIT_PROTOCOL`).  A ``ParseNoteBlocks`` carries the two blocks
+in its frame and is answered like a ``ParseRequest``, with no ``ReadAt``.
 
 The child never logs by itself (``logging`` would call ``getpid`` and write to
 stderr, both forbidden): it sends ``Log`` records.  It leaves only with
@@ -39,11 +41,17 @@ from common.errors import ProtocolError
 from common.framing import HEADER, HEADER_SIZE, MAX_RECORD_FRAME, FrameDecoder
 from common.limits import MAX_OBJECT_READ, ParseLimits
 from common.notes_build import warm_up_objects
-from common.records import MAX_MESSAGE, Log, ParserRecord, ReadAt, ResultRecord
-from common.requests import ObjectBytes, ParseNotes, ParseRequest, ParserRequest
+from common.records import MAX_MESSAGE, Log, NotesLocation, ParserRecord, ReadAt, ResultRecord
+from common.requests import (
+    LocateNotes,
+    ObjectBytes,
+    ParseNoteBlocks,
+    ParseRequest,
+    ParserRequest,
+)
 from parserd.allowlist import RECORD_FD, REQUEST_FD
 from parserd.dof_parse import parse_dof
-from parserd.elf_notes import parse_notes
+from parserd.elf_notes import locate_notes, parse_note_blocks
 
 EXIT_PROTOCOL: Final = 65  # EX_DATAERR: the host sent a bad frame
 EXIT_INTERNAL: Final = 70  # EX_SOFTWARE: the parser raised (a bug)
@@ -81,8 +89,9 @@ class ChildLoop:
 
     def __init__(self, limits: ParseLimits) -> None:
         self.limits = limits
+        # a DOF, or the two blocks of a ParseNoteBlocks (at most max_object_bytes together)
         self._requests: FrameDecoder[ParserRequest] = FrameDecoder(
-            ParserRequest, limits.max_dof_size + 4096
+            ParserRequest, max(limits.max_dof_size, limits.max_object_bytes) + 4096
         )
         self._object_bytes: FrameDecoder[ObjectBytes] = FrameDecoder(
             ObjectBytes, MAX_OBJECT_READ + 64
@@ -194,8 +203,18 @@ class ChildLoop:
 
     # --- the loop -------------------------------------------------------------
     def answer(self, request: ParserRequest) -> bytes:
-        if isinstance(request, ParseNotes):
-            records = parse_notes(request.helper, request.size, self.read_object, self.limits)
+        if isinstance(request, LocateNotes):
+            records = locate_notes(request.helper, request.size, self.read_object, self.limits)
+            return self.encode_answer(records)
+        if isinstance(request, ParseNoteBlocks):
+            records = parse_note_blocks(
+                request.helper,
+                request.notes_addr,
+                request.notes,
+                request.rodata_addr,
+                request.rodata,
+                self.limits,
+            )
             return self.encode_answer(records)
         assert isinstance(request, ParseRequest)  # read_request refuses ObjectBytes
         return self.encode_answer(parse_dof(request.helper, request.dof, self.limits))
@@ -210,12 +229,21 @@ class ChildLoop:
             self.answer(self._requests.decode_body(frame))
         notes_helper = DOF_HELPER.pack(b"warm.so", 0x7F0000000000, 0)
         for obj in warm_up_objects():
-            frame = self._encoder.encode(ParseNotes(helper=notes_helper, size=len(obj)))
+            frame = self._encoder.encode(LocateNotes(helper=notes_helper, size=len(obj)))
             self._warm_object = obj
             try:
                 self.answer(self._requests.decode_body(frame))
             finally:
                 self._warm_object = None
+            for loc in self._warm_locations(obj, notes_helper):
+                blocks = ParseNoteBlocks(
+                    helper=DOF_HELPER.pack(b"warm.so", loc.base, 0),
+                    notes_addr=loc.notes_addr,
+                    notes=obj[loc.notes_offset : loc.notes_offset + loc.notes_size],
+                    rodata_addr=loc.rodata_addr,
+                    rodata=obj[loc.rodata_offset : loc.rodata_offset + loc.rodata_size],
+                )
+                self.answer(self._requests.decode_body(self._encoder.encode(blocks)))
         with contextlib.suppress(ProtocolError):
             self._object_bytes.decode_body(b"\xc1")
         _describe(ValueError("warm-up"))
@@ -223,6 +251,11 @@ class ChildLoop:
             raise ProtocolError("warm-up")
         except ProtocolError as err:
             _describe(err)
+
+    def _warm_locations(self, obj: bytes, helper: bytes) -> list[NotesLocation]:
+        """The warm-up object's location, as the pure function finds it (no pipes)."""
+        records = locate_notes(helper, len(obj), lambda o, n: obj[o : o + n], self.limits)
+        return [r for r in records if isinstance(r, NotesLocation)]
 
     def serve(self) -> NoReturn:
         while True:

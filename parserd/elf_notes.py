@@ -1,15 +1,25 @@
-"""The ELF-notes parser: an object's ``.note.usdt`` → records, reading the file only through *read*.
+"""The ELF-notes parser, in two phases: locate the blocks in the object, then parse the blocks.
 
 Since dtrace 2.0.3, ``dtrace -G`` describes providers and probes in ELF notes
 (``shared/design.md``, "Two registration protocols"; reference §3.7).  Upstream's
 daemon finds the sections with libelf in the *privileged* process (where its
 2026 CVEs are: CVE-2026-21996, a divide-by-zero on corrupted section headers;
 CVE-2026-35233, an out-of-bounds read building a symbol table).  Here every
-byte of the object is interpreted in the sandbox: :func:`parse_notes` gets a
-``read(offset, size) -> bytes`` callable (in the child, the ``ReadAt`` /
-``ObjectBytes`` exchange over its pipes) and the file size, and never raises
-for any file contents.  It answers ``[Err(errno, message)]`` or
-``[ObjectBase(base), PROVIDER …, EOF]``.
+byte of the object is interpreted in the sandbox, and never raises for any
+input:
+
+* :func:`locate_notes` (request ``LocateNotes``) gets a ``read(offset, size)
+  -> bytes`` callable (in the child, the ``ReadAt`` / ``ObjectBytes`` exchange
+  over its pipes) and the file size; it reads the ELF header, the section
+  header table and the section-name table, and answers ``[NotesLocation]``
+  (the load base and where ``.note.usdt`` and ``.rodata`` lie) or ``[Err]``.
+  It never reads either section's contents.
+* :func:`parse_note_blocks` (request ``ParseNoteBlocks``) gets the two blocks
+  the host read at that location (or, at a reparse, took from the stash, as
+  upstream stores them) and answers ``[PROVIDER …, EOF]`` or ``[Err]``.
+
+The host reads the blocks once and stores exactly the bytes that were parsed:
+a process cannot rewrite its file between the parse and the stash.
 
 Structure handling (ours; upstream leaves it to libelf)
 -------------------------------------------------------
@@ -18,14 +28,17 @@ ELFCLASS64, little-endian, ``EV_CURRENT``, x86_64, ET_EXEC or ET_DYN only.
 every section used and every name are bounds-checked with exact integers
 (Python ints do not wrap); extended section numbering (``e_shnum`` 0,
 ``e_shstrndx`` ``SHN_XINDEX``) is followed; ``sh_name`` must lie inside the
-section-name table and end in a NUL inside it.  No symbol table is built: the
-function names come from ``.rodata`` at the addresses the notes give, each
-looked for within its 128 bytes (``DTRACE_FUNCNAMELEN``) and inside
-``.rodata``.  Every read is bounded by the file size, by
-:data:`~common.limits.MAX_OBJECT_READ` per read (longer ranges are split), and
-by the request's budgets ``max_object_reads`` / ``max_object_bytes`` (E2BIG
-when the parse would need more).  ``.rodata`` is read whole when it fits one
-read, else only the windows holding the names the notes point at.
+section-name table and end in a NUL inside it.  ``.note.usdt`` (SHT_NOTE) and
+``.rodata`` (SHT_PROGBITS) must lie inside the file, the notes at a 4-aligned
+offset, and together hold at most ``max_object_bytes`` (E2BIG).  No symbol
+table is built: the function names come from the ``.rodata`` block at the
+addresses the notes give (``addr - rodata_addr``), each looked for within its
+128 bytes (``DTRACE_FUNCNAMELEN``) and inside the block.  Every read is
+bounded by the file size, by :data:`~common.limits.MAX_OBJECT_READ` per read
+(longer ranges are split), and by the request's budgets ``max_object_reads``
+/ ``max_object_bytes`` (E2BIG when the headers would need more);
+``ParseNoteBlocks`` refuses blocks of more than ``max_object_bytes`` together
+(E2BIG).
 
 Rules and messages (upstream's ``libcommon/usdt_parser_notes.c``, in its order)
 -------------------------------------------------------------------------------
@@ -81,16 +94,16 @@ probes, and report the first failing tracepoint, in upstream's order.
 The consumer does not depend on that order: every probe is its own stash file
 (``parsed/prv:mod:fun:prb``), found by ``glob``, and ``dt_pid.c`` handles each
 TRACEPOINT of a probe file independently (one ``provide_probe`` per record,
-no state carried between them).  Tracepoints within a probe are where we
-differ: upstream lists them as first-validated, then the rest in reverse; our
-grammar (shared with DOF) wants regular tracepoints first, then is-enabled,
-each ascending by address, so we sort them.  Checked against upstream's real
-daemon (``tests/golden/upstream-2.0.7``, 15 registrations of the dtrace 2.0.7
-fixtures): the model predicts the order of every TRACEPOINT in all 48 of
-upstream's probe files (``test_notes_upstream_goldens.py``); our files are
-byte-identical to upstream's in 47, and in the 48th
-(``fxkinds:fx_kinds:main:guarded``, is-enabled site first upstream) differ
-only in that order.
+no state carried between them).  Still, so that our parsed files are
+byte-identical to upstream's, tracepoints within a probe are emitted in
+upstream's order too: upstream keeps them in a list whose head is the first
+tracepoint validated, each later one inserted right after the head, so it
+writes the first validated, then the others in reverse validation order.
+The notes grammar (``StreamChecker(notes=True)``) therefore asks only for
+unique addresses within a probe, not DOF's ascending order.  Checked against
+upstream's real daemon (``tests/golden/upstream-2.0.7``, 15 registrations of
+the dtrace 2.0.7 fixtures): every one of upstream's 48 probe files is
+byte-identical to ours (``test_notes_upstream_goldens.py``).
 
 Upstream bug we do not copy: the lookup of an already-created
 function-specific probe hashes its key with offset 0, while the probe was
@@ -130,7 +143,7 @@ from common.records import (
     ArgsXlat,
     Eof,
     Err,
-    ObjectBase,
+    NotesLocation,
     Probe,
     Provider,
     ResultRecord,
@@ -362,17 +375,44 @@ class _Reader:
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
-def parse_notes(
+def locate_notes(
     helper: bytes, file_size: int, read: ReadFn, limits: ParseLimits | None = None
 ) -> list[ResultRecord]:
-    """Parse the object's ``.note.usdt``; ``[Err]`` or ``[ObjectBase, …, Eof]``.
+    """The ELF phase (``LocateNotes``): ``[NotesLocation]`` or ``[Err]``.
 
-    *read(offset, size)* must return the file's bytes there (exceptions it
-    raises propagate: they are the transport's, not the input's).  Nothing in
-    the file's contents makes this raise.
+    Reads only the ELF header, the section header table and the section-name
+    table, through *read(offset, size)*, which must return the file's bytes
+    there (exceptions it raises propagate: they are the transport's, not the
+    input's).  Nothing in the file's contents makes this raise.
     """
     try:
-        return _NotesParser(helper, file_size, read, limits or ParseLimits()).parse()
+        parser = _NotesParser(helper, limits or ParseLimits())
+        return [parser.locate(_Reader(read, file_size, parser.limits))]
+    except _Rejected as rejected:
+        return [Err(errno=rejected.errno, message=_clamp(rejected.message))]
+
+
+def parse_note_blocks(
+    helper: bytes,
+    notes_addr: int,
+    notes: bytes,
+    rodata_addr: int,
+    rodata: bytes,
+    limits: ParseLimits | None = None,
+) -> list[ResultRecord]:
+    """The notes phase (``ParseNoteBlocks``): ``[Provider …, Eof]`` or ``[Err]``.
+
+    *notes* is the whole ``.note.usdt``, *rodata* the whole ``.rodata`` whose
+    ``sh_addr`` is *rodata_addr*; *helper*'s ``dofhp_addr`` is the load base
+    (``NotesLocation.base``).  *notes_addr* is not needed to parse (the notes
+    hold no addresses inside themselves); it is part of the request because it
+    is part of what the stash stores.  Nothing in the blocks makes this raise.
+    """
+    del notes_addr
+    try:
+        return _NotesParser(helper, limits or ParseLimits()).parse_blocks(
+            notes, _Rodata(rodata_addr, rodata)
+        )
     except _Rejected as rejected:
         return [Err(errno=rejected.errno, message=_clamp(rejected.message))]
     except RecursionError:  # not reachable: no recursion here; belt and braces for the contract
@@ -380,15 +420,11 @@ def parse_notes(
 
 
 class _NotesParser:
-    def __init__(self, helper: bytes, file_size: int, read: ReadFn, limits: ParseLimits) -> None:
-        self.helper = helper
+    def __init__(self, helper: bytes, limits: ParseLimits) -> None:
         self.limits = limits
-        self.reader = _Reader(read, file_size, limits)
-        self.file_size = file_size
-        self.module = ""
-        self.module_raw = b""
         self.names: dict[tuple[str, bytes], str] = {}
         self.argtypes: dict[bytes, str] = {}
+        self.module_raw, self.module, self.dofhp_addr = self._helper(helper)
 
     # --- helpers ---------------------------------------------------------------------
 
@@ -403,41 +439,58 @@ class _NotesParser:
             self.names[key] = value
         return value
 
-    # --- the parse -------------------------------------------------------------------
-
-    def parse(self) -> list[ResultRecord]:
-        if len(self.helper) != DOF_HELPER.size:
-            _reject(f"helper size incorrect: expected {DOF_HELPER.size}, not {len(self.helper)}")
-        mod_field, dofhp_addr, _dof = _HELPER.unpack(self.helper)
+    def _helper(self, helper: bytes) -> tuple[bytes, str, int]:
+        if len(helper) != DOF_HELPER.size:
+            _reject(f"helper size incorrect: expected {DOF_HELPER.size}, not {len(helper)}")
+        mod_field, dofhp_addr, _dof = _HELPER.unpack(helper)
         nul = mod_field.find(0)
         if nul < 0:
             _reject(
                 f"module name (dofhp_mod) is not NUL-terminated within {DTRACE_MODNAMELEN} bytes"
             )
-        self.module_raw = mod_field[:nul]
-        self.module = self._name("module", self.module_raw)
+        raw = mod_field[:nul]
+        return raw, self._name("module", raw), dofhp_addr
+
+    # --- the two phases --------------------------------------------------------------
+
+    def locate(self, reader: _Reader) -> NotesLocation:
+        self.reader = reader
+        self.file_size = reader.file_size
         e_type, sections, shstrtab = self._elf()
         notes_sec = self._find(sections, shstrtab, NOTES_SECTION, SHT_NOTE)
         rodata_sec = self._find(sections, shstrtab, RODATA_SECTION, SHT_PROGBITS)
         self._bounds(notes_sec, NOTES_SECTION)
-        if notes_sec.size > self.limits.max_object_bytes:
-            _reject(
-                f"section {NOTES_SECTION} size {notes_sec.size} exceeds maximum "
-                f"{self.limits.max_object_bytes} (max_object_bytes)",
-                E2BIG,
-            )
         self._bounds(rodata_sec, RODATA_SECTION)
         if notes_sec.offset % 4:
             _reject("Pointer to note header not aligned")
-        notes = self.reader.get(notes_sec.offset, notes_sec.size, f"section {NOTES_SECTION}")
-        base = dofhp_addr if e_type == ET_DYN else 0
-        rodata = _Rodata(self, rodata_sec)
-        if rodata_sec.size <= MAX_OBJECT_READ:
-            if b"usdt\0" in notes:  # every usdt note's name field holds these bytes
-                rodata.read_whole()
-        else:
-            rodata.prefetch(_function_addresses(notes, self._max_notes()))
-        return self._notes(notes, rodata, base)
+        total = notes_sec.size + rodata_sec.size
+        if total > self.limits.max_object_bytes:
+            _reject(
+                f"sections {NOTES_SECTION} and {RODATA_SECTION} hold {total} bytes "
+                f"({notes_sec.size} + {rodata_sec.size}), more than "
+                f"{self.limits.max_object_bytes} (max_object_bytes)",
+                E2BIG,
+            )
+        return NotesLocation(
+            base=self.dofhp_addr if e_type == ET_DYN else 0,
+            notes_addr=notes_sec.addr,
+            notes_offset=notes_sec.offset,
+            notes_size=notes_sec.size,
+            rodata_addr=rodata_sec.addr,
+            rodata_offset=rodata_sec.offset,
+            rodata_size=rodata_sec.size,
+        )
+
+    def parse_blocks(self, notes: bytes, rodata: _Rodata) -> list[ResultRecord]:
+        total = len(notes) + len(rodata.data)
+        if total > self.limits.max_object_bytes:
+            _reject(
+                f"blocks {NOTES_SECTION} and {RODATA_SECTION} hold {total} bytes "
+                f"({len(notes)} + {len(rodata.data)}), more than "
+                f"{self.limits.max_object_bytes} (max_object_bytes)",
+                E2BIG,
+            )
+        return self._notes(notes, rodata, self.dofhp_addr)
 
     # --- ELF structure ---------------------------------------------------------------
 
@@ -639,7 +692,7 @@ class _NotesParser:
                 )
             probe.sites.append(site)
 
-        records: list[ResultRecord] = [ObjectBase(base=base)]
+        records: list[ResultRecord] = []
         for entry in prvmap:
             assert isinstance(entry, _Provider)
             pvp = entry
@@ -661,7 +714,9 @@ class _NotesParser:
                     )
                 )
                 records.extend(pentry.defined.args)
-                sites = sorted(pentry.sites, key=lambda s: (s.enabled, s.off))
+                # upstream's order: first validated, then the others in reverse (docstring)
+                sites = pentry.sites
+                sites = [sites[0], *reversed(sites[1:])]
                 records.extend(
                     Tracepoint(addr=base + s.off, is_enabled=s.enabled, args=s.sargs) for s in sites
                 )
@@ -862,82 +917,26 @@ def _walk(data: bytes) -> Iterator[tuple[bytes, int, int, int]]:
             return
 
 
-def _function_addresses(data: bytes, max_notes: int) -> list[int]:
-    """The function-name addresses of the ``usdt`` notes, up to the first malformed note.
-
-    A tolerant pre-pass (never rejects), so that ``.rodata`` can be read before
-    the real walk reports errors in upstream's order.
-    """
-    out = []
-    size = len(data)
-    off = 0
-    while off < size and _NHDR.size <= size - off and max_notes > 0:
-        max_notes -= 1
-        namesz, descsz, _ntype = _NHDR.unpack_from(data, off)
-        off += _NHDR.size
-        if off >= size or namesz > size - off:
-            break
-        name = data[off : off + namesz].partition(b"\0")
-        off += _align4(namesz)
-        if off >= size or descsz > size - off:
-            break
-        if name[0] == b"usdt" and name[1] and descsz >= 16:
-            out.append(_U64X2.unpack_from(data, off)[1])
-        off += _align4(descsz)
-    return out
-
-
 class _Rodata:
-    """The ``.rodata`` bytes the notes need: all of it when it fits one read, else windows."""
+    """The ``.rodata`` block: its ``sh_addr`` and its bytes."""
 
-    def __init__(self, parser: _NotesParser, sec: _Section) -> None:
-        self.parser = parser
-        self.sec = sec
-        self.windows: list[tuple[int, bytes]] = []  # (section offset, bytes), ascending
-        self.whole: bytes | None = None
+    __slots__ = ("addr", "data")
+
+    def __init__(self, addr: int, data: bytes) -> None:
+        self.addr = addr
+        self.data = data
 
     def contains(self, addr: int) -> bool:
-        return addr >= self.sec.addr and addr - self.sec.addr < self.sec.size
-
-    def read_whole(self) -> None:
-        sec = self.sec
-        self.whole = self.parser.reader.get(sec.offset, sec.size, f"section {RODATA_SECTION}")
-
-    def prefetch(self, addrs: list[int]) -> None:
-        sec = self.sec
-        offs = sorted({a - sec.addr for a in addrs if self.contains(a)})
-        i = 0
-        while i < len(offs):
-            start = offs[i]
-            limit = min(start + MAX_OBJECT_READ, sec.size)
-            # one window covers every name whose 128 bytes (or the rest of .rodata) fit in it
-            j = i + 1
-            while j < len(offs) and min(offs[j] + DTRACE_FUNCNAMELEN, sec.size) <= limit:
-                j += 1
-            self._fetch(start, min(offs[j - 1] + DTRACE_FUNCNAMELEN, sec.size))
-            i = j
-
-    def _fetch(self, start: int, stop: int) -> bytes:
-        data = self.parser.reader.get(self.sec.offset + start, stop - start, "function names")
-        self.windows.append((start, data))
-        return data
+        return addr >= self.addr and addr - self.addr < len(self.data)
 
     def string(self, addr: int) -> bytes:
         """The C string at *addr*, looked for within DTRACE_FUNCNAMELEN bytes and .rodata."""
-        off = addr - self.sec.addr
-        if self.whole is not None:
-            chunk = self.whole[off : off + DTRACE_FUNCNAMELEN]
-        else:
-            for start, data in self.windows:
-                if start <= off < start + len(data):
-                    chunk = data[off - start : off - start + DTRACE_FUNCNAMELEN]
-                    break
-            else:  # not prefetched (cannot happen; read it now, within the budget)
-                chunk = self._fetch(off, min(off + DTRACE_FUNCNAMELEN, self.sec.size))
+        off = addr - self.addr
+        chunk = self.data[off : off + DTRACE_FUNCNAMELEN]
         nul = chunk.find(0)
         if nul >= 0:
             return chunk[:nul]
-        if off + len(chunk) >= self.sec.size:
+        if off + len(chunk) >= len(self.data):
             _reject(f"function name at {addr:#x} is not NUL-terminated within {RODATA_SECTION}")
         _reject(
             f'function name "{_show(chunk)}..." too long: more than {DTRACE_FUNCNAMELEN - 1} bytes'

@@ -34,7 +34,8 @@ def main() -> int:
     p.add_argument("--findings", type=Path, default=Path("/tmp/dtprobed-fuzz-findings"))
     p.add_argument("--no-compare", action="store_true", help="skip the in-process comparison")
     p.add_argument("--make-corpus", action="store_true", help="rewrite the generated seed corpus")
-    p.add_argument("--notes", action="store_true", help="fuzz the ELF-notes path (ParseNotes)")
+    p.add_argument("--notes", action="store_true",
+                   help="fuzz the ELF-notes path (LocateNotes, then ParseNoteBlocks)")  # fmt: skip
     p.add_argument("--make-notes-corpus", action="store_true", help="rewrite the notes corpus")
     args = p.parse_args()
     if args.make_corpus:
@@ -69,6 +70,10 @@ def main() -> int:
     print(f"\n{stats.executions} executions in {elapsed:.1f} s: {stats.executions / elapsed:.0f}/s; "
           f"accepted {stats.accepted}, rejected {stats.rejected}, "
           f"{len(stats.errors)} distinct rejection messages")  # fmt: skip
+    if isinstance(fuzzer, NotesFuzzer):
+        ns = fuzzer.stats
+        print(f"notes: {ns.requests} requests (LocateNotes + ParseNoteBlocks), {ns.located} "
+              f"located, {ns.direct} direct block mutations, {ns.reads} ReadAt")  # fmt: skip
     for message, n in stats.errors.most_common(15):
         print(f"  {n:6d}  {message}")
     print(f"findings: {len(stats.findings)}")

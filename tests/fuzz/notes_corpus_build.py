@@ -4,10 +4,14 @@ Regenerate with ``python -m tests.fuzz --make-notes-corpus``.  Small objects
 of every shape the model makes (ET_DYN and ET_EXEC, several providers,
 translated arguments, is-enabled sites, a probe in several functions and
 twice in one), a big provider that reaches upstream's probe-lookup quirk, an
-object with a larger ``.rodata`` (the window mode needs more than 1 MiB, too big for a
-seed; the unit tests cover it), and targeted mutants of each
-that fail different rules.  The real dtrace 2.0.7 objects in
-``tests/parser/fixtures/notes/`` are added by the loader, not copied.
+object with a larger ``.rodata``, and targeted mutants of each that fail
+different rules (``*.elf``: both exchanges, LocateNotes then ParseNoteBlocks).
+Then ``*.blocks`` seeds: ParseNoteBlocks requests that no ELF file stands in
+front of (msgpack ``[helper, notes_addr, notes, rodata_addr, rodata]``): a
+valid pair, the notes against a ``.rodata`` at another address, an empty or
+cut ``.rodata``, notes that are not 4-byte multiples, the base near 2^64.
+The real dtrace 2.0.7 objects in ``tests/parser/fixtures/notes/`` are added by
+the loader, not copied.
 """
 
 from __future__ import annotations
@@ -15,8 +19,12 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import msgspec
+
+from common.dof_build import build_helper
 from common.notes_build import ET_EXEC, NoteProbe, NoteProvider, NoteSite, build_object
-from tests.fuzz.notes_generator import note_list, random_object, targeted
+from tests.fuzz.notes_generator import mutate_blocks, note_list, random_object, targeted
+from tests.fuzz.notes_harness import BlocksSeed
 
 NOTES_CORPUS_SEED = 20261201
 
@@ -54,4 +62,26 @@ def make_notes_corpus(directory: Path) -> list[Path]:
             put(f"model-{i:02d}-mutant-{j}", bytes(data))
         mutant, _how = note_list(rng, providers, model_sites, e_type)
         put(f"model-{i:02d}-notes", mutant.data)
+
+    def put_blocks(name: str, seed: BlocksSeed) -> None:
+        path = directory / f"{name}.blocks"
+        path.write_bytes(msgspec.msgpack.encode(seed))
+        written.append(path)
+
+    obj = build_object([prov], sites)
+    notes = obj.data[obj.notes_offset : obj.notes_offset + obj.notes_size]
+    rodata = obj.data[obj.rodata_offset : obj.rodata_offset + obj.rodata_size]
+    dh = build_helper(b"blocks.so", 0x7F0000000000)
+    put_blocks("blocks-valid", BlocksSeed(dh, 0x300, notes, obj.rodata_addr, rodata))
+    put_blocks("blocks-moved-rodata", BlocksSeed(dh, 0, notes, obj.rodata_addr + 8, rodata))
+    put_blocks("blocks-empty-rodata", BlocksSeed(dh, 0, notes, obj.rodata_addr, b""))
+    put_blocks("blocks-cut-rodata", BlocksSeed(dh, 0, notes, obj.rodata_addr, rodata[:-3]))
+    put_blocks("blocks-odd-notes", BlocksSeed(dh, 0, notes + b"\0\0", obj.rodata_addr, rodata))
+    put_blocks("blocks-empty", BlocksSeed(dh, 0, b"", 0, b""))
+    top = build_helper(b"blocks.so", (1 << 64) - 0x1000)
+    put_blocks("blocks-base-overflow", BlocksSeed(top, 0, notes, obj.rodata_addr, rodata))
+    brng = random.Random(NOTES_CORPUS_SEED + 1)
+    for i in range(6):
+        n, r, addr, _how = mutate_blocks(brng, notes, rodata, obj.rodata_addr, obj.data)
+        put_blocks(f"blocks-mutant-{i}", BlocksSeed(dh, 0, n, addr, r))
     return written

@@ -288,4 +288,28 @@ def generate_notes(rng: random.Random, corpus: list[tuple[bytes, bytes]]) -> Not
     return NotesCase(dh if rng.random() < 0.8 else helper, bytes(data), f"corpus + {how}")
 
 
-__all__ = ["EHDR", "NotesCase", "generate_notes", "random_object", "targeted"]
+def mutate_blocks(
+    rng: random.Random, notes: bytes, rodata: bytes, rodata_addr: int, other: bytes
+) -> tuple[bytes, bytes, int, str]:
+    """A direct ParseNoteBlocks mutation: bytes of either block, or the .rodata address."""
+    op = rng.choice(["notes", "notes", "notes", "rodata", "rodata_addr", "swap", "cut-rodata"])
+    if op == "notes":
+        data = bytearray(notes)
+        how = "; ".join(byte_level(rng, data, other) for _ in range(rng.randint(1, 3)))
+        return bytes(data), rodata, rodata_addr, f"notes block: {how}"
+    if op == "rodata":
+        data = bytearray(rodata)
+        how = byte_level(rng, data, other)
+        return notes, bytes(data), rodata_addr, f"rodata block: {how}"
+    if op == "rodata_addr":
+        top = (1 << 64) - 1
+        addr = rng.choice([0, 1, rodata_addr - 1, rodata_addr + 1, rodata_addr + len(rodata),
+                           top, top - len(rodata) + 1, rng.getrandbits(64)]) & top  # fmt: skip
+        return notes, rodata, addr, f"rodata_addr {rodata_addr:#x}->{addr:#x}"
+    if op == "swap":
+        return rodata, notes, rodata_addr, "blocks swapped"
+    cut = rng.randrange(len(rodata) + 1)
+    return notes, rodata[:cut], rodata_addr, f"rodata block cut at {cut}"
+
+
+__all__ = ["EHDR", "NotesCase", "generate_notes", "mutate_blocks", "random_object", "targeted"]

@@ -1,4 +1,8 @@
-"""The ELF-notes fuzz target in the suite: the seed corpus replayed, and a short seeded run.
+"""The ELF-notes fuzz target in the suite: the fixed seed corpus replayed, and a short seeded run.
+
+Every ``*.elf`` seed (and real fixture) goes through both exchanges
+(LocateNotes with ReadAt answers, then ParseNoteBlocks with the located
+blocks); every ``*.blocks`` seed is one direct ParseNoteBlocks.
 
 The long run is ``.venv/bin/python -m tests.fuzz --notes --seconds N``.  Set
 ``DTPROBED_FUZZ_SEED`` to rerun the short run with another seed.
@@ -13,7 +17,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.fuzz.notes_generator import NotesCase, generate_notes
-from tests.fuzz.notes_harness import NotesFuzzer, load_notes_corpus
+from tests.fuzz.notes_harness import NotesFuzzer, load_blocks_corpus, load_notes_corpus
 
 SHORT_RUN = 400
 DEFAULT_SEED = 4242
@@ -42,6 +46,20 @@ def test_notes_corpus_through_the_child(fuzzer: NotesFuzzer) -> None:
     stats = fuzzer.stats
     assert not stats.findings, [f.what for f in stats.findings]
     assert stats.accepted >= 10 and stats.rejected >= 10 and len(stats.errors) >= 8
+    assert stats.located >= 20 and stats.requests >= stats.executions + stats.located
+
+
+def test_blocks_corpus_through_the_child(fuzzer: NotesFuzzer) -> None:
+    seeds = load_blocks_corpus()
+    assert len(seeds) >= 10
+    for name, seed in seeds:
+        case = NotesCase(seed.helper, b"", name)
+        fuzzer.check_blocks(case, seed.helper, seed.notes_addr, seed.notes, seed.rodata_addr,
+                            seed.rodata)  # fmt: skip
+    stats = fuzzer.stats
+    assert not stats.findings, [f.what for f in stats.findings]
+    assert stats.accepted >= 1 and stats.rejected >= 5
+    assert stats.requests == len(seeds)
 
 
 @pytest.mark.timeout(120)
@@ -55,6 +73,8 @@ def test_short_notes_fuzz_run_keeps_every_invariant(fuzzer: NotesFuzzer) -> None
     assert stats.rejected >= SHORT_RUN // 4
     assert len(stats.errors) >= 25, stats.errors
     assert stats.reads >= SHORT_RUN  # the ReadAt exchange is exercised, not bypassed
+    assert stats.located >= SHORT_RUN // 4  # ParseNoteBlocks of located blocks
+    assert stats.direct >= SHORT_RUN // 20  # and of directly mutated blocks
 
 
 def test_notes_generator_is_reproducible_from_its_seed() -> None:

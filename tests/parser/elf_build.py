@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from common.dof_build import build_helper
 from common.limits import ParseLimits
@@ -28,27 +29,33 @@ from common.notes_build import (
     prov_desc,
     usdt_desc,
 )
-from common.records import ResultRecord
-from parserd.elf_notes import parse_notes
+from common.records import NotesLocation, ResultRecord
+from parserd.elf_notes import locate_notes, parse_note_blocks
 
 __all__ = [
     "BASE",
     "ET_DYN",
     "ET_EXEC",
+    "Blocks",
     "BuiltObject",
     "CountingReader",
     "NoteProbe",
     "NoteProvider",
     "NoteSite",
+    "blocks_of",
     "build_notes",
     "build_object",
+    "cut",
     "helper",
+    "locate",
     "note",
     "parse",
+    "parse_blocks",
     "prov_desc",
     "set_ehdr",
     "set_shdr",
     "usdt_desc",
+    "with_base",
 ]
 
 BASE = 0x7F1234560000
@@ -129,21 +136,94 @@ class CountingReader:
         return sum(size for _, size in self.calls)
 
 
-def parse(
+class Blocks(NamedTuple):
+    """The two blocks of a ``ParseNoteBlocks``: whole ``.note.usdt`` and whole ``.rodata``."""
+
+    notes: bytes
+    rodata: bytes
+    rodata_addr: int
+    notes_addr: int = 0
+
+
+def blocks_of(obj: BuiltObject) -> Blocks:
+    """The blocks of a built object, as the host cuts them from the file."""
+    data = obj.data
+    return Blocks(
+        data[obj.notes_offset : obj.notes_offset + obj.notes_size],
+        data[obj.rodata_offset : obj.rodata_offset + obj.rodata_size],
+        obj.rodata_addr,
+    )
+
+
+def cut(data: bytes, loc: NotesLocation) -> Blocks:
+    """The blocks *loc* names, cut from the file's bytes (what the host reads)."""
+    return Blocks(
+        data[loc.notes_offset : loc.notes_offset + loc.notes_size],
+        data[loc.rodata_offset : loc.rodata_offset + loc.rodata_size],
+        loc.rodata_addr,
+        loc.notes_addr,
+    )
+
+
+def locate(
     data: bytes | BuiltObject,
     *,
     dh: bytes | None = None,
     limits: ParseLimits | None = None,
     size: int | None = None,
+    reader: CountingReader | None = None,
 ) -> list[ResultRecord]:
+    """``LocateNotes`` on the object's bytes, checking the read budgets were kept."""
     raw = data.data if isinstance(data, BuiltObject) else data
-    reader = CountingReader(raw)
-    out = parse_notes(helper() if dh is None else dh, len(raw) if size is None else size, reader,
-                      limits)  # fmt: skip
+    reader = reader if reader is not None else CountingReader(raw)
+    out = locate_notes(helper() if dh is None else dh, len(raw) if size is None else size, reader,
+                       limits)  # fmt: skip
     limits = limits or ParseLimits()
     assert len(reader.calls) <= limits.max_object_reads
     assert reader.total <= limits.max_object_bytes
+    assert len(out) == 1, out
     return out
+
+
+def with_base(dh: bytes, base: int) -> bytes:
+    """*dh* with ``dofhp_addr`` = *base* (what the host stores and sends after LocateNotes)."""
+    return dh[:64] + base.to_bytes(8, "little") + dh[72:]
+
+
+def parse_blocks(
+    blocks: Blocks, *, dh: bytes | None = None, limits: ParseLimits | None = None
+) -> list[ResultRecord]:
+    """``ParseNoteBlocks`` (*dh*'s ``dofhp_addr`` is the base)."""
+    return parse_note_blocks(
+        helper() if dh is None else dh,
+        blocks.notes_addr,
+        blocks.notes,
+        blocks.rodata_addr,
+        blocks.rodata,
+        limits,
+    )
+
+
+def parse(
+    data: bytes | BuiltObject | Blocks,
+    *,
+    dh: bytes | None = None,
+    limits: ParseLimits | None = None,
+    size: int | None = None,
+) -> list[ResultRecord]:
+    """Both phases, as the host runs them: locate, cut the blocks from the file, parse them.
+
+    The answer is the ``LocateNotes`` ``Err`` if the object was refused there, else the
+    ``ParseNoteBlocks`` stream.  *data* given as :class:`Blocks` skips the ELF phase.
+    """
+    dh = helper() if dh is None else dh
+    if isinstance(data, Blocks):
+        return parse_blocks(data, dh=dh, limits=limits)
+    raw = data.data if isinstance(data, BuiltObject) else data
+    located = locate(raw, dh=dh, limits=limits, size=size)[0]
+    if not isinstance(located, NotesLocation):
+        return [located]
+    return parse_blocks(cut(raw, located), dh=with_base(dh, located.base), limits=limits)
 
 
 def u32(value: int) -> bytes:

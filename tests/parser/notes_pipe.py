@@ -1,11 +1,13 @@
-"""A minimal driver of the real parser child for ParseNotes, speaking common.framing directly.
+"""A minimal driver of the real parser child for the notes exchanges, speaking common.framing.
 
 Not :mod:`dtprobed` (whose host side is being rebuilt): this starts
 ``python -I -m parserd`` (sandboxed unless told otherwise) on two pipes,
-sends requests, answers every ``ReadAt`` from an in-memory object with one
-``ObjectBytes`` frame, and collects the records up to ``Eof``/``Err``.  It
-checks the protocol's rules on the way: a ``ReadAt`` is the last record of
-its batch and within the file, nothing else follows the end record.
+sends requests, answers every ``ReadAt`` of a ``LocateNotes`` from an
+in-memory object with one ``ObjectBytes`` frame, and collects the records up
+to the end record (``NotesLocation`` or ``Err`` for ``LocateNotes``; ``Eof``
+or ``Err`` otherwise).  It checks the protocol's rules on the way: a
+``ReadAt`` is the last record of its batch, within the file, and only in a
+``LocateNotes`` exchange; nothing else follows the end record.
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ from dataclasses import dataclass, field
 from common.errors import ProtocolError
 from common.framing import MAX_RECORD_FRAME, FrameDecoder, FrameEncoder
 from common.limits import ParseLimits
-from common.records import Eof, Err, Log, ParserRecord, ReadAt, ResultRecord
-from common.requests import ObjectBytes, ParseNotes, ParseRequest
+from common.records import Eof, Err, Log, NotesLocation, ParserRecord, ReadAt, ResultRecord
+from common.requests import LocateNotes, ObjectBytes, ParseNoteBlocks, ParseRequest
 
 
 class ChildDied(Exception):
@@ -36,6 +38,8 @@ class Answer:
     records: list[ResultRecord]
     reads: list[tuple[int, int]] = field(default_factory=list)
     logs: list[Log] = field(default_factory=list)
+    #: both phases (:meth:`NotesPipe.notes`): the LocateNotes answer, if it was a location
+    location: NotesLocation | None = None
 
 
 def limit_args(limits: ParseLimits) -> list[str]:
@@ -106,23 +110,58 @@ class NotesPipe:
         except BrokenPipeError as err:
             raise ChildDied("request pipe closed", self._reap()) from err
 
-    def parse_notes(self, helper: bytes, obj: bytes, size: int | None = None) -> Answer:
+    def locate_notes(self, helper: bytes, obj: bytes, size: int | None = None) -> Answer:
+        """One ``LocateNotes`` exchange: ``records`` is ``[NotesLocation]`` or ``[Err]``."""
         file_size = len(obj) if size is None else size
-        self._send(ParseNotes(helper=helper, size=file_size))
-        return self._collect(obj, file_size)
+        self._send(LocateNotes(helper=helper, size=file_size))
+        return self._collect(obj, file_size, locate=True)
+
+    def parse_note_blocks(
+        self, helper: bytes, notes_addr: int, notes: bytes, rodata_addr: int, rodata: bytes
+    ) -> Answer:
+        """One ``ParseNoteBlocks`` exchange (a ``ReadAt`` in its answer is a violation)."""
+        self._send(
+            ParseNoteBlocks(
+                helper=helper,
+                notes_addr=notes_addr,
+                notes=notes,
+                rodata_addr=rodata_addr,
+                rodata=rodata,
+            )
+        )
+        return self._collect(None, 0)
+
+    def notes(self, helper: bytes, obj: bytes) -> Answer:
+        """Both phases, as the host runs them: locate, cut the blocks from *obj*, parse them.
+
+        ``records`` is the LocateNotes ``Err``, or the ParseNoteBlocks stream; ``reads``
+        and ``location`` are the LocateNotes'.
+        """
+        located = self.locate_notes(helper, obj)
+        loc = located.records[0]
+        if not isinstance(loc, NotesLocation):
+            return located
+        based = helper[:64] + loc.base.to_bytes(8, "little") + helper[72:]
+        notes = obj[loc.notes_offset : loc.notes_offset + loc.notes_size]
+        rodata = obj[loc.rodata_offset : loc.rodata_offset + loc.rodata_size]
+        parsed = self.parse_note_blocks(based, loc.notes_addr, notes, loc.rodata_addr, rodata)
+        return Answer(parsed.records, located.reads, located.logs + parsed.logs, loc)
 
     def parse_dof(self, helper: bytes, dof: bytes) -> Answer:
         self._send(ParseRequest(helper=helper, dof=dof))
-        return self._collect(b"", 0)
+        return self._collect(None, 0)
 
-    def _collect(self, obj: bytes, file_size: int) -> Answer:
+    def _collect(self, obj: bytes | None, file_size: int, *, locate: bool = False) -> Answer:
         answer = Answer([])
+        ends = (NotesLocation, Err) if locate else (Eof, Err)
         while True:
             batch = self._batch()
             for i, rec in enumerate(batch):
                 if isinstance(rec, Log):
                     answer.logs.append(rec)
                 elif isinstance(rec, ReadAt):
+                    if obj is None:
+                        raise ChildDied("ReadAt outside a LocateNotes exchange", None)
                     if i != len(batch) - 1:
                         raise ChildDied("ReadAt is not the last record of its batch", None)
                     if rec.offset + rec.size > file_size:
@@ -131,7 +170,9 @@ class NotesPipe:
                     self._send(ObjectBytes(data=obj[rec.offset : rec.offset + rec.size]))
                 else:
                     answer.records.append(rec)
-                    if isinstance(rec, Eof | Err):
+                    if locate and len(answer.records) == 1 and not isinstance(rec, ends):
+                        raise ChildDied(f"LocateNotes answered {rec!r}", None)
+                    if isinstance(rec, ends):
                         if i != len(batch) - 1:
                             raise ChildDied("records after the end record", None)
                         return answer

@@ -1,9 +1,14 @@
-"""ELF-notes parser: one minimal broken object per rule, with the exact errno and message.
+"""ELF-notes parser: one minimal broken input per rule, with the exact errno and message.
 
-Upstream's messages are from ``libcommon/usdt_parser_notes.c`` and
-``handle_usdt_notes`` (reference §3.7); the ELF-structure rules are ours
-(upstream leaves them to libelf in the privileged daemon: CVE-2026-21996 and
-CVE-2026-35233 are in that code).
+The ELF-structure rules belong to the first phase and are tested on
+``LocateNotes`` (:func:`~tests.parser.elf_build.locate`, an object file read
+through ``ReadAt``); the note rules belong to the second and are tested on
+``ParseNoteBlocks`` (:func:`~tests.parser.elf_build.parse` of
+:class:`~tests.parser.elf_build.Blocks`, no file at all).  Upstream's
+messages are from ``libcommon/usdt_parser_notes.c`` and ``handle_usdt_notes``
+(reference §3.7); the ELF-structure rules are ours (upstream leaves them to
+libelf in the privileged daemon: CVE-2026-21996 and CVE-2026-35233 are in that
+code).
 """
 
 from __future__ import annotations
@@ -16,16 +21,18 @@ import pytest
 
 from common.limits import ParseLimits
 from common.names import printable
-from common.records import Eof, Err, ObjectBase
-from parserd.elf_notes import parse_notes
+from common.records import Eof, Err, NotesLocation
 from tests.parser.elf_build import (
     MODULE,
+    Blocks,
     CountingReader,
     NoteProbe,
     NoteProvider,
     NoteSite,
+    blocks_of,
     build_object,
     helper,
+    locate,
     note,
     parse,
     patch,
@@ -53,10 +60,10 @@ def err(records: Sequence[object]) -> tuple[int, str]:
     return records[0].errno, records[0].message
 
 
-def notes_only(*raw: bytes, sites: list[NoteSite] | None = None) -> bytes:
-    """An object whose .note.usdt is exactly *raw* (function 'main' is in .rodata)."""
+def notes_only(*raw: bytes, sites: list[NoteSite] | None = None) -> Blocks:
+    """The blocks of a ParseNoteBlocks whose notes are exactly *raw* ('main' is in .rodata)."""
     obj = build_object([PROV], sites if sites is not None else SITES[:1], notes=b"".join(raw))
-    return obj.data
+    return blocks_of(obj)
 
 
 FNO = build_object([PROV], SITES).function_addrs["main"]
@@ -131,17 +138,17 @@ def test_the_valid_object_is_accepted() -> None:
 )
 def test_elf_header_rules(mutate: object, message: str) -> None:
     data = mutate(valid())  # type: ignore[operator]
-    assert err(parse(data)) == (EINVAL, message)
+    assert err(locate(data)) == (EINVAL, message)
 
 
 def test_section_table_in_extended_numbering_is_followed() -> None:
     obj = build_object([PROV], SITES)
     data = set_ehdr(obj.data, shnum=0, shstrndx=0xFFFF)
     data = set_shdr(obj, 0, data, size=obj.shnum, link=3)
-    assert parse(data) == parse(obj.data)
+    assert locate(data) == locate(obj.data)
     # a huge extended count is bounded by the file, never allocated or looped over
     data = set_shdr(obj, 0, data, size=1 << 40)
-    assert err(parse(data)) == (
+    assert err(locate(data)) == (
         EINVAL,
         f"{MOD}: section header table (1099511627776 entries at offset {obj.shoff:#x}) extends "
         f"past the end of the file ({len(obj.data)} bytes)",
@@ -153,7 +160,7 @@ def test_a_section_table_bigger_than_the_byte_budget_is_e2big() -> None:
     big = obj.data + bytes(70 * 64)
     data = set_ehdr(big, shnum=obj.shnum + 70)
     limits = ParseLimits(max_object_bytes=4096)
-    errno, message = err(parse(data, limits=limits))
+    errno, message = err(locate(data, limits=limits))
     assert errno == E2BIG
     assert message == (
         f"reading section header table needs {64 + 74 * 64} bytes of the object, more than "
@@ -164,11 +171,11 @@ def test_a_section_table_bigger_than_the_byte_budget_is_e2big() -> None:
 def test_section_name_past_the_string_table_is_refused() -> None:
     """CVE-2026-35233 class: an out-of-table string offset is checked, never followed."""
     obj = build_object([PROV], SITES)
-    assert err(parse(set_shdr(obj, 1, name=0x4000))) == (
+    assert err(locate(set_shdr(obj, 1, name=0x4000))) == (
         EINVAL,
         f"{MOD}: section 1: name offset 0x4000 outside the section name table (30 bytes)",
     )
-    assert err(parse(set_shdr(obj, 1, name=(1 << 32) - 1))) == (
+    assert err(locate(set_shdr(obj, 1, name=(1 << 32) - 1))) == (
         EINVAL,
         f"{MOD}: section 1: name offset 0xffffffff outside the section name table (30 bytes)",
     )
@@ -178,7 +185,7 @@ def test_section_name_without_its_nul_is_refused() -> None:
     obj = build_object([PROV], SITES)
     data = set_shdr(obj, 3, size=29)  # cut the table's last NUL off
     data = set_shdr(obj, 1, data, name=20)  # ".shstrtab" is the last name
-    assert err(parse(data)) == (
+    assert err(locate(data)) == (
         EINVAL,
         f"{MOD}: section 1: name at offset 0x14 is not NUL-terminated in the section name table",
     )
@@ -195,7 +202,7 @@ def test_section_name_without_its_nul_is_refused() -> None:
 )
 def test_section_bounds(index: int, fields: dict[str, int], what: str) -> None:
     obj = build_object([PROV], SITES)
-    errno, message = err(parse(set_shdr(obj, index, None, **fields)))
+    errno, message = err(locate(set_shdr(obj, index, None, **fields)))
     assert errno == EINVAL
     assert message.startswith(f"{MOD}: {what}")
     assert message.endswith(f"extends past the end of the file ({len(obj.data)} bytes)")
@@ -204,36 +211,54 @@ def test_section_bounds(index: int, fields: dict[str, int], what: str) -> None:
 def test_notes_section_past_eof_and_overlapping_offsets() -> None:
     obj = build_object([PROV], SITES)
     for fields in ({"size": len(obj.data)}, {"size": 1 << 40}, {"offset": (1 << 64) - 4}):
-        errno, message = err(parse(set_shdr(obj, 1, None, **fields)))
+        errno, message = err(locate(set_shdr(obj, 1, None, **fields)))
         assert errno == EINVAL
         assert message.startswith(f"{MOD}: .note.usdt (section 1, offset ")
         assert message.endswith(f"extends past the end of the file ({len(obj.data)} bytes)")
-    # a notes section overlapping the section headers is just bytes: parsed as notes
-    errno, _ = err(parse(set_shdr(obj, 1, offset=obj.shoff, size=64)))
+    # a notes section overlapping the section headers is just bytes: located, parsed as notes
+    data = set_shdr(obj, 1, offset=obj.shoff, size=64)
+    assert isinstance(locate(data)[0], NotesLocation)
+    errno, _ = err(parse(data))
     assert errno == EINVAL
 
 
-def test_notes_section_larger_than_the_budget_is_e2big_before_any_read_of_it() -> None:
+def test_sections_larger_than_the_budget_are_e2big_and_never_read() -> None:
     obj = build_object([PROV], SITES, extra_notes=[note(b"dver", 1, bytes(8192))])
     reader = CountingReader(obj.data)
-    out = parse_notes(helper(), len(obj.data), reader, ParseLimits(max_object_bytes=8192))
+    limit = obj.notes_size + obj.rodata_size - 1
+    out = locate(obj, reader=reader, limits=ParseLimits(max_object_bytes=limit))
     assert err(out) == (
         E2BIG,
-        f"section .note.usdt size {obj.notes_size} exceeds maximum 8192 (max_object_bytes)",
+        f"sections .note.usdt and .rodata hold {limit + 1} bytes ({obj.notes_size} + "
+        f"{obj.rodata_size}), more than {limit} (max_object_bytes)",
     )
-    assert all(offset != obj.notes_offset for offset, _ in reader.calls)
+    assert all(offset < obj.notes_offset for offset, _ in reader.calls[:1])
+    assert not any(obj.notes_offset <= offset < obj.shstrtab_offset for offset, _ in reader.calls)
+    loc = locate(obj, limits=ParseLimits(max_object_bytes=limit + 1))[0]
+    assert isinstance(loc, NotesLocation) and loc.notes_size + loc.rodata_size == limit + 1
+
+
+def test_blocks_larger_than_the_budget_are_e2big() -> None:
+    blocks = blocks_of(build_object([PROV], SITES, rodata_size=8192))
+    total = len(blocks.notes) + len(blocks.rodata)
+    assert err(parse(blocks, limits=ParseLimits(max_object_bytes=total - 1))) == (
+        E2BIG,
+        f"blocks .note.usdt and .rodata hold {total} bytes ({len(blocks.notes)} + 8192), more "
+        f"than {total - 1} (max_object_bytes)",
+    )
+    assert parse(blocks, limits=ParseLimits(max_object_bytes=total))[-1] == Eof()
 
 
 def test_missing_sections_use_upstreams_message() -> None:
     obj = build_object([PROV], SITES)
-    assert err(parse(set_shdr(obj, 1, type=1))) == (EINVAL, f"no .note.usdt section in {MOD}")
-    assert err(parse(set_shdr(obj, 2, type=8))) == (EINVAL, f"no .rodata section in {MOD}")
-    assert err(parse(set_shdr(obj, 2, name=0))) == (EINVAL, f"no .rodata section in {MOD}")
+    assert err(locate(set_shdr(obj, 1, type=1))) == (EINVAL, f"no .note.usdt section in {MOD}")
+    assert err(locate(set_shdr(obj, 2, type=8))) == (EINVAL, f"no .rodata section in {MOD}")
+    assert err(locate(set_shdr(obj, 2, name=0))) == (EINVAL, f"no .rodata section in {MOD}")
 
 
 def test_misaligned_notes_section() -> None:
     obj = build_object([PROV], SITES)
-    assert err(parse(set_shdr(obj, 1, offset=obj.notes_offset + 2))) == (
+    assert err(locate(set_shdr(obj, 1, offset=obj.notes_offset + 2))) == (
         EINVAL,
         "Pointer to note header not aligned",
     )
@@ -242,7 +267,7 @@ def test_misaligned_notes_section() -> None:
 def test_a_file_that_shrank_under_the_parser_is_refused() -> None:
     obj = build_object([PROV], SITES)
     data = obj.data
-    assert err(parse(data[:-1], size=len(data))) == (
+    assert err(locate(data[:-1], size=len(data))) == (
         EINVAL,
         f"short read of section header table at offset {obj.shoff:#x}: 255 of 256 bytes "
         f"(the file changed?)",
@@ -296,7 +321,8 @@ def test_unknown_note() -> None:
 def test_dver_and_utsn_are_ignored_and_their_type_is_not_checked() -> None:
     extra = [note(b"dver", 99, b"anything"), note(b"utsn", 0, b"x")]
     obj = build_object([PROV], SITES, extra_notes=extra)
-    assert parse(obj)[1:] == parse(build_object([PROV], SITES))[1:]
+    assert parse(obj) == parse(build_object([PROV], SITES))
+    assert parse(blocks_of(obj)) == parse(blocks_of(build_object([PROV], SITES)))
 
 
 # --- prov notes ------------------------------------------------------------------------
@@ -366,17 +392,19 @@ def test_non_utf8_provider_name() -> None:
 
 
 def test_module_name_policy_and_termination() -> None:
-    assert err(parse(valid(), dh=helper(b"a:b"))) == (
-        EINVAL,
-        "module name \"a:b\" contains forbidden character ':'",
-    )
+    """Both phases check the helper: LocateNotes (its messages name the module) and
+    ParseNoteBlocks (its records carry it)."""
     dh = bytearray(helper())
     dh[:64] = b"m" * 64
-    assert err(parse(valid(), dh=bytes(dh))) == (
-        EINVAL,
-        "module name (dofhp_mod) is not NUL-terminated within 64 bytes",
-    )
-    assert err(parse(valid(), dh=b"short")) == (EINVAL, "helper size incorrect: expected 80, not 5")
+    cases = [
+        (helper(b"a:b"), "module name \"a:b\" contains forbidden character ':'"),
+        (bytes(dh), "module name (dofhp_mod) is not NUL-terminated within 64 bytes"),
+        (b"short", "helper size incorrect: expected 80, not 5"),
+    ]
+    blocks = blocks_of(build_object([PROV], SITES))
+    for bad, message in cases:
+        assert err(locate(valid(), dh=bad)) == (EINVAL, message)
+        assert err(parse(blocks, dh=bad)) == (EINVAL, message)
 
 
 # --- usdt notes ------------------------------------------------------------------------
@@ -561,24 +589,35 @@ def test_limits() -> None:
 
 def test_read_budgets() -> None:
     obj = build_object([PROV], SITES)
-    # header, section table, shstrtab, notes, rodata: five reads
-    assert err(parse(obj, limits=ParseLimits(max_object_reads=4))) == (
+    # header, section table, section names: three reads (never the sections' contents)
+    assert err(locate(obj, limits=ParseLimits(max_object_reads=2))) == (
         E2BIG,
-        "reading section .rodata needs more than 4 object reads (max_object_reads)",
+        "reading section name table needs more than 2 object reads (max_object_reads)",
     )
-    assert not isinstance(parse(obj, limits=ParseLimits(max_object_reads=5))[0], Err)
+    assert isinstance(locate(obj, limits=ParseLimits(max_object_reads=3))[0], NotesLocation)
 
 
-def test_notes_section_is_read_in_bounded_chunks() -> None:
+def test_big_sections_are_located_without_reading_them() -> None:
     filler = note(b"dver", 1, bytes(3 << 20))  # 3 MiB of ignored note
-    obj = build_object([PROV], SITES, extra_notes=[filler])
+    obj = build_object([PROV], SITES, extra_notes=[filler], rodata_size=2 << 20)
     reader = CountingReader(obj.data)
-    out = parse_notes(helper(), len(obj.data), reader)
-    assert not isinstance(out[0], Err)
+    assert isinstance(locate(obj, reader=reader)[0], NotesLocation)
+    assert len(reader.calls) == 3 and reader.total < 512
+    assert parse(obj)[-1] == Eof()
+
+
+def test_a_big_section_name_table_is_read_in_bounded_chunks() -> None:
+    obj = build_object([PROV], SITES)
+    big = obj.data + bytes(3 << 20)  # 3 MiB of section names (NULs) after the table
+    data = set_shdr(obj, 3, big, offset=len(obj.data), size=3 << 20)
+    data = set_shdr(obj, 1, data, name=0)  # the names now point into the NULs: no match
+    reader = CountingReader(data)
+    assert err(locate(data, reader=reader)) == (EINVAL, f"no .note.usdt section in {MOD}")
     assert max(size for _, size in reader.calls) == 1 << 20
-    assert err(parse(obj, limits=ParseLimits(max_object_reads=6))) == (
+    assert len(reader.calls) == 2 + 3
+    assert err(locate(data, limits=ParseLimits(max_object_reads=4))) == (
         E2BIG,
-        "reading section .note.usdt needs more than 6 object reads (max_object_reads)",
+        "reading section name table needs more than 4 object reads (max_object_reads)",
     )
 
 
@@ -610,8 +649,7 @@ def test_probe_limit_is_applied_inside_one_prov_note() -> None:
 
 def test_many_tiny_notes_are_walked_quickly() -> None:
     raw = note(b"dver", 1, b"x") * 65536 + PROV_NOTE  # 1 MiB of notes
-    out = parse(notes_only(raw))
-    assert out[0] == ObjectBase(base=0x7F1234560000) and out[-1] == Eof()
+    assert parse(notes_only(raw)) == [Eof()]
 
 
 def test_note_count_is_bounded() -> None:

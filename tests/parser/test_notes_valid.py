@@ -1,35 +1,42 @@
-"""ELF-notes parser: valid objects give exactly upstream's records (in upstream's order)."""
+"""ELF-notes parser: valid objects give exactly upstream's records (in upstream's order).
+
+Every object goes through both phases, as the host runs them
+(:func:`tests.parser.elf_build.parse`): ``LocateNotes`` on the file, then
+``ParseNoteBlocks`` on the two blocks cut from it.
+"""
 
 from __future__ import annotations
 
 import pytest
 
 from common.grammar import check_stream
-from common.limits import MAX_OBJECT_READ
+from common.limits import MAX_OBJECT_READ, ParseLimits
 from common.records import (
     ArgsMap,
     ArgsNative,
     ArgsXlat,
     Eof,
     Err,
-    ObjectBase,
+    NotesLocation,
     Probe,
     Provider,
     Tracepoint,
 )
 from common.stash_format import decode_records, encode_record
 from parserd import elf_notes
-from parserd.elf_notes import _Htab, parse_notes, str2hval
+from parserd.elf_notes import _Htab, str2hval
 from tests.parser.elf_build import (
     BASE,
     ET_EXEC,
     MODULE,
+    Blocks,
     CountingReader,
     NoteProbe,
     NoteProvider,
     NoteSite,
+    blocks_of,
     build_object,
-    helper,
+    locate,
     parse,
 )
 
@@ -42,9 +49,16 @@ def test_one_probe_every_record_kind() -> None:
         [NoteProbe("req-start", ["int", "char *"], [("long", 1), ("int", 0)]), NoteProbe("unused")],
     )
     sites = [NoteSite("myprov", "req__start", "handle", 0x1234, sargs="-4@%edi 8@%rsi")]
-    records = parse(build_object([prov], sites))
+    obj = build_object([prov], sites)
+    assert locate(obj) == [
+        NotesLocation(
+            base=BASE, notes_addr=0, notes_offset=obj.notes_offset, notes_size=obj.notes_size,
+            rodata_addr=obj.rodata_addr, rodata_offset=obj.rodata_offset,
+            rodata_size=obj.rodata_size,
+        )
+    ]  # fmt: skip
+    records = parse(obj)
     assert records == [
-        ObjectBase(base=BASE),
         Provider(name="myprov", nprobes=1),
         Probe(mod=MOD, fun="handle", prb="req-start", ntp=1, nargc=2, xargc=2),
         ArgsNative(args=["int", "char *"]),
@@ -53,14 +67,16 @@ def test_one_probe_every_record_kind() -> None:
         Tracepoint(addr=BASE + 0x1234, is_enabled=False, args="-4@%edi 8@%rsi"),
         Eof(),
     ]
-    check_stream(records)
+    check_stream(records, notes=True)
+    assert parse(blocks_of(obj)) == records  # the blocks alone, as at a reparse
 
 
 def test_et_exec_base_is_zero() -> None:
     prov = NoteProvider("p", [NoteProbe("a")])
     obj = build_object([prov], [NoteSite("p", "a", "main", 0x401136)], e_type=ET_EXEC)
+    (loc,) = locate(obj)
+    assert isinstance(loc, NotesLocation) and loc.base == 0
     assert parse(obj) == [
-        ObjectBase(base=0),
         Provider(name="p", nprobes=1),
         Probe(mod=MOD, fun="main", prb="a", ntp=1, nargc=0, xargc=0),
         Tracepoint(addr=0x401136, is_enabled=False, args=""),
@@ -70,9 +86,9 @@ def test_et_exec_base_is_zero() -> None:
 
 def test_probes_and_providers_without_tracepoints_are_not_emitted() -> None:
     provs = [NoteProvider("idle", [NoteProbe("x")]), NoteProvider("p", [NoteProbe("a")])]
-    assert parse(build_object(provs, [])) == [ObjectBase(base=BASE), Eof()]
+    assert parse(build_object(provs, [])) == [Eof()]
     records = parse(build_object(provs, [NoteSite("p", "a", "f", 0x10)]))
-    assert [type(r) for r in records] == [ObjectBase, Provider, Probe, Tracepoint, Eof]
+    assert [type(r) for r in records] == [Provider, Probe, Tracepoint, Eof]
 
 
 def test_a_probe_in_several_functions_and_several_sites() -> None:
@@ -84,14 +100,16 @@ def test_a_probe_in_several_functions_and_several_sites() -> None:
         NoteSite("p", "a", "f", 0x18, enabled=True, sargc=1, sargs="8@%rax"),
     ]
     records = parse(build_object([prov], sites))
-    check_stream(records)
+    check_stream(records, notes=True)
     probes = [r for r in records if isinstance(r, Probe)]
     assert sorted((p.fun, p.ntp) for p in probes) == [("f", 3), ("g", 1)]
     f_start = records.index(next(p for p in probes if p.fun == "f"))
+    # upstream's order: prbmap (one slot, newest note first) validates 0x18, 0x10, 0x30;
+    # upstream writes the first validated, then the others in reverse
     assert records[f_start + 2 : f_start + 5] == [
-        Tracepoint(addr=BASE + 0x10, is_enabled=False, args="-4@%eax"),
-        Tracepoint(addr=BASE + 0x30, is_enabled=False, args="-4@%edi"),
         Tracepoint(addr=BASE + 0x18, is_enabled=True, args="8@%rax"),
+        Tracepoint(addr=BASE + 0x30, is_enabled=False, args="-4@%edi"),
+        Tracepoint(addr=BASE + 0x10, is_enabled=False, args="-4@%eax"),
     ]
     assert Provider(name="p", nprobes=2) in records
 
@@ -163,10 +181,10 @@ def test_function_specific_probe_lookup_quirk_is_merged(monkeypatch: pytest.Monk
     sites += [NoteSite("prv", n, "main", 0x8000 + 0x10 * i, enabled=True, sargc=1)
               for i, n in enumerate(names)]  # fmt: skip
     records = parse(build_object([prov], sites))
-    check_stream(records)
+    check_stream(records, notes=True)
     probes = [r for r in records if isinstance(r, Probe)]
     assert len(probes) == 64 and all(p.ntp == 2 for p in probes)
-    assert records[1] == Provider(name="prv", nprobes=64)
+    assert records[0] == Provider(name="prv", nprobes=64)
     assert len(merged) == 15  # upstream would have emitted 15 duplicate PROBE records
 
 
@@ -192,7 +210,7 @@ def test_usdt_note_types_other_than_2_are_regular_probes() -> None:
 def test_stream_survives_the_stash_format() -> None:
     prov = NoteProvider("p", [NoteProbe("a", ["int"])])
     records = parse(build_object([prov], [NoteSite("p", "a", "f", 0x10, sargs="-4@%edi")]))
-    body = [r for r in records if not isinstance(r, ObjectBase | Eof)]
+    body = [r for r in records if not isinstance(r, Eof)]
     raw = b"".join(encode_record(r) for r in body)
     assert decode_records(raw) == body
     tp = next(r for r in body if isinstance(r, Tracepoint))
@@ -200,28 +218,20 @@ def test_stream_survives_the_stash_format() -> None:
 
 
 @pytest.mark.parametrize("rodata_size", [4096, 3 * MAX_OBJECT_READ])
-def test_rodata_read_whole_when_small_else_by_windows(rodata_size: int) -> None:
+def test_rodata_is_never_read_by_the_parser_and_parsed_whole(rodata_size: int) -> None:
     prov = NoteProvider("p", [NoteProbe("a")])
     sites = [NoteSite("p", "a", f"fn{i}", 0x10 * (i + 1)) for i in range(50)]
     obj = build_object([prov], sites, rodata_size=rodata_size)
     reader = CountingReader(obj.data)
-    records = parse_notes(helper(), len(obj.data), reader)
-    assert not isinstance(records[0], Err)
+    assert isinstance(locate(obj, reader=reader)[0], NotesLocation)
+    assert not any(obj.notes_offset <= o < obj.shstrtab_offset for o, _ in reader.calls)
+    records = parse(obj)
     assert sorted(r.fun for r in records if isinstance(r, Probe)) == sorted(
         f"fn{i}" for i in range(50)
     )
-    rodata_reads = [
-        (o, s) for o, s in reader.calls if obj.rodata_offset <= o < obj.rodata_offset + rodata_size
-    ]
-    total = sum(s for _, s in rodata_reads)
-    if rodata_size <= MAX_OBJECT_READ:
-        assert rodata_reads == [(obj.rodata_offset, obj.rodata_size)]
-    else:
-        assert len(rodata_reads) == 1 and total < 4096  # the names only, not 3 MiB
 
 
-def test_rodata_windows_far_apart() -> None:
-    """Names spread over a big .rodata: one window per cluster, within the read budget."""
+def test_function_names_far_apart_in_a_big_rodata_block() -> None:
     prefix = bytearray(b"\0" * (3 * MAX_OBJECT_READ))
     placed = {}
     for i, at in enumerate([16, MAX_OBJECT_READ + 5, 3 * MAX_OBJECT_READ - 8]):
@@ -229,15 +239,27 @@ def test_rodata_windows_far_apart() -> None:
         prefix[at : at + len(name) + 1] = name + b"\0"
         placed[f"f{i}"] = at
     prov = NoteProvider("p", [NoteProbe("a")])
-    obj0 = build_object([prov], [], rodata_prefix=bytes(prefix))
     from common.notes_build import note, prov_desc, usdt_desc
 
     notes = note(b"prov", 1, prov_desc(prov))
     for i, (fun, at) in enumerate(placed.items()):
         site = NoteSite("p", "a", fun, 0x10 * (i + 1))
-        notes += note(b"usdt", 1, usdt_desc(site, obj0.rodata_addr + at))
-    obj = build_object([prov], [], rodata_prefix=bytes(prefix), notes=notes)
-    reader = CountingReader(obj.data)
-    records = parse_notes(helper(), len(obj.data), reader)
+        notes += note(b"usdt", 1, usdt_desc(site, 0x2000 + at))
+    records = parse(Blocks(notes, bytes(prefix), 0x2000))
     assert sorted(r.fun for r in records if isinstance(r, Probe)) == ["f0", "f1", "f2"]
-    assert reader.total < 2048 and len(reader.calls) == 4 + 3
+    # the same notes against a .rodata block at another address: no names there
+    assert parse(Blocks(notes, bytes(prefix), 0x10_0000)) == [
+        Err(errno=22, message="Invalid function name offset")
+    ]
+
+
+def test_notes_addr_does_not_change_the_parse() -> None:
+    obj = build_object([NoteProvider("p", [NoteProbe("a")])], [NoteSite("p", "a", "f", 0x10)])
+    blocks = blocks_of(obj)
+    assert parse(blocks._replace(notes_addr=0xDEAD0000)) == parse(blocks)
+
+
+def test_the_default_budget_admits_big_blocks() -> None:
+    prov = NoteProvider("p", [NoteProbe("a")])
+    obj = build_object([prov], [NoteSite("p", "a", "f", 0x10)], rodata_size=32 << 20)
+    assert parse(obj, limits=ParseLimits())[-1] == Eof()

@@ -1,5 +1,6 @@
-"""The ELF-notes additions to the common types: Tracepoint.args, ReadAt, ObjectBase, the requests,
-their stash form (DOF_PARSED_VERSION 3) and the grammar's optional leading ObjectBase."""
+"""The ELF-notes additions to the common types: Tracepoint.args, ReadAt, NotesLocation, the
+requests (LocateNotes, ObjectBytes, ParseNoteBlocks), their stash form (DOF_PARSED_VERSION 3)
+and the notes grammar (unique tracepoint addresses in any order)."""
 
 from __future__ import annotations
 
@@ -7,13 +8,14 @@ import msgspec
 import pytest
 
 from common.errors import ProtocolError, StashFormatError
-from common.grammar import check_stream
-from common.limits import MAX_OBJECT_READ, ParseLimits
+from common.framing import MAX_REQUEST_FRAME
+from common.grammar import check_location, check_stream
+from common.limits import MAX_OBJECT_BYTES, MAX_OBJECT_READ, MAX_OBJECT_SIZE, ParseLimits
 from common.names import MAX_SARGS_BYTES, NameRefused, check_sargs
 from common.records import (
     Eof,
     Err,
-    ObjectBase,
+    NotesLocation,
     ParserRecord,
     Probe,
     Provider,
@@ -21,7 +23,13 @@ from common.records import (
     ResultRecord,
     Tracepoint,
 )
-from common.requests import ObjectBytes, ParseNotes, ParserRequest
+from common.requests import (
+    MAX_NOTE_BLOCK,
+    LocateNotes,
+    ObjectBytes,
+    ParseNoteBlocks,
+    ParserRequest,
+)
 from common.stash_format import decode_probe_file, decode_records, encode_probe_file, encode_record
 
 PROVIDER = Provider(name="prv", nprobes=1)
@@ -103,88 +111,145 @@ def test_sargs_policy() -> None:
         )
 
 
-def test_read_at_and_object_base_bounds() -> None:
+LOCATION = NotesLocation(
+    base=0x7F00, notes_addr=0x300, notes_offset=0x300, notes_size=0x40, rodata_addr=0x2000,
+    rodata_offset=0x2000, rodata_size=0x100,
+)  # fmt: skip
+
+
+def test_read_at_and_notes_location_bounds() -> None:
     dec = msgspec.msgpack.Decoder(ParserRecord)
     assert dec.decode(msgspec.msgpack.encode([101, 0, 1])) == ReadAt(offset=0, size=1)
     assert dec.decode(msgspec.msgpack.encode([101, 2**64 - 1, MAX_OBJECT_READ])) == ReadAt(
         offset=2**64 - 1, size=MAX_OBJECT_READ
     )
-    for bad in ([101, 0, 0], [101, 0, MAX_OBJECT_READ + 1], [101, -1, 1], [102, -1]):
+    for bad in ([101, 0, 0], [101, 0, MAX_OBJECT_READ + 1], [101, -1, 1]):
         with pytest.raises(msgspec.ValidationError):
             dec.decode(msgspec.msgpack.encode(bad))
-    assert dec.decode(msgspec.msgpack.encode([102, 0x7F00])) == ObjectBase(base=0x7F00)
+    wire = [102, 0x7F00, 0x300, 0x300, 0x40, 0x2000, 0x2000, 0x100]
+    assert msgspec.msgpack.encode(LOCATION) == msgspec.msgpack.encode(wire)
+    assert dec.decode(msgspec.msgpack.encode(wire)) == LOCATION
+    top = 2**64 - 1
+    assert dec.decode(msgspec.msgpack.encode([102, top, top, 0, 0, top, 0, 0])).base == top
+    for bad in (
+        [102, -1, 0, 0, 0, 0, 0, 0],
+        [102, 0, 0, 0, 0, 0, 0],  # a field short
+        [102, 0, 0, MAX_OBJECT_SIZE + 1, 0, 0, 0, 0],  # offsets: u63
+        [102, 0, 0, MAX_OBJECT_SIZE, 1, 0, 0, 0],  # the block past the largest file
+        [102, 0, 0, 0, 0, 0, MAX_OBJECT_SIZE, 1],
+        [102, 0, 0, 0, MAX_OBJECT_BYTES + 1, 0, 0, 0],  # sizes: at most MAX_OBJECT_BYTES
+        [102, 0, 0, 0, MAX_OBJECT_BYTES, 0, 0, 1],  # ... together
+    ):
+        with pytest.raises(msgspec.ValidationError):
+            dec.decode(msgspec.msgpack.encode(bad))
     with pytest.raises(msgspec.ValidationError):  # ReadAt is not a result record
         msgspec.msgpack.Decoder(ResultRecord).decode(msgspec.msgpack.encode([101, 0, 1]))
+    assert msgspec.msgpack.Decoder(ResultRecord).decode(msgspec.msgpack.encode(wire)) == LOCATION
 
 
 def test_requests() -> None:
     dec = msgspec.msgpack.Decoder(ParserRequest)
     helper = bytes(80)
-    assert dec.decode(msgspec.msgpack.encode([2, helper, 4096])) == ParseNotes(
+    assert dec.decode(msgspec.msgpack.encode([2, helper, 4096])) == LocateNotes(
         helper=helper, size=4096
     )
     assert dec.decode(msgspec.msgpack.encode([3, b"abc"])) == ObjectBytes(data=b"abc")
+    blocks = ParseNoteBlocks(helper=helper, notes_addr=0x300, notes=b"n", rodata_addr=0x2000,
+                             rodata=b"r")  # fmt: skip
+    wire = [4, helper, 0x300, b"n", 0x2000, b"r"]
+    assert msgspec.msgpack.encode(blocks) == msgspec.msgpack.encode(wire)
+    assert dec.decode(msgspec.msgpack.encode(wire)) == blocks
     for bad in (
         [2, bytes(79), 1],
         [2, helper, -1],
+        [2, helper, 1 << 63],
         [2, helper],
         [3, bytes(MAX_OBJECT_READ + 1)],
         [3, "text"],
+        [4, helper, 0, b"", 0],
+        [4, bytes(81), 0, b"", 0, b""],
+        [4, helper, -1, b"", 0, b""],
+        [4, helper, 0, "text", 0, b""],
+        [5, helper],
     ):
         with pytest.raises(msgspec.ValidationError):
             dec.decode(msgspec.msgpack.encode(bad))
+
+
+def test_block_bounds_fit_one_request_frame() -> None:
+    assert MAX_NOTE_BLOCK == MAX_OBJECT_BYTES
+    # the largest accepted pair of blocks, with its helper and msgpack overhead, fits a frame
+    overhead = len(msgspec.msgpack.encode(ParseNoteBlocks(helper=bytes(80), notes_addr=2**64 - 1,
+                                                          notes=b"", rodata_addr=2**64 - 1,
+                                                          rodata=b"")))  # fmt: skip
+    assert MAX_OBJECT_BYTES + overhead + 8 <= MAX_REQUEST_FRAME
+    dec = msgspec.msgpack.Decoder(ParserRequest)
+    too_big = msgspec.msgpack.encode([4, bytes(80), 0, bytes(MAX_NOTE_BLOCK + 1), 0, b""])
+    with pytest.raises(msgspec.ValidationError):
+        dec.decode(too_big)
 
 
 def test_limits_defaults_and_bounds() -> None:
     limits = ParseLimits()
     assert (limits.max_object_reads, limits.max_object_bytes) == (64, 64 << 20)
     assert limits.max_object_reads * MAX_OBJECT_READ == limits.max_object_bytes
+    assert msgspec.convert({"max_object_bytes": MAX_OBJECT_BYTES}, ParseLimits)
     with pytest.raises(msgspec.ValidationError):
-        msgspec.convert({"max_object_bytes": 1 << 31}, ParseLimits)
+        msgspec.convert({"max_object_bytes": MAX_OBJECT_BYTES + 1}, ParseLimits)
 
 
-def test_grammar_allows_one_leading_object_base() -> None:
-    tp = Tracepoint(addr=1, is_enabled=False, args="")
-    probe = Probe(mod="m", fun="f", prb="p", ntp=1, nargc=0, xargc=0)
-    stream: list[ResultRecord] = [
-        ObjectBase(base=0),
-        Provider(name="p", nprobes=1),
-        probe,
-        tp,
-        Eof(),
-    ]
-    checker = check_stream(stream)
-    assert checker.base == ObjectBase(base=0) and len(checker.probes) == 1
-    assert check_stream([ObjectBase(base=5), Eof()]).base == ObjectBase(base=5)
-    assert check_stream([Eof()]).base is None
-    for bad in (
-        [ObjectBase(base=0), Err(errno=22, message="x")],
-        [ObjectBase(base=0), ObjectBase(base=0), Eof()],
-        [Provider(name="p", nprobes=1), ObjectBase(base=0)],
-        [Provider(name="p", nprobes=1), probe, tp, ObjectBase(base=0), Eof()],
-        [Eof(), ObjectBase(base=0)],
-    ):
-        with pytest.raises(ProtocolError):
-            check_stream(bad)  # type: ignore[arg-type]
-
-
-def test_object_base_has_no_stash_form() -> None:
+def test_notes_location_has_no_stash_form() -> None:
     with pytest.raises(TypeError):
-        encode_record(ObjectBase(base=0))
+        encode_record(LOCATION)
 
 
-def test_grammar_object_base_required_or_forbidden() -> None:
-    tp = Tracepoint(addr=1, is_enabled=False, args="")
-    probe = Probe(mod="m", fun="f", prb="p", ntp=1, nargc=0, xargc=0)
-    body: list[ResultRecord] = [Provider(name="p", nprobes=1), probe, tp, Eof()]
-    with_base: list[ResultRecord] = [ObjectBase(base=0), *body]
-    check_stream(with_base, object_base=True)
-    check_stream(body, object_base=False)
-    check_stream([Err(errno=22, message="x")], object_base=True)
-    check_stream([Err(errno=22, message="x")], object_base=False)
-    with pytest.raises(ProtocolError, match="unexpected Provider"):
-        check_stream(body, object_base=True)
-    with pytest.raises(ProtocolError, match="unexpected Eof"):
-        check_stream([Eof()], object_base=True)
-    with pytest.raises(ProtocolError, match="unexpected ObjectBase"):
-        check_stream(with_base, object_base=False)
+def test_check_location() -> None:
+    assert check_location([LOCATION]) == LOCATION
+    assert check_location([Err(errno=22, message="x")]) == Err(errno=22, message="x")
+    for bad in (
+        [],
+        [Eof()],
+        [LOCATION, LOCATION],
+        [LOCATION, Eof()],
+        [Provider(name="p", nprobes=0)],
+    ):
+        with pytest.raises(ProtocolError, match="expected one NotesLocation or Err"):
+            check_location(bad)  # type: ignore[arg-type]
+
+
+def _probe(*tps: Tracepoint) -> list[ResultRecord]:
+    probe = Probe(mod="m", fun="f", prb="p", ntp=len(tps), nargc=0, xargc=0)
+    return [Provider(name="p", nprobes=1), probe, *tps, Eof()]
+
+
+def test_notes_grammar_wants_unique_addresses_in_any_order() -> None:
+    def tp(addr: int, en: bool = False) -> Tracepoint:
+        return Tracepoint(addr=addr, is_enabled=en, args="")
+
+    upstream_order = _probe(tp(0x18, True), tp(0x30), tp(0x10))
+    assert len(check_stream(upstream_order, notes=True).probes) == 1
+    with pytest.raises(ProtocolError, match="regular tracepoint after an is-enabled one"):
+        check_stream(upstream_order)  # DOF's rule is the default
+    with pytest.raises(ProtocolError, match="regular tracepoint after an is-enabled one"):
+        check_stream(upstream_order, notes=False)
+    check_stream(_probe(tp(0x10), tp(0x30), tp(0x18, True)), notes=False)
+    for dup in (_probe(tp(0x10), tp(0x10)), _probe(tp(0x10), tp(0x10, True)),
+                _probe(tp(0x10, True), tp(0x20), tp(0x10, True))):  # fmt: skip
+        with pytest.raises(ProtocolError, match="tracepoint 0x10 appears twice in one probe"):
+            check_stream(dup, notes=True)
+    # addresses are unique per probe, not per stream
+    two: list[ResultRecord] = [Provider(name="p", nprobes=2),
+           Probe(mod="m", fun="f", prb="a", ntp=1, nargc=0, xargc=0), tp(0x10),
+           Probe(mod="m", fun="f", prb="b", ntp=1, nargc=0, xargc=0), tp(0x10), Eof()]  # fmt: skip
+    assert len(check_stream(two, notes=True).probes) == 2
+
+
+def test_no_stream_takes_a_notes_location() -> None:
+    body = _probe(Tracepoint(addr=1, is_enabled=False, args=""))
+    for notes in (False, True):
+        check_stream(body, notes=notes)
+        check_stream([Err(errno=22, message="x")], notes=notes)
+        bads: list[list[ResultRecord]] = [[LOCATION, *body], [LOCATION], [*body[:-1], LOCATION]]
+        for bad in bads:
+            with pytest.raises(ProtocolError, match="unexpected NotesLocation"):
+                check_stream(bad, notes=notes)
