@@ -147,7 +147,7 @@ class Register(Command, tag=1, frozen=True):
 
 
 class Remove(Command, tag=2, frozen=True):
-    """DTRACEHIOC_REMOVE: an unknown generation is not an error; replies :class:`Done`."""
+    """DTRACEHIOC_REMOVE: an unknown generation is not an error; replies :class:`Removed`."""
 
     pid: Pid
     gen: Gen
@@ -221,6 +221,12 @@ class Failure(Reply, tag=6, frozen=True):
     message: Message
 
 
+class Removed(Reply, tag=8, frozen=True):
+    """The answer to :class:`Remove`: whether that generation existed (and is gone now)."""
+
+    existed: bool
+
+
 class Log(Reply, tag=7, frozen=True):
     """One log line of the writer, for the daemon's log; any number (bounded) may
     precede a reply, and those of start-up recovery precede the first reply.
@@ -234,4 +240,4 @@ class Log(Reply, tag=7, frozen=True):
     message: Annotated[str, msgspec.Meta(max_length=MAX_LOG_MESSAGE)]
 
 
-StashReply = Generation | Done | Pids | Items | Problems | Failure | Log
+StashReply = Generation | Done | Pids | Items | Problems | Failure | Log | Removed

@@ -41,6 +41,7 @@ from common.stash_protocol import (
     Register,
     Registration,
     Remove,
+    Removed,
     RemovePid,
     ReparseItem,
     ReparseScan,
@@ -239,8 +240,11 @@ class StashWriterChild:
         assert isinstance(reply, Generation)
         return reply.gen
 
-    def remove(self, pid: int, gen: int) -> None:
-        self._call(Remove(pid=pid, gen=gen), Done)
+    def remove(self, pid: int, gen: int) -> bool:
+        """True when that generation existed (and is gone now)."""
+        reply = self._call(Remove(pid=pid, gen=gen), Removed)
+        assert isinstance(reply, Removed)
+        return reply.existed
 
     def remove_pid(self, pid: int) -> None:
         self._call(RemovePid(pid=pid), Done)

@@ -207,7 +207,10 @@ def parse_maps(text: bytes) -> list[Mapping]:
 
 
 def _vanished(pid: int, err: OSError | ValueError) -> RequestRejected:
-    return RequestRejected(errno.EINVAL, f"cannot read process {pid} (process dead?): {err}")
+    """The caller could not be read: it died (ENOENT, ESRCH), or something else failed."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOENT, errno.ESRCH):
+        return RequestRejected(errno.EINVAL, f"cannot read process {pid} (process dead?): {err}")
+    return RequestRejected(errno.EINVAL, f"cannot read process {pid}: {err}")
 
 
 def tgid_of(tid: int) -> int:

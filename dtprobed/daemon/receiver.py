@@ -90,7 +90,7 @@ class Parser(Protocol):
 
 class Writer(Protocol):
     def register_records(self, reg: Registration, records: list[ResultRecord]) -> int: ...
-    def remove(self, pid: int, gen: int) -> None: ...
+    def remove(self, pid: int, gen: int) -> bool: ...
     def remove_pid(self, pid: int) -> None: ...
 
 
@@ -180,9 +180,14 @@ class Receiver:
             )
             result = -errno.EINVAL
         except StashError as err:
-            report = partial(
-                log.error, "%d: dtprobed: I/O error stashing DOF: %s", request.tid, err
-            )
+            if err.errno == errno.EDQUOT:  # the caller's (or the stash's) share is used up
+                what, level = "stash quota refused the registration", logging.WARNING
+            else:
+                what, level = (
+                    f"cannot stash it ({errno.errorcode.get(err.errno, err.errno)})",
+                    (logging.ERROR),
+                )
+            report = partial(log.log, level, "%d: dtprobed: %s: %s", request.tid, what, err)
             result = -errno.EINVAL
         except DtprobedError as err:
             report = partial(
@@ -364,8 +369,10 @@ class Receiver:
                 log.debug, "%d: REMOVE of unknown generation %d", request.tid, request.gen
             )
         pid = tgid_of(request.tid)
-        self._writer_call(lambda: _done(self._writer.remove, pid, request.gen))
-        return 0, partial(log.info, "%d: removed generation %d", pid, request.gen)
+        existed = self._writer_call(lambda: int(self._writer.remove(pid, request.gen)))
+        if existed:
+            return 0, partial(log.info, "%d: removed generation %d", pid, request.gen)
+        return 0, partial(log.debug, "%d: REMOVE of unknown generation %d", pid, request.gen)
 
     # --- exits --------------------------------------------------------------------
 

@@ -471,7 +471,8 @@ class Stash:
         try:
             checker = check_stream(
                 list(records),
-                max_probes=self.quotas.max_probes_per_pid,
+                # the frame bound limits the stream; the quotas are checked next (EDQUOT)
+                max_probes=None,
                 max_tracepoints=None,
                 notes=notes,
             )
@@ -819,22 +820,25 @@ class Stash:
     # ------------------------------------------------------------ removal
 
     @_stash_op("remove")
-    def remove(self, pid: int, gen: int) -> None:
-        """DTRACEHIOC_REMOVE; an unknown pid or generation is success (upstream)."""
-        self._remove(pid, gen)
+    def remove(self, pid: int, gen: int) -> bool:
+        """DTRACEHIOC_REMOVE; an unknown pid or generation is success (upstream).
 
-    def _remove(self, pid: int, gen: int) -> None:
+        True when generation *gen* of *pid* existed (and is gone now).
+        """
+        return self._remove(pid, gen)
+
+    def _remove(self, pid: int, gen: int) -> bool:
         try:
             pdir = DirFd(self.dofpid.fd, str(pid), readable=True)
         except FileNotFoundError:
-            return
+            return False
         except OSError as err:
             raise StashError("remove", f"PID {pid}", err.errno or errno.EIO) from err
         with pdir:
             try:
                 st = os.lstat(str(gen), dir_fd=pdir.fd)
             except FileNotFoundError:
-                return
+                return False
             if not stat.S_ISLNK(st.st_mode):
                 raise StashError(
                     "remove", f"PID {pid} generation {gen}", errno.EINVAL, "not a symlink"
@@ -853,6 +857,7 @@ class Stash:
                     self._total -= entry.nprobes.pop(key, 0)
             if not gens:
                 self._remove_pid(pid)
+        return True
 
     @staticmethod
     def _generations(pid_fd: int) -> dict[int, str]:

@@ -45,6 +45,7 @@ from common.stash_protocol import (
     PruneDead,
     Register,
     Remove,
+    Removed,
     RemovePid,
     ReparseScan,
     StashCommand,
@@ -68,8 +69,7 @@ def handle(stash: Stash, cmd: StashCommand) -> StashReply:
             case Register(reg=reg, records=records):
                 return Generation(gen=stash.register(reg, records))
             case Remove(pid=pid, gen=gen):
-                stash.remove(pid, gen)
-                return Done()
+                return Removed(existed=stash.remove(pid, gen))
             case RemovePid(pid=pid):
                 stash.remove_pid(pid)
                 return Done()

@@ -15,6 +15,7 @@ import logging
 import mmap
 import os
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,3 +153,27 @@ def test_hasusdt_reaches_the_receiver_and_nothing_breaks(stack: Stack) -> None:
     assert registered_gens(stack) == []
     assert stack.kernel.ioctl(stack.tid(), DTRACEHIOC_ADDDOF, HELPER_AT, stack.memory) == 0
     assert stack.writer.pid == writer_pid
+
+
+def test_remove_logs_removed_only_when_a_generation_went(
+    stack: Stack, caplog: pytest.LogCaptureFixture
+) -> None:
+    """REMOVE of an unknown generation answers 0 (upstream) but says so at DEBUG only;
+    "removed generation N" is written when generation N existed."""
+    caplog.set_level(logging.DEBUG, logger="dtprobed")
+    gen = stack.kernel.ioctl(stack.tid(), DTRACEHIOC_ADDDOF, HELPER_AT, stack.memory)
+    assert gen == 0
+    pid = os.getpid()
+    assert stack.kernel.ioctl(stack.tid(), DTRACEHIOC_REMOVE, 7, FakeMemory()) == 0
+    assert stack.kernel.ioctl(stack.tid(), DTRACEHIOC_REMOVE, gen, FakeMemory()) == 0
+    def lines() -> list[tuple[int, str]]:
+        return [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "dtprobed"]
+
+    # the receiver answers first and logs afterwards: wait for the second REMOVE's line
+    deadline = time.monotonic() + 30
+    while (logging.INFO, f"{pid}: removed generation 0") not in lines():
+        assert time.monotonic() < deadline, lines()
+        time.sleep(0.01)
+    seen = lines()
+    assert (logging.DEBUG, f"{pid}: REMOVE of unknown generation 7") in seen
+    assert not any(m == f"{pid}: removed generation 7" for _, m in seen)

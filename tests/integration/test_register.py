@@ -12,7 +12,7 @@ from common.dof_build import ProbeSpec, ProviderSpec, build_dof
 from common.records import ArgsNative, Tracepoint
 from tests.support.client import ANON_ADDR, CODE_ADDR, DATA_ADDR
 from tests.support.clients import Clients, code_dof, write_dof
-from tests.support.daemon import DaemonHandle
+from tests.support.daemon import DaemonFactory, DaemonHandle
 from tests.support.stash_view import file_key, generations, probe_files, snapshot
 
 pytestmark = pytest.mark.timeout(120)
@@ -207,3 +207,24 @@ def test_hostile_dof_changes_nothing(
     assert snapshot(daemon.state_dir) == before
     assert client.register(write_dof(tmp_path, "fine", good))["gen"] == 0
     daemon.verify()
+
+
+def test_a_quota_refusal_says_so(daemon_factory: DaemonFactory, tmp_path: Path) -> None:
+    """EDQUOT in the writer is logged as a quota refusal (not "I/O error"), the
+    client gets EINVAL as upstream answers every failed registration, and the
+    stash is unchanged."""
+    daemon = daemon_factory.start(extra_args=["--max-probes-per-pid", "1"])
+    clients = Clients(tmp_path, daemon.device)
+    try:
+        dof = write_dof(tmp_path, "two", code_dof(nargs=0).data)  # two probes
+        client = clients.start()
+        before = snapshot(daemon.state_dir)
+        assert client.register(dof)["errno"] == errno.EINVAL
+        assert snapshot(daemon.state_dir) == before
+        daemon.wait_for("the log line", lambda: "quota" in daemon.log_text())
+        text = daemon.log_text()
+        assert "stash quota refused the registration" in text
+        assert "probes of this process would be 2, limit 1" in text
+        assert "I/O error" not in text
+    finally:
+        clients.close()

@@ -149,8 +149,8 @@ def test_same_mapping_twice_keeps_the_first(state: Path, procs: list[Proc]) -> N
     stash.remove(a.pid, 0)
     assert (state / f"probes/{a.pid}/test_prov{a.pid}/test/main/go").exists()
     assert stash.verify() == []
-    stash.remove(a.pid, 7)  # unknown generation: success, nothing changes
-    stash.remove(a.pid, 1)
+    assert stash.remove(a.pid, 7) is False  # unknown generation: success, nothing changes
+    assert stash.remove(a.pid, 1) is True
     assert not pdir.exists() and not (state / f"probes/{a.pid}").exists()
 
 
