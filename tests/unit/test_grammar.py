@@ -6,7 +6,17 @@ import pytest
 
 from common.errors import ProtocolError
 from common.grammar import check_stream
-from common.records import ArgsMap, ArgsNative, ArgsXlat, Eof, Err, Probe, Provider, Tracepoint
+from common.records import (
+    ArgsMap,
+    ArgsNative,
+    ArgsXlat,
+    Eof,
+    Err,
+    Probe,
+    Provider,
+    ResultRecord,
+    Tracepoint,
+)
 
 
 def probe(name: str = "p", ntp: int = 1, nargc: int = 0, xargc: int = 0) -> Probe:
@@ -18,7 +28,7 @@ def tp(addr: int, en: bool = False) -> Tracepoint:
 
 
 def test_valid_stream() -> None:
-    recs = [
+    recs: list[ResultRecord] = [
         Provider(name="a", nprobes=2),
         probe("x", ntp=2), tp(1), tp(0, True),
         probe("y", nargc=2, xargc=1),
@@ -61,8 +71,26 @@ def test_bad_streams(recs: list, message: str) -> None:  # type: ignore[type-arg
 
 
 def test_limits() -> None:
-    recs = [Provider(name="a", nprobes=2), probe("x"), tp(1), probe("y"), tp(1), Eof()]
+    recs: list[ResultRecord] = [
+        Provider(name="a", nprobes=2),
+        probe("x"),
+        tp(1),
+        probe("y"),
+        tp(1),
+        Eof(),
+    ]
     with pytest.raises(ProtocolError, match="more than 1 probes"):
         check_stream(recs, max_probes=1)
     with pytest.raises(ProtocolError, match="more than 1 tracepoints"):
         check_stream(recs, max_tracepoints=1)
+
+
+def test_notes_streams_take_the_dof_order_too() -> None:
+    """A notes stream needs unique addresses only, so DOF's order is one of the allowed ones."""
+    recs: list[ResultRecord] = [Provider(name="a", nprobes=1), probe(ntp=3), tp(1), tp(2),
+                                tp(0, True), Eof()]  # fmt: skip
+    assert check_stream(recs, notes=True).probes == check_stream(recs).probes
+    reordered = [*recs[:2], tp(0, True), tp(2), tp(1), Eof()]
+    assert len(check_stream(reordered, notes=True).probes) == 1
+    with pytest.raises(ProtocolError, match="after an is-enabled"):
+        check_stream(reordered)
