@@ -1,7 +1,7 @@
 """The DOF (DTrace Object Format) layouts a helper registration carries.
 
-Facts we rely on (``include/dtrace/dof.h``, ``helpers.h``, ``universal.h``; see
-``shared/reference/upstream-dtprobed.md`` §1.2 and §2):
+Facts we rely on (upstream's ``include/dtrace/dof.h``, ``helpers.h``, ``universal.h``;
+the sizes are checked at import, below):
 
 * every field is native-endian and fixed-size; x86_64 and aarch64 are
   little-endian, which is all this daemon serves;

@@ -4,7 +4,7 @@ Provider, module, function and probe names become file and directory names in
 the stash (``parsed/$prv:$mod:$fun:$prb``, ``probes/$pid/$prv$pid/$mod/$fun/$prb``)
 and are read back by splitting on ``:``.  A name that could escape the state
 directory, collide with the separator, or confuse a terminal is *refused*,
-never escaped (``shared/design.md``, "Settled details").  Limits are
+never escaped (docs/security.md, "What a hostile client can do").  Limits are
 upstream's, counted in bytes of UTF-8, excluding the terminating NUL.
 """
 

@@ -1,7 +1,7 @@
 """The C byte layout of upstream's ``dof_parsed_t`` records, as stored in stash files.
 
-Facts we rely on (``libcommon/usdt_parser.h``, ``DOF_PARSED_VERSION 3``, x86_64;
-``shared/reference/upstream-dtprobed.md`` §3.1 and §4.4):
+Facts we rely on (upstream's ``libcommon/usdt_parser.h``, ``DOF_PARSED_VERSION 3``,
+x86_64; byte-checked against upstream 2.0.7's own files in ``tests/golden/upstream-2.0.7``):
 
 * a record is ``u64 size; u32 type; 4 zero bytes; union …`` and records are
   packed back to back with no alignment; ``size`` is the exact record length;

@@ -6,7 +6,7 @@ shows up in review as a change of one line.  :mod:`parserd.sandbox` turns it
 into a libseccomp filter whose default action kills the process.
 
 Facts we rely on (checked by running the child under the ``trap`` debug switch,
-CPython 3.11, glibc 2.36, x86_64; see ``shared/reference/machine-facts.md``):
+CPython 3.11, glibc 2.36, x86_64; ``tests/sandbox`` re-checks them on every run):
 
 * after every import, encoder and decoder is built and every code path has run
   once (the warm-up), CPython's read → msgspec decode → parse → encode → write

@@ -6,9 +6,8 @@ rule that failed — or the records of an accepted DOF::
 
     ( PROVIDER ( PROBE [ARGS_NATIVE [ARGS_XLAT ARGS_MAP]] TRACEPOINT{ntp} ){nprobes} )* EOF
 
-Facts we rely on (``shared/reference/upstream-dtprobed.md`` §2, §3.1 and its
-appendix; checked against upstream's ``libcommon/usdt_parser_dof.c`` at
-``3b277fa0``):
+Facts we rely on (upstream's ``libcommon/usdt_parser_dof.c`` at ``3b277fa0``, and
+upstream's parser run on crafted DOF; the "appendix N" notes below name those runs):
 
 * every DOF structure is fixed-size and little-endian (the encoding byte is
   checked against the only byte order we serve);

@@ -9,7 +9,7 @@ driver.  It starts the same sandboxed child the daemon uses (through
 against the schema and grammar) and prints the records of the answer:
 
 * ``--json``: one compact JSON object per line, keys in the order of
-  ``design.md`` (``{"type":"provider","name":S,"nprobes":N}`` …
+  dtprobed-parse(1) (``{"type":"provider","name":S,"nprobes":N}`` …
   ``{"type":"eof"}``), strings as UTF-8;
 * otherwise one readable line per record.
 
@@ -63,7 +63,7 @@ DEFAULT_TIMEOUT: Final = 5.0
 
 
 def record_json(rec: ResultRecord) -> dict[str, Any]:
-    """The design.md JSON shape of *rec* (dict order is the key order)."""
+    """The JSON shape of *rec* in dtprobed-parse(1) (dict order is the key order)."""
     match rec:
         case Provider():
             return {"type": "provider", "name": rec.name, "nprobes": rec.nprobes}

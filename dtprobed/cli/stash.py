@@ -2,9 +2,10 @@
 
 Reads the tree directly and read-only and takes no lock: the state directory
 is world-readable, so a lock there is one any user could hold against the
-writer (design.md, "dtprobed-stash").  The tree may change while it is read:
-an entry that vanishes meanwhile is skipped, and ``verify`` reports only the
-problems that persist over repeated passes (:func:`verify_settled`).  Exit status: 0 ok, 1 inconsistent
+writer (measured: one ``flock(LOCK_SH)`` by any user once stopped the daemon).
+The tree may change while it is read: an entry that vanishes meanwhile is
+skipped, and ``verify`` reports only the problems that persist over repeated
+passes (:func:`verify_settled`).  Exit status: 0 ok, 1 inconsistent
 (``verify``), nothing to show or an unreadable stash, 2 usage error.
 """
 

@@ -58,7 +58,7 @@ _DELETED: Final = " (deleted)"
 
 
 def glibc_makedev(major: int, minor: int) -> int:
-    """``makedev(major, minor)`` exactly as glibc encodes it (reference §4.1)."""
+    """``makedev(major, minor)`` exactly as glibc encodes it (the stash's ``$dev``)."""
     return (
         ((major & 0xFFF) << 8) | (minor & 0xFF) | ((minor & ~0xFF) << 12) | ((major & ~0xFFF) << 32)
     )
@@ -150,7 +150,7 @@ class AddressSpace:
     def check_tracepoints(
         self, addrs: Iterable[int], *, object_key: tuple[int, int] | None = None
     ) -> None:
-        """Every address must lie in an executable, file-backed mapping (design.md).
+        """Every address must lie in an executable, file-backed mapping of the caller.
 
         With *object_key* (an ELF object's ``(dev, ino)``) each must lie in an
         executable mapping of that very file.  A deleted file is fine (libusdt

@@ -2,7 +2,8 @@
 
 Levels: INFO for one line per registration, removal and prune; WARNING for
 rejected DOF; ERROR for child failures; ``-d`` adds DEBUG detail.  Children
-never log by themselves: their lines are re-emitted here with their role.
+never write a log themselves: they send their lines to the daemon, which writes them here
+with their role.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """``dtprobed``: the DTrace USDT helper daemon (command line, start-up, main loop).
 
-Start-up order follows upstream (reference §5): set up the helper device
+Start-up order follows upstream's daemon: set up the helper device
 first (so bad options, a missing ``/dev/fuse`` and a device already served by
 a live daemon fail at once, before the stash is touched), start the stash
 writer (which recovers an interrupted operation), prune dead processes,

@@ -11,7 +11,7 @@ become a negative errno for a client:
 * anything that is not a :class:`~common.errors.DtprobedError` is our own bug:
   its traceback is logged and the client gets ``-EIO``.
 
-Order of an ADDDOF (design.md, "What a refused DOF leaves behind: nothing"):
+Order of an ADDDOF (a refused DOF leaves nothing behind: docs/security.md):
 send the DOF to the sandboxed parser and, while it parses, resolve the
 calling thread to its process, open a pidfd on it and read its start time,
 mappings and auxv; take the parser's answer (validated by ``ParserChild``);
@@ -21,15 +21,15 @@ registration to the stash writer, which commits it all or nothing (and prunes
 the process's older generations itself when it sees an exec).  On success
 the process is watched through its pidfd and pruned as soon as it exits.
 
-Concurrency (design.md "Scale": a huge DOF must not stall every other
-registration).  Every USDT program blocks in its ioctl until we answer, so
-the device loop never waits for a request: it queues the work and goes on
-reading.  Work is routed by DOF size to one of two lanes, each with its own
+Concurrency (a huge DOF must not stall every other registration).  Every
+USDT program blocks in its ioctl until we answer, so the device loop never
+waits for a request: it queues the work and goes on reading.  Work is routed by DOF size to one of two lanes, each with its own
 sandboxed parser child and its own worker threads:
 
 * the *small* lane (DOF < 64 KiB: every ordinary ``dtrace -G`` object) has
-  :data:`SMALL_WORKERS` threads sharing one parser, so the /proc reads of
-  one request overlap the parse and stash write of another;
+  :data:`SMALL_WORKERS` threads sharing one parser (one request at a time):
+  a request's /proc reads overlap its own parse (they run while the child
+  parses), and one request's stash write overlaps another's parse;
 * the *large* lane has one thread and its own parser, so a 20000-probe DOF
   parses while small registrations keep flowing through the small lane.
 
