@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 
+import msgspec
 import pytest
 
 from common.errors import PeerClosed, ProtocolError
@@ -68,3 +69,16 @@ def test_split_consumes_whole_frames_only() -> None:
     assert msgs == [BATCH] and used == len(enc.encode(BATCH))
     msgs, used = dec.split(data)
     assert msgs == [BATCH, [Eof()]] and used == len(data)
+
+
+def test_the_examples_in_docs_protocol_md() -> None:
+    """The hex examples docs/protocol.md gives are the bytes we send."""
+    from common.framing import FrameEncoder
+    from common.records import Eof, Provider, Tracepoint
+
+    enc = msgspec.msgpack.encode
+    assert FrameEncoder().encode([Eof()]) == bytes.fromhex("03000000 919104")
+    assert enc(Provider(name="feasprov", nprobes=3)) == bytes.fromhex("9300a8 6665617370726f76 03")
+    assert enc(Tracepoint(addr=0x401000, is_enabled=False)) == bytes.fromhex("9402ce00401000c2c0")
+    notes_tp = Tracepoint(addr=0x401000, is_enabled=False, args="-4@%edi")
+    assert enc(notes_tp) == bytes.fromhex("9402ce00401000c2 a7 2d34402565646 9".replace(" ", ""))
