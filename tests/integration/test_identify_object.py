@@ -93,25 +93,3 @@ def test_address_outside_any_file_mapping_is_einval() -> None:
     with pytest.raises(RequestRejected) as info:
         identify_object(os.getpid(), 8)  # never mapped
     assert "not mapped" in info.value.reason
-
-
-def test_notes_tracepoints_must_lie_in_the_registering_object() -> None:
-    from dtprobed.daemon.identity import AddressSpace, glibc_makedev, parse_maps
-
-    text = (
-        b"1000-2000 r--p 00000000 fd:01 10 /opt/app/libprobes.so\n"
-        b"2000-3000 r-xp 00001000 fd:01 10 /opt/app/libprobes.so\n"
-        b"7000-8000 r-xp 00001000 fd:01 99 /usr/lib/libc.so.6\n"
-    )
-    space = AddressSpace(parse_maps(text))
-    own = (glibc_makedev(0xFD, 1), 10)
-    assert space.first_of(*own).start == 0x1000
-    space.check_tracepoints([0x2000, 0x2FFF], object_key=own)
-    for addr, why in [
-        (0x7000, "not of the registering object"),  # libc's text: another inode
-        (0x1800, "not executable"),
-        (0x5000, "not mapped"),
-    ]:
-        with pytest.raises(RequestRejected) as info:
-            space.check_tracepoints([0x2000, addr], object_key=own)
-        assert why in info.value.reason
