@@ -601,6 +601,8 @@ class Program:
         self.proc = proc
         self.pid = pid
         self._buf = bytearray()
+        #: Lines read by expect() that did not match: kept, in order, for later reads.
+        self._pending: list[str] = []
 
     @classmethod
     def start(
@@ -645,11 +647,17 @@ class Program:
         return prog
 
     def read_line(self, timeout: float = 30.0) -> str:
-        """The next line of the program's stdout (without the newline).
+        """The next line of the program's stdout (without the newline): the oldest line an
+        ``expect`` skipped, else a new one.
 
         Reads the pipe itself (select on a buffered file object would miss lines already
         in its buffer: the parent and a fork child may write two lines at once).
         """
+        if self._pending:
+            return self._pending.pop(0)
+        return self._read_new_line(timeout)
+
+    def _read_new_line(self, timeout: float) -> str:
         assert self.proc.stdout is not None
         fd = self.proc.stdout.fileno()
         deadline = time.monotonic() + timeout
@@ -676,14 +684,25 @@ class Program:
         return self.expect(f"{self.pid} ", timeout)[len(f"{self.pid} ok ") :]
 
     def expect(self, prefix: str, timeout: float = 30.0) -> str:
-        """Read lines until one starts with ``prefix``; raise on "PID error"."""
+        """The first line (skipped earlier, or new) that starts with ``prefix``; raise on a
+        "PID error" line of the parent.
+
+        Lines that do not match are kept, in order, for later ``expect``/``read_line``
+        calls: the parent and a fork child write to the same pipe, in either order (a
+        child's "CHILD ready" or answer may come before or after the parent's "ok").
+        """
+        for i, line in enumerate(self._pending):
+            if line.startswith(prefix):
+                del self._pending[i]
+                return line
         deadline = time.monotonic() + timeout
         while True:
-            line = self.read_line(max(0.1, deadline - time.monotonic()))
+            line = self._read_new_line(max(0.1, deadline - time.monotonic()))
             if line.startswith(f"{self.pid} error"):
                 raise PartnerError(f"program {self.pid}: {line}")
             if line.startswith(prefix):
                 return line
+            self._pending.append(line)
 
     def quit(self, timeout: float = 30.0) -> tuple[int, str]:
         """Send "q"; return (exit status, stderr), e.g. drti's "DRTI: ..." lines."""
