@@ -3,7 +3,7 @@
 Pure (no I/O): the parser child uses it to warm up its notes path before it
 locks itself, and the tests and the fuzz corpus build their objects with it.
 
-Note layout (``shared/design.md``, "Two registration protocols"; reference §3.7):
+Note layout (confirmed from dtrace 2.0.7's own objects: ``tests/parser/fixtures/notes/README.md``):
 each note is ``u32 namesz, u32 descsz, u32 type``, the name with its NUL padded
 to 4, the descriptor padded to 4.  ``prov`` (type 1): provider name NUL-padded
 to 4, five u32 attributes, u32 probe count, then per probe (4-aligned) its

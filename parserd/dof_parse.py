@@ -160,7 +160,6 @@ from common.dof_abi import (
 from common.limits import ParseLimits
 from common.names import NAME_MAX, NameRefused, check_probespec, decode_name, printable
 from common.records import (
-    MAX_MESSAGE,
     ArgsMap,
     ArgsNative,
     ArgsXlat,
@@ -171,6 +170,7 @@ from common.records import (
     ResultRecord,
     Tracepoint,
 )
+from parserd.rejection import ELLIPSIS, Rejected, clamp, reject
 
 _DEFAULT_LIMITS: Final = ParseLimits()
 _U64_MAX: Final = (1 << 64) - 1
@@ -188,7 +188,6 @@ _OFFSET_ENTSIZE: Final = 4  # sizeof(uint32_t): PROFFS and PRENOFFS entries
 _PRARGS_ENTSIZE: Final = 1  # sizeof(uint8_t)
 _PROBE_ALIGN: Final = 8  # sizeof(uintptr_t): probes entsize granularity
 _SETX_SIZE: Final = 8  # a SETX relocation rewrites one u64
-_SHOW_ELLIPSIS: Final = "..."
 
 
 class _Section(NamedTuple):
@@ -202,36 +201,16 @@ class _Section(NamedTuple):
     size: int
 
 
-class _Rejected(Exception):
-    """Internal: a rule failed; :func:`parse_dof` turns it into the one ERR record."""
-
-    def __init__(self, errno: int, message: str) -> None:
-        super().__init__(errno, message)
-        self.errno = errno
-        self.message = message
-
-
-def _reject(message: str, errno: int = EINVAL) -> NoReturn:
-    raise _Rejected(errno, message)
-
-
-def _clamp(message: str) -> str:
-    """Bound a message to what an ERR record may carry."""
-    if len(message) <= MAX_MESSAGE:
-        return message
-    return message[: MAX_MESSAGE - len(_SHOW_ELLIPSIS)] + _SHOW_ELLIPSIS
-
-
 def _show(raw: bytes, truncated: bool) -> str:
     """A name from the DOF as upstream's ``%s`` would show it, escaped and bounded."""
-    return printable(raw) + (_SHOW_ELLIPSIS if truncated else "")
+    return printable(raw) + (ELLIPSIS if truncated else "")
 
 
 def _policy_name(kind: str, raw: bytes) -> str:
     try:
         return decode_name(kind, raw)
     except NameRefused as err:
-        _reject(str(err))
+        reject(str(err))
 
 
 def parse_dof(
@@ -245,8 +224,8 @@ def parse_dof(
     """
     try:
         return _DofParser(bytes(helper), bytes(dof), limits).parse()
-    except _Rejected as rejected:
-        return [Err(errno=rejected.errno, message=_clamp(rejected.message))]
+    except Rejected as rejected:
+        return [Err(errno=rejected.errno, message=clamp(rejected.message))]
 
 
 class _DofParser:
@@ -276,7 +255,7 @@ class _DofParser:
         self._check_framing()
         nproviders = self._slurp(ubase)
         if nproviders > self.limits.max_providers:
-            _reject(
+            reject(
                 f"provider count {nproviders} exceeds maximum "
                 f"{self.limits.max_providers} (max_providers)",
                 E2BIG,
@@ -292,11 +271,11 @@ class _DofParser:
 
     def _check_helper(self) -> tuple[str, int]:
         if len(self.helper) != DOF_HELPER.size:
-            _reject(f"helper size incorrect: expected {DOF_HELPER.size}, not {len(self.helper)}")
+            reject(f"helper size incorrect: expected {DOF_HELPER.size}, not {len(self.helper)}")
         mod_field, dofhp_addr, _dofhp_dof = _HELPER.unpack(self.helper)
         nul = mod_field.find(0)
         if nul < 0:
-            _reject(
+            reject(
                 f"module name (dofhp_mod) is not NUL-terminated within {DTRACE_MODNAMELEN} bytes"
             )
         return _policy_name("module", mod_field[:nul]), dofhp_addr
@@ -304,14 +283,14 @@ class _DofParser:
     def _check_framing(self) -> None:
         size = len(self.dof)
         if size > self.limits.max_dof_size:
-            _reject(f"data size {size} exceeds maximum {self.limits.max_dof_size}", E2BIG)
+            reject(f"data size {size} exceeds maximum {self.limits.max_dof_size}", E2BIG)
         if size < DOF_HDR.size:
-            _reject(f"invalid data size {size}, smaller than header size {DOF_HDR.size}")
+            reject(f"invalid data size {size}, smaller than header size {DOF_HDR.size}")
         (loadsz,) = _U64.unpack_from(self.dof, _LOADSZ_OFFSET)
         if loadsz < DOF_HDR.size:
-            _reject(f"invalid load size {loadsz}, smaller than header size {DOF_HDR.size}")
+            reject(f"invalid load size {loadsz}, smaller than header size {DOF_HDR.size}")
         if loadsz != size:
-            _reject(f"load size {loadsz} does not match data size {size}")
+            reject(f"load size {loadsz} does not match data size {size}")
 
     # --- B. dof_slurp ----------------------------------------------------------------
 
@@ -323,38 +302,36 @@ class _DofParser:
         )
         magic = ident[: len(DOF_MAG_STRING)]
         if magic != DOF_MAG_STRING:
-            _reject(
+            reject(
                 f"DOF magic string mismatch: {printable(magic)} versus {printable(DOF_MAG_STRING)}"
             )
         if ident[DOF_ID_MODEL] not in (DOF_MODEL_ILP32, DOF_MODEL_LP64):
-            _reject(f"DOF has invalid data model: {ident[DOF_ID_MODEL]}")
+            reject(f"DOF has invalid data model: {ident[DOF_ID_MODEL]}")
         if ident[DOF_ID_ENCODING] != DOF_ENCODE_NATIVE:
-            _reject(
-                f"DOF encoding mismatch: {ident[DOF_ID_ENCODING]}, expected {DOF_ENCODE_NATIVE}"
-            )
+            reject(f"DOF encoding mismatch: {ident[DOF_ID_ENCODING]}, expected {DOF_ENCODE_NATIVE}")
         self.version = ident[DOF_ID_VERSION]
         if self.version not in (DOF_VERSION_1, DOF_VERSION_2, DOF_VERSION_3):
-            _reject(f"DOF version mismatch: {self.version}")
+            reject(f"DOF version mismatch: {self.version}")
         if ident[DOF_ID_DIFVERS] != DIF_VERSION_2:
-            _reject(f"DOF uses unsupported instruction set {ident[DOF_ID_DIFVERS]}")
+            reject(f"DOF uses unsupported instruction set {ident[DOF_ID_DIFVERS]}")
         if ident[DOF_ID_DIFIREG] > DIF_DIR_NREGS:
-            _reject(
+            reject(
                 f"DOF uses too many integer registers: {ident[DOF_ID_DIFIREG]} > {DIF_DIR_NREGS}"
             )
         if ident[DOF_ID_DIFTREG] > DIF_DTR_NREGS:
-            _reject(f"DOF uses too many tuple registers: {ident[DOF_ID_DIFTREG]} > {DIF_DTR_NREGS}")
+            reject(f"DOF uses too many tuple registers: {ident[DOF_ID_DIFTREG]} > {DIF_DTR_NREGS}")
         for i in range(DOF_ID_PAD, DOF_ID_SIZE):
             if ident[i]:
-                _reject(f"DOF has invalid ident byte set: {i} = {ident[i]}")
+                reject(f"DOF has invalid ident byte set: {i} = {ident[i]}")
         if flags:  # DOF_FL_VALID is 0: no flag is defined
-            _reject(f"DOF has invalid flag bits set: {flags:x}")
+            reject(f"DOF has invalid flag bits set: {flags:x}")
         if secsize != DOF_SEC.size:
-            _reject("incorrect section header size")
+            reject("incorrect section header size")
         seclen = secnum * secsize
         if secoff > length or seclen > length or secoff + seclen > length:
-            _reject(f"truncated section headers: {secoff}, {length}, {seclen}")
+            reject(f"truncated section headers: {secoff}, {length}, {seclen}")
         if secoff % 8:
-            _reject("misaligned section headers")
+            reject("misaligned section headers")
         # "misaligned section size" (secsize % 8) cannot fail: secsize is 32.
         self.secoff = secoff
         self.secnum = secnum
@@ -366,18 +343,18 @@ class _DofParser:
         ):
             if not sec_flags & DOF_SECF_LOAD:
                 if dof_sec_isloadable(sec_type):
-                    _reject(f"loadable section {i} with load flag unset")
+                    reject(f"loadable section {i} with load flag unset")
                 continue
             if align == 0 or align & (align - 1):
-                _reject(f"bad section {i} alignment {align:x}")
+                reject(f"bad section {i} alignment {align:x}")
             if offset & (align - 1):
-                _reject(f"misaligned section {i}: {offset:x}, stated alignment {align:x}")
+                reject(f"misaligned section {i}: {offset:x}, stated alignment {align:x}")
             if offset > length or size > length or offset + size > length:
-                _reject(
+                reject(
                     f"corrupt section {i} header: offset {offset:x}, size {size:x}, len {length:x}"
                 )
             if sec_type == DOF_SECT_STRTAB and (size == 0 or dof[offset + size - 1] != 0):
-                _reject(f"section {i}: non-0-terminated string table")
+                reject(f"section {i}: non-0-terminated string table")
             if sec_type == DOF_SECT_PROVIDER:
                 nproviders += 1
             elif sec_type == DOF_SECT_URELHDR:
@@ -395,12 +372,12 @@ class _DofParser:
     def _sect(self, index: int, want: int) -> _Section:
         """``dof_sect()``: the loaded section *index*, of type *want* unless NONE."""
         if index >= self.secnum:
-            _reject(f"referenced section index {index} is invalid, above {self.secnum}")
+            reject(f"referenced section index {index} is invalid, above {self.secnum}")
         sec = _Section._make(_SEC.unpack_from(self.dof, self.secoff + index * DOF_SEC.size))
         if not sec.flags & DOF_SECF_LOAD:
-            _reject(f"referenced section {index} is not loadable")
+            reject(f"referenced section {index} is not loadable")
         if want != DOF_SECT_NONE and sec.type != want:
-            _reject(f"referenced section {index} is the wrong type, {sec.type}, not {want}")
+            reject(f"referenced section {index} is the wrong type, {sec.type}, not {want}")
         return sec
 
     def _relocate_all(self, ubase: int) -> None:
@@ -419,13 +396,13 @@ class _DofParser:
                 and sec.type == DOF_SECT_STRTAB
                 and buf[sec.offset + sec.size - 1] != 0
             ):
-                _reject(f"section {i}: non-0-terminated string table after relocation")
+                reject(f"section {i}: non-0-terminated string table after relocation")
         self.data = bytes(buf)
 
     def _relocate(self, buf: bytearray, sec: _Section, ubase: int) -> bool:
         """``dof_relocate()`` for one URELHDR; returns whether a value changed."""
         if sec.size < DOF_RELOHDR.size or sec.align != _OFFSET_ENTSIZE:
-            _reject(
+            reject(
                 f"invalid relocation header: size {sec.size} (expected {DOF_RELOHDR.size}); "
                 f"alignment {sec.align} (expected {_OFFSET_ENTSIZE})"
             )
@@ -434,7 +411,7 @@ class _DofParser:
         rs = self._sect(relsec, DOF_SECT_RELTAB)
         ts = self._sect(tgtsec, DOF_SECT_NONE)
         if rs.entsize < DOF_RELODESC.size or rs.align != _SETX_SIZE:
-            _reject(
+            reject(
                 f"invalid relocation section: entsize {rs.entsize} "
                 f"(expected {DOF_RELODESC.size}); alignment {rs.align} (expected {_SETX_SIZE})"
             )
@@ -447,17 +424,17 @@ class _DofParser:
             if rel_type == DOF_RELO_NONE:
                 continue
             if rel_type != DOF_RELO_SETX:
-                _reject(f"invalid relocation type {rel_type}")
+                reject(f"invalid relocation type {rel_type}")
             if rel_offset >= ts.size or rel_offset + _SETX_SIZE > ts.size:
-                _reject(f"bad relocation offset: offset {rel_offset}, section size {ts.size})")
+                reject(f"bad relocation offset: offset {rel_offset}, section size {ts.size})")
             target = ts.offset + rel_offset
             if target % _SETX_SIZE:
-                _reject("misaligned setx relo")
+                reject("misaligned setx relo")
             (value,) = _U64.unpack_from(buf, target)
             if value > ubase:
                 continue  # already relocated by the runtime loader
             if value + ubase > _U64_MAX:
-                _reject(f"setx relocation overflow: {value:x} + {ubase:x}")
+                reject(f"setx relocation overflow: {value:x} + {ubase:x}")
             _U64.pack_into(buf, target, value + ubase)
             changed = True
         return changed
@@ -468,10 +445,10 @@ class _DofParser:
         data = self.data
         version = self.version
         if sec.offset % 4:
-            _reject(f"misaligned section offset: {sec.offset:x}")
+            reject(f"misaligned section offset: {sec.offset:x}")
         layout = DOF_PROVIDER_V1 if version == DOF_VERSION_1 else DOF_PROVIDER
         if sec.size < layout.size:
-            _reject(f"provider section too small: {sec.size:x}")
+            reject(f"provider section too small: {sec.size:x}")
         fields = layout.struct.unpack_from(data, sec.offset)
         strtab_i, probes_i, prargs_i, proffs_i, name_off = fields[:5]
         strtab = self._sect(strtab_i, DOF_SECT_STRTAB)
@@ -485,36 +462,36 @@ class _DofParser:
         str_off, str_size = strtab.offset, strtab.size
         str_end = str_off + str_size
         if name_off >= str_size:
-            _reject(f"invalid provider name offset: {name_off} > {str_size}")
+            reject(f"invalid provider name offset: {name_off} > {str_size}")
         start = str_off + name_off
         nul = data.find(0, start, min(str_end, start + DTRACE_PROVNAMELEN))
         if nul < 0:
             raw = data[start : start + DTRACE_PROVNAMELEN]
-            _reject(f"provider name too long: {_show(raw, True)}")
+            reject(f"provider name too long: {_show(raw, True)}")
         prov_raw = data[start:nul]
         prov = _policy_name("provider", prov_raw)
 
         if probes.entsize < DOF_PROBE.size or probes.entsize > probes.size:
-            _reject(f"invalid entry size {probes.entsize:x}, max {probes.size:x}")
+            reject(f"invalid entry size {probes.entsize:x}, max {probes.size:x}")
         if probes.entsize % _PROBE_ALIGN:
-            _reject(f"misaligned entry size {probes.entsize:x}")
+            reject(f"misaligned entry size {probes.entsize:x}")
         if probes.size % probes.entsize:
-            _reject(
+            reject(
                 f"invalid probe section size {probes.size:x}, "
                 f"not a multiple of entry size {probes.entsize:x}"
             )
         if proffs.entsize != _OFFSET_ENTSIZE:
-            _reject(f"invalid entry size {proffs.entsize:x}")
+            reject(f"invalid entry size {proffs.entsize:x}")
         if proffs.offset % _OFFSET_ENTSIZE:
-            _reject(f"misaligned section offset {proffs.offset:x}")
+            reject(f"misaligned section offset {proffs.offset:x}")
         if prargs.entsize != _PRARGS_ENTSIZE:
-            _reject(f"invalid entry size {prargs.entsize:x}")
+            reject(f"invalid entry size {prargs.entsize:x}")
         if enoffs is not None and enoffs.entsize != _OFFSET_ENTSIZE:
-            _reject(f"invalid is-enabled offset entry size {enoffs.entsize:x}")
+            reject(f"invalid is-enabled offset entry size {enoffs.entsize:x}")
         nprobes = probes.size // probes.entsize
         self.nprobes += nprobes
         if self.nprobes > self.limits.max_probes:
-            _reject(
+            reject(
                 f"probe count {self.nprobes} exceeds maximum {self.limits.max_probes} (max_probes)",
                 E2BIG,
             )
@@ -546,7 +523,7 @@ class _DofParser:
         prargs_off, prargs_size, prargs_entsize = prargs.offset, prargs.size, prargs.entsize
         keep_enabled = version >= DOF_VERSION_3 and enoffs is not None
         fixed_len = len(prov_raw) + len(module.encode()) + 3  # the three ":" of prv:mod:fun:prb
-        deferred: _Rejected | None = None  # first D-phase failure of this provider
+        deferred: Rejected | None = None  # first D-phase failure of this provider
         unpack_probe = _PROBE.unpack_from
         unpack_u32 = _U32.unpack_from
 
@@ -558,44 +535,44 @@ class _DofParser:
 
             # C.13 a-b: function name, then (new) the name policy
             if func >= str_size:
-                _reject(f"invalid function name: strtab offset {func:x}, max {str_size:x}")
+                reject(f"invalid function name: strtab offset {func:x}, max {str_size:x}")
             start = str_off + func
             end = start + DTRACE_FUNCNAMELEN
             nul = find(0, start, end if end < str_end else str_end)
             if nul < 0:
-                _reject(f"function name {_show(data[start:end], True)} too long")
+                reject(f"function name {_show(data[start:end], True)} too long")
             fun_raw = data[start:nul]
             # c-d: probe name
             if name >= str_size:
-                _reject(f"invalid probe name: strtab offset {name:x}, max {str_size:x}")
+                reject(f"invalid probe name: strtab offset {name:x}, max {str_size:x}")
             start = str_off + name
             end = start + DTRACE_NAMELEN
             nul = find(0, start, end if end < str_end else str_end)
             if nul < 0:
-                _reject(f"probe name {_show(data[start:end], True)} too long")
+                reject(f"probe name {_show(data[start:end], True)} too long")
             prb_raw = data[start:nul]
             # e-f: offsets, in exact arithmetic (upstream's u32 products wrap)
             if (offidx + noffs) * proffs_entsize > proffs_size:
-                _reject(
+                reject(
                     f"invalid probe offset {offidx:x} (offset count {noffs:x}, "
                     f"section entsize {proffs_entsize:x}, size {proffs_size:x})"
                 )
             if version != DOF_VERSION_1:
                 if enoffs is None:
                     if enoffidx or nenoffs:
-                        _reject("is-enabled offsets with null section")
+                        reject("is-enabled offsets with null section")
                 elif (enoffidx + nenoffs) * enoffs.entsize > enoffs.size:
-                    _reject(
+                    reject(
                         f"invalid is-enabled offset {enoffidx:x} (offset count {nenoffs:x}, "
                         f"section entsize {enoffs.entsize:x}, size {enoffs.size:x})"
                     )
                 if noffs + nenoffs == 0:
-                    _reject("zero probe and is-enabled offsets")
+                    reject("zero probe and is-enabled offsets")
             elif noffs == 0:
-                _reject("zero probe offsets")
+                reject("zero probe offsets")
             # g-i: arguments
             if (argidx + xargc) * prargs_entsize > prargs_size:
-                _reject(
+                reject(
                     f"invalid args, idx {argidx:x} (offset count {xargc:x}, "
                     f"section entsize {prargs_entsize:x}, size {prargs_size:x})"
                 )
@@ -622,14 +599,14 @@ class _DofParser:
                 try:
                     check_probespec(prov, module, fun, prb)
                 except NameRefused as err:
-                    _reject(str(err))
+                    reject(str(err))
             spec = (prov, fun, prb)
             if spec in seen:
-                _reject(f"duplicate probe {prov}:{module}:{fun}:{prb}")
+                reject(f"duplicate probe {prov}:{module}:{fun}:{prb}")
             seen.add(spec)
             self.ntracepoints += ntp
             if self.ntracepoints > max_tracepoints:
-                _reject(
+                reject(
                     f"tracepoint count {self.ntracepoints} exceeds maximum "
                     f"{max_tracepoints} (max_tracepoints)",
                     E2BIG,
@@ -655,13 +632,13 @@ class _DofParser:
                 if deferred is not None:
                     continue
             if ntp == 0:
-                deferred = _Rejected(EINVAL, "USDT probe with zero tracepoints")
+                deferred = Rejected(EINVAL, "USDT probe with zero tracepoints")
                 continue
             top = offs[-1] if offs else 0
             if en_offs and en_offs[-1] > top:
                 top = en_offs[-1]
             if addr + top > _U64_MAX:
-                deferred = _Rejected(EINVAL, f"tracepoint address overflow: {addr:x} + {top:x}")
+                deferred = Rejected(EINVAL, f"tracepoint address overflow: {addr:x} + {top:x}")
                 continue
 
             append(probe)
@@ -736,16 +713,14 @@ class _DofParser:
         str_size = str_end - str_off
         for k in range(count):
             if argmap and argmap[k] >= nargc:
-                _reject(f"bad native argument index for arg {k}: {argmap[k]} (max {nargc - 1})")
+                reject(f"bad native argument index for arg {k}: {argmap[k]} (max {nargc - 1})")
             if typeidx >= str_size:
-                _reject(f"bad {kind} argument type for arg {k}: {typeidx:x}")
+                reject(f"bad {kind} argument type for arg {k}: {typeidx:x}")
             start = str_off + typeidx
             end = start + DTRACE_ARGTYPELEN
             nul = data.find(0, start, end if end < str_end else str_end)
             if nul < 0:
-                _reject(
-                    f"{kind} argument type for arg {k} too long: {_show(data[start:end], True)}"
-                )
+                reject(f"{kind} argument type for arg {k} too long: {_show(data[start:end], True)}")
             typeidx += nul - start + 1
         return str_off + typeidx
 
@@ -764,12 +739,12 @@ def _refuse_names(fun_raw: bytes, prb_raw: bytes, err: ValueError) -> NoReturn:
     """Reject with the name policy's own message for the first refused name."""
     _policy_name("function", fun_raw)
     _policy_name("probe", prb_raw)
-    _reject(str(err))  # the record refused what the policy accepts: say what it said
+    reject(str(err))  # the record refused what the policy accepts: say what it said
 
 
-def _first_duplicate(offs: list[int], base: int, what: str) -> _Rejected | None:
+def _first_duplicate(offs: list[int], base: int, what: str) -> Rejected | None:
     """The first duplicate in sorted *offs*, as upstream reports it (addresses in decimal)."""
     for i in range(1, len(offs)):
         if offs[i] == offs[i - 1]:
-            return _Rejected(EINVAL, f"{what} at {i}: {base + offs[i]} <= {base + offs[i - 1]}")
+            return Rejected(EINVAL, f"{what} at {i}: {base + offs[i]} <= {base + offs[i - 1]}")
     return None

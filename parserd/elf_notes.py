@@ -1,7 +1,7 @@
 """The ELF-notes parser, in two phases: locate the blocks in the object, then parse the blocks.
 
 Since dtrace 2.0.3, ``dtrace -G`` describes providers and probes in ELF notes
-(``shared/design.md``, "Two registration protocols"; reference §3.7).  Upstream's
+(confirmed from real objects: ``tests/parser/fixtures/notes/README.md``).  Upstream's
 daemon finds the sections with libelf in the *privileged* process (where its
 2026 CVEs are: CVE-2026-21996, a divide-by-zero on corrupted section headers;
 CVE-2026-35233, an out-of-bounds read building a symbol table).  Here every
@@ -130,13 +130,12 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable, Iterator
 from errno import E2BIG, EEXIST, EINVAL, ENOENT
-from typing import Final, NamedTuple, NoReturn
+from typing import Final, NamedTuple
 
 from common.dof_abi import DOF_HELPER, DTRACE_FUNCNAMELEN, DTRACE_MODNAMELEN
 from common.limits import MAX_OBJECT_READ, ParseLimits
 from common.names import NameRefused, check_probespec, decode_name, printable
 from common.records import (
-    MAX_MESSAGE,
     MAX_NTP,
     ArgsMap,
     ArgsNative,
@@ -149,6 +148,7 @@ from common.records import (
     ResultRecord,
     Tracepoint,
 )
+from parserd.rejection import ELLIPSIS, Rejected, clamp, reject
 
 ReadFn = Callable[[int, int], bytes]
 
@@ -176,28 +176,10 @@ SHN_XINDEX: Final = 0xFFFF
 USDT_EN_NOTE_TYPE: Final = 2  # is-enabled probe (sys/usdt_note_defs.h)
 NOTES_SECTION: Final = ".note.usdt"
 RODATA_SECTION: Final = ".rodata"
-_ELLIPSIS: Final = "..."
 #: Notes allowed beyond one per tracepoint and provider: ``dver``/``utsn`` (one pair per
 #: ``dtrace -G`` run linked into the object).  Bounds the walk's CPU time: without it 60 MiB
 #: of tiny ignored notes take seconds of Python.
 EXTRA_NOTES: Final = 4096
-
-
-class _Rejected(Exception):
-    def __init__(self, errno: int, message: str) -> None:
-        super().__init__(errno, message)
-        self.errno = errno
-        self.message = message
-
-
-def _reject(message: str, errno: int = EINVAL) -> NoReturn:
-    raise _Rejected(errno, message)
-
-
-def _clamp(message: str) -> str:
-    if len(message) <= MAX_MESSAGE:
-        return message
-    return message[: MAX_MESSAGE - len(_ELLIPSIS)] + _ELLIPSIS
 
 
 def _s32(value: int) -> int:
@@ -214,7 +196,7 @@ def _s8(value: int) -> int:
 def _show(raw: bytes) -> str:
     """Name bytes in a message: escaped and bounded (upstream prints them raw)."""
     if len(raw) > 256:
-        return printable(raw[:256]) + _ELLIPSIS
+        return printable(raw[:256]) + ELLIPSIS
     return printable(raw)
 
 
@@ -341,19 +323,19 @@ class _Reader:
         if size <= 0:
             return b""
         if offset < 0 or offset + size > self.file_size:
-            _reject(
+            reject(
                 f"{what} (offset {offset:#x}, size {size:#x}) extends past the end of the "
                 f"file ({self.file_size} bytes)"
             )
         nreads = -(-size // MAX_OBJECT_READ)
         if self.reads + nreads > self.limits.max_object_reads:
-            _reject(
+            reject(
                 f"reading {what} needs more than {self.limits.max_object_reads} object reads "
                 f"(max_object_reads)",
                 E2BIG,
             )
         if self.bytes + size > self.limits.max_object_bytes:
-            _reject(
+            reject(
                 f"reading {what} needs {self.bytes + size} bytes of the object, more than "
                 f"{self.limits.max_object_bytes} (max_object_bytes)",
                 E2BIG,
@@ -366,7 +348,7 @@ class _Reader:
             self.bytes += want
             got = self._read(offset + done, want)
             if len(got) != want:
-                _reject(
+                reject(
                     f"short read of {what} at offset {offset + done:#x}: {len(got)} of {want} "
                     f"bytes (the file changed?)"
                 )
@@ -388,8 +370,8 @@ def locate_notes(
     try:
         parser = _NotesParser(helper, limits or ParseLimits())
         return [parser.locate(_Reader(read, file_size, parser.limits))]
-    except _Rejected as rejected:
-        return [Err(errno=rejected.errno, message=_clamp(rejected.message))]
+    except Rejected as rejected:
+        return [Err(errno=rejected.errno, message=clamp(rejected.message))]
 
 
 def parse_note_blocks(
@@ -413,8 +395,8 @@ def parse_note_blocks(
         return _NotesParser(helper, limits or ParseLimits()).parse_blocks(
             notes, _Rodata(rodata_addr, rodata)
         )
-    except _Rejected as rejected:
-        return [Err(errno=rejected.errno, message=_clamp(rejected.message))]
+    except Rejected as rejected:
+        return [Err(errno=rejected.errno, message=clamp(rejected.message))]
     except RecursionError:  # not reachable: no recursion here; belt and braces for the contract
         return [Err(errno=EINVAL, message="object too complex")]
 
@@ -435,17 +417,17 @@ class _NotesParser:
             try:
                 value = decode_name(kind, raw)
             except NameRefused as err:
-                _reject(str(err))
+                reject(str(err))
             self.names[key] = value
         return value
 
     def _helper(self, helper: bytes) -> tuple[bytes, str, int]:
         if len(helper) != DOF_HELPER.size:
-            _reject(f"helper size incorrect: expected {DOF_HELPER.size}, not {len(helper)}")
+            reject(f"helper size incorrect: expected {DOF_HELPER.size}, not {len(helper)}")
         mod_field, dofhp_addr, _dof = _HELPER.unpack(helper)
         nul = mod_field.find(0)
         if nul < 0:
-            _reject(
+            reject(
                 f"module name (dofhp_mod) is not NUL-terminated within {DTRACE_MODNAMELEN} bytes"
             )
         raw = mod_field[:nul]
@@ -462,10 +444,10 @@ class _NotesParser:
         self._bounds(notes_sec, NOTES_SECTION)
         self._bounds(rodata_sec, RODATA_SECTION)
         if notes_sec.offset % 4:
-            _reject("Pointer to note header not aligned")
+            reject("Pointer to note header not aligned")
         total = notes_sec.size + rodata_sec.size
         if total > self.limits.max_object_bytes:
-            _reject(
+            reject(
                 f"sections {NOTES_SECTION} and {RODATA_SECTION} hold {total} bytes "
                 f"({notes_sec.size} + {rodata_sec.size}), more than "
                 f"{self.limits.max_object_bytes} (max_object_bytes)",
@@ -484,7 +466,7 @@ class _NotesParser:
     def parse_blocks(self, notes: bytes, rodata: _Rodata) -> list[ResultRecord]:
         total = len(notes) + len(rodata.data)
         if total > self.limits.max_object_bytes:
-            _reject(
+            reject(
                 f"blocks {NOTES_SECTION} and {RODATA_SECTION} hold {total} bytes "
                 f"({len(notes)} + {len(rodata.data)}), more than "
                 f"{self.limits.max_object_bytes} (max_object_bytes)",
@@ -499,31 +481,31 @@ class _NotesParser:
         size = self.file_size
         head = self.reader.get(0, min(size, _EHDR.size), "ELF header") if size else b""
         if len(head) < 4 or head[:4] != ELFMAG:
-            _reject(f"{mod}: not an ELF file")
+            reject(f"{mod}: not an ELF file")
         if len(head) < 16:
-            _reject(f"{mod}: truncated ELF header ({size} bytes)")
+            reject(f"{mod}: truncated ELF header ({size} bytes)")
         if head[4] != ELFCLASS64:
-            _reject(f"{mod}: unsupported ELF class {head[4]} (only ELFCLASS64)")
+            reject(f"{mod}: unsupported ELF class {head[4]} (only ELFCLASS64)")
         if head[5] != ELFDATA2LSB:
-            _reject(f"{mod}: unsupported ELF data encoding {head[5]} (only little-endian)")
+            reject(f"{mod}: unsupported ELF data encoding {head[5]} (only little-endian)")
         if head[6] != EV_CURRENT:
-            _reject(f"{mod}: unsupported ELF version {head[6]}")
+            reject(f"{mod}: unsupported ELF version {head[6]}")
         if len(head) < _EHDR.size:
-            _reject(f"{mod}: truncated ELF header ({size} bytes)")
+            reject(f"{mod}: truncated ELF header ({size} bytes)")
         (
             _ident, e_type, e_machine, _e_version, _entry, _phoff, e_shoff, _flags,
             _ehsize, _phentsize, _phnum, e_shentsize, e_shnum, e_shstrndx,
         ) = _EHDR.unpack(head)  # fmt: skip
         if e_machine != EM_X86_64:
-            _reject(f"{mod}: unsupported ELF machine {e_machine} (only x86_64)")
+            reject(f"{mod}: unsupported ELF machine {e_machine} (only x86_64)")
         if e_type not in (ET_EXEC, ET_DYN):
-            _reject(f"{mod}: unsupported ELF type {e_type} (only ET_EXEC and ET_DYN)")
+            reject(f"{mod}: unsupported ELF type {e_type} (only ET_EXEC and ET_DYN)")
         if e_shoff == 0:
-            _reject(f"no {NOTES_SECTION} section in {mod}")
+            reject(f"no {NOTES_SECTION} section in {mod}")
         if e_shentsize != _SHDR.size:
-            _reject(f"{mod}: invalid section header size {e_shentsize}, expected {_SHDR.size}")
+            reject(f"{mod}: invalid section header size {e_shentsize}, expected {_SHDR.size}")
         if e_shoff >= size or size - e_shoff < _SHDR.size:
-            _reject(
+            reject(
                 f"{mod}: section header table offset {e_shoff:#x} past the end of the file "
                 f"({size} bytes)"
             )
@@ -535,22 +517,22 @@ class _NotesParser:
             if shstrndx == SHN_XINDEX:
                 shstrndx = first.link
         elif shstrndx >= SHN_LORESERVE:
-            _reject(f"{mod}: invalid section name table index {shstrndx:#x}")
+            reject(f"{mod}: invalid section name table index {shstrndx:#x}")
         if shnum == 0:
-            _reject(f"no {NOTES_SECTION} section in {mod}")
+            reject(f"no {NOTES_SECTION} section in {mod}")
         if shnum > (size - e_shoff) // _SHDR.size:
-            _reject(
+            reject(
                 f"{mod}: section header table ({shnum} entries at offset {e_shoff:#x}) extends "
                 f"past the end of the file ({size} bytes)"
             )
         if shstrndx == SHN_UNDEF:
-            _reject(f"no {NOTES_SECTION} section in {mod}")  # no names: nothing can match
+            reject(f"no {NOTES_SECTION} section in {mod}")  # no names: nothing can match
         if shstrndx >= shnum:
-            _reject(f"{mod}: section name table index {shstrndx} out of range ({shnum} sections)")
+            reject(f"{mod}: section name table index {shstrndx} out of range ({shnum} sections)")
         sections = self._shdrs(e_shoff, shnum)
         strsec = sections[shstrndx]
         if strsec.type != SHT_STRTAB:
-            _reject(f"{mod}: section name table (section {shstrndx}) is not SHT_STRTAB")
+            reject(f"{mod}: section name table (section {shstrndx}) is not SHT_STRTAB")
         self._bounds(strsec, "section name table")
         shstrtab = self.reader.get(strsec.offset, strsec.size, "section name table")
         return e_type, sections, shstrtab
@@ -566,7 +548,7 @@ class _NotesParser:
 
     def _bounds(self, sec: _Section, what: str) -> None:
         if sec.offset > self.file_size or sec.size > self.file_size - sec.offset:
-            _reject(
+            reject(
                 f"{self.module}: {what} (section {sec.num}, offset {sec.offset:#x}, size "
                 f"{sec.size:#x}) extends past the end of the file ({self.file_size} bytes)"
             )
@@ -577,19 +559,19 @@ class _NotesParser:
             if sec.num == 0:
                 continue  # SHN_UNDEF's entry is no section (and holds extended counts)
             if sec.name >= len(shstrtab):
-                _reject(
+                reject(
                     f"{self.module}: section {sec.num}: name offset {sec.name:#x} outside "
                     f"the section name table ({len(shstrtab)} bytes)"
                 )
             end = shstrtab.find(0, sec.name)
             if end < 0:
-                _reject(
+                reject(
                     f"{self.module}: section {sec.num}: name at offset {sec.name:#x} is not "
                     f"NUL-terminated in the section name table"
                 )
             if sec.type == kind and shstrtab[sec.name : end] == want:
                 return sec
-        _reject(f"no {name} section in {self.module}")
+        reject(f"no {name} section in {self.module}")
 
     # --- the notes -------------------------------------------------------------------
 
@@ -607,7 +589,7 @@ class _NotesParser:
         ndefined = 0
         for count, (name, ntype, start, stop) in enumerate(_walk(data), 1):
             if count > max_notes:
-                _reject(
+                reject(
                     f"note count {count} exceeds maximum {max_notes} (max_tracepoints + "
                     f"max_providers + {EXTRA_NOTES})",
                     E2BIG,
@@ -619,13 +601,13 @@ class _NotesParser:
                 prov = self._prov(desc, providers, prvmap, ndefined)
                 ndefined += len(prov.defined)
                 if len(providers) > limits.max_providers:
-                    _reject(
+                    reject(
                         f"provider count {len(providers)} exceeds maximum "
                         f"{limits.max_providers} (max_providers)",
                         E2BIG,
                     )
                 if ndefined > limits.max_probes:
-                    _reject(
+                    reject(
                         f"probe count {ndefined} exceeds maximum {limits.max_probes} (max_probes)",
                         E2BIG,
                     )
@@ -633,17 +615,17 @@ class _NotesParser:
                 site = self._usdt(desc, ntype, rodata, prbmap)
                 nsites += 1
                 if nsites > limits.max_tracepoints:
-                    _reject(
+                    reject(
                         f"tracepoint count {nsites} exceeds maximum {limits.max_tracepoints} "
                         f"(max_tracepoints)",
                         E2BIG,
                     )
                 if site.off > 0xFFFFFFFF:
-                    _reject(f"tracepoint offset {site.off:#x} does not fit 32 bits")
+                    reject(f"tracepoint offset {site.off:#x} does not fit 32 bits")
                 if base + site.off > _U64_MAX:
-                    _reject(f"tracepoint address overflow: {base:x} + {site.off:x}")
+                    reject(f"tracepoint address overflow: {base:x} + {site.off:x}")
             else:
-                _reject(f"Unknown note: {_show(name)}")
+                reject(f"Unknown note: {_show(name)}")
 
         # validation, in prbmap order (upstream's)
         nprobes = 0
@@ -652,7 +634,7 @@ class _NotesParser:
             site = entry
             pvp = providers.get(site.prv)
             if pvp is None:
-                _reject(f"No such provider: {_show(site.prv)}", ENOENT)
+                reject(f"No such provider: {_show(site.prv)}", ENOENT)
             key = (site.fun, site.prb)
             existing = pvp.pmap.lookup(
                 _probe_hval(site.prv, mod, site.fun, site.prb, 0), _same_probe(key)
@@ -660,9 +642,9 @@ class _NotesParser:
             probe = existing if isinstance(existing, _Probe) else None
             defined = pvp.defined.get(site.prb) if probe is None else probe.defined
             if defined is None:
-                _reject(f"No such probe: {_show(site.prv)}:::{_show(site.prb)}", ENOENT)
+                reject(f"No such probe: {_show(site.prv)}:::{_show(site.prb)}", ENOENT)
             if site.sargc != defined.nargc and (not site.enabled or site.sargc != 1):
-                _reject(
+                reject(
                     f"{_show(site.prv)}:::{_show(site.prb)}"
                     f"{' (is-enabled)' if site.enabled else ''} prototype mismatch: "
                     f"{_s8(site.sargc)} passed, {_s8(1 if site.enabled else defined.nargc)} "
@@ -675,17 +657,17 @@ class _NotesParser:
                 try:
                     check_probespec(prv_text, self.module, fun_text, prb_text)
                 except NameRefused as err:
-                    _reject(str(err))
+                    reject(str(err))
                 nprobes += 1
                 if nprobes > limits.max_probes:
-                    _reject(
+                    reject(
                         f"probe count {nprobes} exceeds maximum {limits.max_probes} (max_probes)",
                         E2BIG,
                     )
                 probe = pvp.probes[key] = _Probe(site.fun, site.prb, defined)
                 pvp.pmap.insert(_probe_hval(site.prv, mod, site.fun, site.prb, site.off), probe)
             if len(probe.sites) >= MAX_NTP:
-                _reject(
+                reject(
                     f"probe {pvp.text}:{self.module}:{site.text[1]}:{site.text[2]} has more than "
                     f"{MAX_NTP} tracepoints",
                     E2BIG,
@@ -729,13 +711,13 @@ class _NotesParser:
         end = len(desc)
         nul = desc.find(0)
         if nul < 0:
-            _reject("Incomplete note data")
+            reject("Incomplete note data")
         name = desc[:nul]
         p = _align4(nul + 1)
         if p + 24 > end:
-            _reject("Incomplete note data")
+            reject("Incomplete note data")
         if name in providers:
-            _reject(f"Duplicate provider: {_show(name)}", EEXIST)
+            reject(f"Duplicate provider: {_show(name)}", EEXIST)
         pvp = _Provider(name, "")
         providers[name] = pvp
         prvmap.insert(str2hval(name, 0), pvp)
@@ -746,13 +728,13 @@ class _NotesParser:
             p = _align4(p)
             nul = desc.find(0, p) if p < end else -1
             if nul < 0:
-                _reject("Incomplete note data")
+                reject("Incomplete note data")
             prb = desc[p:nul]
             p = nul + 1
             if p + 2 > end:
-                _reject("Incomplete note data")
+                reject("Incomplete note data")
             if prb in pvp.defined:
-                _reject(
+                reject(
                     f"Duplicate probe: {_show(name)}:{_show(self.module_raw)}::{_show(prb)}",
                     EEXIST,
                 )
@@ -762,11 +744,11 @@ class _NotesParser:
             for _k in range(nargc):
                 nul = desc.find(0, p) if p < end else -1
                 if nul < 0:
-                    _reject("Incomplete note data")
+                    reject("Incomplete note data")
                 native.append(desc[p:nul])
                 p = nul + 1
             if p >= end:  # the xargc byte (upstream reads it even past the note)
-                _reject("Incomplete note data")
+                reject("Incomplete note data")
             xargc = desc[p]
             p += 1
             xlat = []
@@ -774,13 +756,13 @@ class _NotesParser:
             for _k in range(xargc):
                 nul = desc.find(0, p) if p < end else -1
                 if nul < 0 or nul + 1 >= end:  # the string, then its map byte, inside the note
-                    _reject("Incomplete note data")
+                    reject("Incomplete note data")
                 xlat.append(desc[p:nul])
                 argmap.append(desc[nul + 1])
                 p = nul + 2
             pvp.defined[prb] = _Defined(prb, nargc, xargc)
             if ndefined + len(pvp.defined) > self.limits.max_probes:  # before the next one
-                _reject(
+                reject(
                     f"probe count {ndefined + len(pvp.defined)} exceeds maximum "
                     f"{self.limits.max_probes} (max_probes)",
                     E2BIG,
@@ -793,10 +775,10 @@ class _NotesParser:
             nargc = len(native)
             args: list[ResultRecord] = []
             if xlat and not nargc:
-                _reject(f"bad native argument index for arg 0: {amap[0]} (max -1)")
+                reject(f"bad native argument index for arg 0: {amap[0]} (max -1)")
             for k, m in enumerate(amap):
                 if m >= nargc:
-                    _reject(f"bad native argument index for arg {k}: {m} (max {nargc - 1})")
+                    reject(f"bad native argument index for arg {k}: {m} (max {nargc - 1})")
             if native:
                 args.append(ArgsNative(args=[self._argtype(t) for t in native]))
             if xlat:
@@ -811,39 +793,39 @@ class _NotesParser:
             try:
                 value = decode_name("argtype", raw)
             except NameRefused as err:
-                _reject(str(err))
+                reject(str(err))
             self.argtypes[raw] = value
         return value
 
     def _usdt(self, desc: bytes, ntype: int, rodata: _Rodata, prbmap: _Htab) -> _Site:
         end = len(desc)
         if end < 16:
-            _reject("Incomplete note data")
+            reject("Incomplete note data")
         off, fno = _U64X2.unpack_from(desc)
         nul = desc.find(0, 16)
         if nul < 0:
-            _reject("Incomplete note data")
+            reject("Incomplete note data")
         prv = desc[16:nul]
         p = nul + 1
         if not rodata.contains(fno):
-            _reject("Invalid function name offset")
+            reject("Invalid function name offset")
         nul = desc.find(0, p) if p < end else -1
         if nul < 0:
-            _reject("Incomplete note data")
+            reject("Incomplete note data")
         prb = desc[p:nul].replace(b"__", b"-")
         p = nul + 1
         fun = rodata.string(fno)  # ours: bounded, inside .rodata (upstream: unbounded strlen)
         off32 = off & 0xFFFFFFFF  # upstream keeps the offset in a uint32_t
         mod = self.module_raw
         if prbmap.lookup(_probe_hval(prv, mod, fun, prb, off32), _same_site(prv, fun, prb, off32)):
-            _reject(f"Duplicate probe: {_show(prv)}:{_show(mod)}:{_show(fun)}:{_show(prb)}", EEXIST)
+            reject(f"Duplicate probe: {_show(prv)}:{_show(mod)}:{_show(fun)}:{_show(prb)}", EEXIST)
         if p >= end:  # the source-argument count
-            _reject("Incomplete note data")
+            reject("Incomplete note data")
         sargc = desc[p]
         p += 1
         nul = desc.find(0, p) if p < end else -1
         if nul < 0:
-            _reject("Incomplete note data")
+            reject("Incomplete note data")
         sargs_raw = desc[p:nul]
         site = _Site(prv, fun, prb, off, ntype == USDT_EN_NOTE_TYPE, sargc, "")
         prbmap.insert(_probe_hval(prv, mod, fun, prb, off32), site)
@@ -859,7 +841,7 @@ class _NotesParser:
             message = str(err)
             if "UTF-8" in message:
                 message = f'argument string "{_show(sargs_raw)}" is not valid UTF-8'
-            _reject(message)
+            reject(message)
         return site
 
 
@@ -898,18 +880,18 @@ def _walk(data: bytes) -> Iterator[tuple[bytes, int, int, int]]:
     off = 0
     while True:
         if off >= size or _NHDR.size > size - off:
-            _reject(f"Invalid ELF note offset {off}")
+            reject(f"Invalid ELF note offset {off}")
         namesz, descsz, ntype = _NHDR.unpack_from(data, off)
         off += _NHDR.size
         if off >= size or namesz > size - off:
-            _reject(f"Invalid name size {_s32(namesz)}")
+            reject(f"Invalid name size {_s32(namesz)}")
         name_at = off
         nul = data.find(0, off, off + namesz)
         off += _align4(namesz)
         if off >= size or descsz > size - off:
-            _reject(f"Invalid desc size {_s32(descsz)}")
+            reject(f"Invalid desc size {_s32(descsz)}")
         if nul < 0:  # a name must end inside namesz (upstream's strcmp would read on)
-            _reject(f"Unknown note: {_show(data[name_at : name_at + namesz])}")
+            reject(f"Unknown note: {_show(data[name_at : name_at + namesz])}")
         start = off
         off += _align4(descsz)
         yield data[name_at:nul], ntype, start, start + descsz
@@ -937,7 +919,7 @@ class _Rodata:
         if nul >= 0:
             return chunk[:nul]
         if off + len(chunk) >= len(self.data):
-            _reject(f"function name at {addr:#x} is not NUL-terminated within {RODATA_SECTION}")
-        _reject(
+            reject(f"function name at {addr:#x} is not NUL-terminated within {RODATA_SECTION}")
+        reject(
             f'function name "{_show(chunk)}..." too long: more than {DTRACE_FUNCNAMELEN - 1} bytes'
         )
