@@ -233,36 +233,11 @@ class Receiver:
             identify_caller()
         caller = identified[0]
         try:
-            self._watcher.settle(caller.pid)
-            caller.space.check_tracepoints(result.tracepoint_addrs())
-            if not caller.still_alive():
-                raise RequestRejected(errno.EINVAL, f"process {caller.pid} exited")
-            gen = self._register(caller, helper, [RawBlock(0, request.dof)], result.records)
-            self._watcher.watch(caller.pid, caller.take_pidfd())
+            gen = self._commit(caller, helper, [RawBlock(0, request.dof)], result, None)
         finally:
             caller.close()
-        done = time.monotonic()
-        module = _module_name(fields.mod)
-
-        def report() -> None:
-            log.debug(
-                "%d: identify and parse %.1f ms, check and stash %.1f ms",
-                caller.pid,
-                (parsed - started) * 1000,
-                (done - parsed) * 1000,
-            )
-            log.info(
-                "%d: registered generation %d: module %s, %s, %d probes, %d bytes of DOF (%.1f ms)",
-                caller.pid,
-                gen,
-                module,
-                f"{caller.dev}-{caller.ino}",
-                len(result.probes),
-                size,
-                (done - started) * 1000,
-            )
-
-        return gen, report
+        what = f"module {_module_name(fields.mod)}"
+        return gen, _report(caller, gen, what, result, f"{size} bytes of DOF", started, parsed)
 
     # --- HASUSDT ------------------------------------------------------------------
 
@@ -295,40 +270,30 @@ class Receiver:
                 helper, where.notes_addr, notes, where.rodata_addr, rodata
             )
             parsed = time.monotonic()
-            self._watcher.settle(caller.pid)
-            caller.space.check_tracepoints(
-                result.tracepoint_addrs(), object_key=(caller.dev, caller.ino)
-            )
-            if not caller.still_alive():
-                raise RequestRejected(errno.EINVAL, f"process {caller.pid} exited")
             blocks = [RawBlock(where.notes_addr, notes), RawBlock(where.rodata_addr, rodata)]
-            gen = self._register(caller, helper, blocks, result.records)
-            self._watcher.watch(caller.pid, caller.take_pidfd())
+            gen = self._commit(caller, helper, blocks, result, (caller.dev, caller.ino))
         finally:
             obj.close()
             caller.close()
-        done = time.monotonic()
+        sizes = f"{size} bytes of notes and .rodata"
+        return gen, _report(caller, gen, f"object {obj.module}", result, sizes, started, parsed)
 
-        def report() -> None:
-            log.debug(
-                "%d: locate and parse %.1f ms, check and stash %.1f ms",
-                caller.pid,
-                (parsed - started) * 1000,
-                (done - parsed) * 1000,
-            )
-            log.info(
-                "%d: registered generation %d: object %s, %s, %d probes, "
-                "%d bytes of notes and .rodata (%.1f ms)",
-                caller.pid,
-                gen,
-                obj.module,
-                f"{caller.dev}-{caller.ino}",
-                len(result.probes),
-                size,
-                (done - started) * 1000,
-            )
-
-        return gen, report
+    def _commit(
+        self,
+        caller: Caller,
+        helper: bytes,
+        raw: list[RawBlock],
+        result: ParseResult,
+        object_key: tuple[int, int] | None,
+    ) -> int:
+        """Check the tracepoints, stash the registration, watch the process; the generation."""
+        self._watcher.settle(caller.pid)
+        caller.space.check_tracepoints(result.tracepoint_addrs(), object_key=object_key)
+        if not caller.still_alive():
+            raise RequestRejected(errno.EINVAL, f"process {caller.pid} exited")
+        gen = self._register(caller, helper, raw, result.records)
+        self._watcher.watch(caller.pid, caller.take_pidfd())
+        return gen
 
     def _register(
         self, caller: Caller, helper: bytes, raw: list[RawBlock], records: list[ResultRecord]
@@ -388,6 +353,40 @@ class Receiver:
             self._closed = True
         self._small.shutdown(wait=True)
         self._large.shutdown(wait=True)
+
+
+def _report(
+    caller: Caller,
+    gen: int,
+    what: str,
+    result: ParseResult,
+    sizes: str,
+    started: float,
+    parsed: float,
+) -> Callable[[], None]:
+    """The log lines of one registration, written once the client has its answer."""
+    done = time.monotonic()
+
+    def report() -> None:
+        log.debug(
+            "%d: identify and parse %.1f ms, check and stash %.1f ms",
+            caller.pid,
+            (parsed - started) * 1000,
+            (done - parsed) * 1000,
+        )
+        log.info(
+            "%d: registered generation %d: %s, %d-%d, %d probes, %s (%.1f ms)",
+            caller.pid,
+            gen,
+            what,
+            caller.dev,
+            caller.ino,
+            len(result.probes),
+            sizes,
+            (done - started) * 1000,
+        )
+
+    return report
 
 
 def _pread(fd: int, offset: int, size: int) -> bytes:
