@@ -383,16 +383,40 @@ def elf_type(path: Path) -> int:
     return int.from_bytes(head[16:18], "little")
 
 
-def load_segments(path: Path) -> list[tuple[int, int, str]]:
-    """LOAD program headers as (vaddr, memsz, flags), from ``readelf -lW``."""
-    out: list[tuple[int, int, str]] = []
+@dataclass(frozen=True)
+class Segment:
+    """One LOAD program header."""
+
+    offset: int
+    vaddr: int
+    filesz: int
+    memsz: int
+    flags: str  # readelf's, e.g. "R", "R E", "RW"
+
+    def holds(self, addr: int, size: int = 1) -> bool:
+        return self.vaddr <= addr and addr + size <= self.vaddr + self.memsz
+
+
+def load_segments(path: Path) -> list[Segment]:
+    """LOAD program headers, from ``readelf -lW``."""
+    out: list[Segment] = []
     for line in _run(["readelf", "-lW", str(path)]).stdout.splitlines():
         parts = line.split()
         if parts and parts[0] == "LOAD":
             # LOAD Offset VirtAddr PhysAddr FileSiz MemSiz Flg... Align
-            flags = "".join(p for p in parts[7:-1])
-            out.append((int(parts[2], 16), int(parts[5], 16), flags))
+            offset, vaddr, filesz, memsz = (int(x, 16) for x in (*parts[1:3], *parts[4:6]))
+            out.append(Segment(offset, vaddr, filesz, memsz, " ".join(parts[6:-1])))
     return out
+
+
+def file_bytes_at(path: Path, vaddr: int, size: int) -> bytes:
+    """The file's bytes that a LOAD segment maps at link-time address ``vaddr``."""
+    for seg in load_segments(path):
+        if seg.holds(vaddr, size) and vaddr + size <= seg.vaddr + seg.filesz:
+            with path.open("rb") as f:
+                f.seek(seg.offset + vaddr - seg.vaddr)
+                return f.read(size)
+    raise LookupError(f"{path}: no LOAD segment holds {vaddr:#x}+{size}")
 
 
 def load_base(pid: int, path: Path) -> int:
