@@ -412,9 +412,13 @@ def test_real_dtrace_lists_and_fires(
             pid,
             trigger=lambda: (run.prog.command("f 0 2"), run.prog.command("f 1 1")),
             duration=FIRE_WINDOW,
+            quiet=False,
             root=chroot,
         )
-        assert out.stdout.split() == ["0", "1000"], out.stdout + out.stderr
+        # not quiet: "CPU ID FUNCTION:NAME VALUE" per firing, and what each clause matched
+        traced = [ln.split() for ln in out.stdout.splitlines() if "sunwmain_tick:tick" in ln]
+        assert [words[-1] for words in traced] == ["0", "1000"], out.stdout + out.stderr
+        assert out.matched == 2, out.stderr  # tick and done-all: one probe each
     finally:
         status, err = run.prog.quit()
     assert status == 0, err
@@ -454,6 +458,46 @@ def test_real_dtrace_fires_a_dlopened_library(
             "call 2000 call",
             "calls 3",
         ], out.stderr
+    finally:
+        status, err = run.prog.quit()
+    assert status == 0, err
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_real_dtrace_fires_in_a_fork_child(
+    objects: dict[str, sd.BuiltObject], real: DaemonHandle, chroot: Path
+) -> None:
+    run = start(objects, "pie", real.device)
+    try:
+        child = int(run.prog.command("k").split()[1])
+        assert run.prog.expect(f"{child} ") == f"{child} ready"
+        # registered again by the atfork handler before the child printed "ready"
+        assert sorted(generations(real.state_dir, child)) == [0]
+        assert listed(real, chroot, f"sunwmain{child}") == {
+            row for row in expected_rows(run.obj, child) if row[0] == f"sunwmain{child}"
+        }
+
+        def trigger() -> None:
+            for cmd in ("f 0 2", "f 1 1"):
+                assert run.prog.command(f"> {cmd}") == ">"
+                assert run.prog.expect(f"{child} ") == f"{child} ok {cmd}"
+
+        out = partner.dtrace_fire(
+            real.state_dir,
+            'sunwmain$target:::tick { printf("tick %d %d %d\\n", pid, args[0], args[1]); }'
+            ' sunwmain$target:::done-all { printf("done %d\\n", pid); exit(0); }',
+            child,
+            trigger=trigger,
+            duration=FIRE_WINDOW,
+            root=chroot,
+        )
+        assert [ln for ln in out.stdout.splitlines() if ln] == [
+            f"tick {child} 0 1",
+            f"tick {child} 1000 1001",
+            f"done {child}",
+        ], out.stderr
+        assert run.prog.command("w") == "w 0"
     finally:
         status, err = run.prog.quit()
     assert status == 0, err
