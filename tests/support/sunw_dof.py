@@ -29,7 +29,11 @@ Kinds: ``exe`` (non-PIE, ET_EXEC), ``pie`` (ET_DYN), ``lib`` (a shared library f
 get ``sunw_src/driver.c``'s ``main``: commands on stdin (fire probe P N times, is-enabled,
 registration state, dlopen/dlclose, fork, exit), driven from Python by
 :class:`SunwProgram`. Builds are cached by content hash under ``/var/cache/dtprobed-py/sunw``
-(env ``DTPROBED_SUNW_CACHE``).
+(env ``DTPROBED_SUNW_CACHE``). More (what the objects look like, usage): ``sunw_src/README.md``.
+
+The DOF's version is :func:`~common.dof_build.build_dof`'s default, as ``dtrace -G`` chose:
+2, or 3 when a provider has is-enabled probes (upstream's parser ignores is-enabled offsets
+in v2 DOF).
 
 Argument values: in the *i*-th firing (from 0), an integer argument *k* is ``i * 1000 +
 k`` and a ``char *`` argument is the probe's name (:meth:`BuiltObject.arg_values`).
