@@ -54,3 +54,31 @@ class ParseLimits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_object_bytes: Annotated[int, msgspec.Meta(ge=4096, le=MAX_OBJECT_BYTES)] = (
         DEFAULT_MAX_OBJECT_BYTES
     )
+
+
+# --- fairness between callers (per uid; docs/security.md, "Fairness") -----------------
+#: FUSE-file mode: a fetch of a caller's DOF that brings nothing for this long (seconds)
+#: is abandoned (its helper process counted as stuck against the caller's uid).
+DEFAULT_FETCH_TIMEOUT: Final = 5.0
+#: Stuck fetch helpers one uid may have before its ADDDOF are refused at once.
+DEFAULT_MAX_STUCK_FETCHES_PER_UID: Final = 2
+#: Back-off of a sender (uid) whose request made a child time out or crash, or whose
+#: fetch was abandoned: refused at once for FIRST s, doubling per repeat, at most MAX s;
+#: a uid clean for 2 × MAX s starts again at FIRST.
+DEFAULT_PENALTY_FIRST: Final = 1.0
+DEFAULT_PENALTY_MAX: Final = 60.0
+#: Log lines per uid: a bucket of BURST lines, refilled at RATE lines per second.
+DEFAULT_LOG_BURST: Final = 200
+DEFAULT_LOG_RATE: Final = 20.0
+#: DOF bytes queued or in flight in the large lane: in all, and per uid (≥ the largest
+#: DOF, so every uid can always have one in flight).
+DEFAULT_MAX_QUEUED_BYTES: Final = 1 << 30
+DEFAULT_MAX_QUEUED_BYTES_PER_UID: Final = 512 << 20
+#: The small lane's own budget (DOF < 64 KiB each): never shared with large DOF.
+DEFAULT_SMALL_QUEUED_BYTES: Final = 64 << 20
+DEFAULT_SMALL_QUEUED_BYTES_PER_UID: Final = 16 << 20
+#: Requests one uid may have queued (not yet started) per lane.
+DEFAULT_MAX_QUEUED_PER_UID: Final = 4096
+#: Parser seconds (decaying, half-life 2 s) above which a uid's requests leave the
+#: small lane for the large one until its usage decays.
+DEFAULT_HEAVY_PARSE_SECONDS: Final = 0.5

@@ -69,7 +69,7 @@ from common.stash_protocol import (
 )
 from dtprobed.children.parser import ParserChild, ParseResult
 from dtprobed.children.writer import StashWriterChild
-from dtprobed.daemon import statedir
+from dtprobed.daemon import fairness, statedir
 from dtprobed.daemon.exitwatch import ExitWatcher
 from dtprobed.daemon.logsetup import setup_logging
 from dtprobed.daemon.notify import Notifier
@@ -166,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-probes-per-pid", type=positive_int, default=DEFAULT_MAX_PROBES_PER_PID
     )
     quotas.add_argument("--max-probes-total", type=positive_int, default=DEFAULT_MAX_PROBES_TOTAL)
+    fairness.add_arguments(ap)
     ap.add_argument("--version", action="version", version=f"dtprobed {VERSION}")
     return ap
 
@@ -313,7 +314,9 @@ class Daemon:
             writer=self.writer,
             watcher=self.watcher,
             on_fatal=self.request_stop,
+            **fairness.receiver_options(args, args.limits.max_dof_size),
         )
+        self.device.ratelog = self.receiver.ratelog  # one log budget per uid
         stack.callback(self.receiver.close)  # runs before the watcher and children stop
         try:
             pruned = self.writer.prune_dead()

@@ -23,8 +23,9 @@ the process is watched through its pidfd and pruned as soon as it exits.
 
 Concurrency (a huge DOF must not stall every other registration).  Every
 USDT program blocks in its ioctl until we answer, so the device loop never
-waits for a request: it queues the work and goes on reading.  Work is routed by DOF size to one of two lanes, each with its own
-sandboxed parser child and its own worker threads:
+waits for a request — and never touches client memory: it queues the work
+and goes on reading.  Work is routed by DOF size to one of two lanes, each
+with its own sandboxed parser child and its own worker threads:
 
 * the *small* lane (DOF < 64 KiB: every ordinary ``dtrace -G`` object) has
   :data:`SMALL_WORKERS` threads sharing one parser (one request at a time):
@@ -33,17 +34,31 @@ sandboxed parser child and its own worker threads:
 * the *large* lane has one thread and its own parser, so a 20000-probe DOF
   parses while small registrations keep flowing through the small lane.
 
+FUSE-file requests arrive unfetched (``remote``): a small-lane worker
+fetches the DOF through a fetch helper process with a time bound
+(:mod:`dtprobed.device.fetch`); a header whose ``loadsz`` is ≥ 64 KiB moves
+the request to the large lane, which fetches it there.  Queued requests
+thus hold 80 bytes each, not their DOF.
+
+Fairness (:mod:`dtprobed.daemon.fairness`, docs/security.md): per uid, the
+lanes serve queues round-robin; DOF bytes are budgeted per lane and per uid;
+a sender whose request made a child time out or crash, or whose memory
+could not be fetched in time, is refused at once for a growing, bounded
+time; a uid that used much parser time recently goes to the large lane;
+per-request log lines are rate-limited per uid.
+
 The stash writer is one process (the only writer of the state directory);
 requests of both lanes meet there, one command at a time, so a very large
 commit still delays small ones by the time the writer spends on it — measured
-in ``bench/bench_receiver.py``.  Queued work is bounded
-(:data:`MAX_QUEUED_BYTES`), so a flood of large DOF is refused instead of
-exhausting memory.
+in ``bench/bench_receiver.py``.  After a request with a large DOF or many
+records, freed heap is handed back to the kernel (``malloc_trim``), so the
+daemon returns to its rest size.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
+import contextlib
+import ctypes
 import errno
 import logging
 import os
@@ -51,25 +66,41 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Final, Protocol
 
-from common.dof_abi import DOF_HELPER, DTRACE_MODNAMELEN
+from common.dof_abi import DOF_HDR, DOF_HELPER, DTRACE_MODNAMELEN
 from common.errors import ChildFailed, DtprobedError, RequestRejected, StashError
+from common.limits import DEFAULT_MAX_QUEUED_BYTES
 from common.records import NotesLocation, ResultRecord
-from common.stash_protocol import RawBlock, Registration
+from common.stash_protocol import UNKNOWN_UID, RawBlock, Registration
 from dtprobed.children.parser import ParseResult
 from dtprobed.daemon.exitwatch import ExitWatcher
+from dtprobed.daemon.fairness import (
+    Budget,
+    FairLane,
+    Fairness,
+    LaneClosed,
+    ParseMeter,
+    Penalties,
+)
 from dtprobed.daemon.identity import Caller, identify, identify_object, tgid_of
-from dtprobed.device.request import HelperRequest
+from dtprobed.device.fetch import FetchPool, FetchTimeout
+from dtprobed.device.ratelog import RateLog
+from dtprobed.device.request import HelperRequest, check_dof_header, helper_dof_address
+from dtprobed.oslib.procfs import fsuid_of
 
 log = logging.getLogger("dtprobed")
 
 #: DOF below this size goes to the small lane (one CUSE chunk; every ordinary object).
 SMALL_DOF: Final = 64 * 1024
 SMALL_WORKERS: Final = 3
-#: Bytes of DOF queued or in flight across both lanes before new requests are refused.
-MAX_QUEUED_BYTES: Final = 1 << 30
+#: Bytes of DOF queued or in flight in the large lane before new requests are refused.
+MAX_QUEUED_BYTES: Final = DEFAULT_MAX_QUEUED_BYTES
+#: After a request with this much DOF, or this many records, ``malloc_trim`` the heap.
+TRIM_AFTER_BYTES: Final = 1 << 20
+TRIM_AFTER_RECORDS: Final = 20000
 #: Consecutive stash-writer failures after which the daemon gives up (exit 2).
 WRITER_FAILURES_FATAL: Final = 5
 
@@ -94,6 +125,35 @@ class Writer(Protocol):
     def remove_pid(self, pid: int) -> None: ...
 
 
+@dataclass
+class _Job:
+    """One queued request, and what it holds of the lanes' budgets."""
+
+    request: HelperRequest
+    reply: Reply
+    lane: str  # "small" or "large"
+    size: int  # DOF bytes known (CUSE: the DOF; FUSE: 0 until fetched)
+    dof: bytes = b""
+    loadsz: int = 0  # FUSE, moved to the large lane: the loadsz its header claimed
+    held: list[tuple[Budget, int]] = field(default_factory=list)
+    moved: bool = False  # handed on to the large lane (which answers it)
+    heavy: bool = False  # a big DOF or many records: trim the heap afterwards
+    in_parser: bool = False  # set while the parser child has it (a failure then is its fault)
+
+
+class _Moved(Exception):
+    """The job went on to the large lane: no reply yet."""
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def trim_heap() -> None:
+    """Give freed heap pages back to the kernel (glibc ``malloc_trim``; all arenas)."""
+    with contextlib.suppress(AttributeError):  # not glibc
+        _libc.malloc_trim(0)
+
+
 def _module_name(raw: bytes) -> str:
     return raw.split(b"\0", 1)[0].decode("utf-8", "backslashreplace")
 
@@ -114,18 +174,30 @@ class Receiver:
         writer: Writer,
         watcher: ExitWatcher,
         on_fatal: Callable[[int, str], None],
+        fetch: FetchPool | None = None,
+        fairness: Fairness | None = None,
+        penalties: Penalties | None = None,
+        ratelog: RateLog | None = None,
     ) -> None:
         self._small_parser = small_parser
         self._large_parser = large_parser
         self._writer = writer
         self._watcher = watcher
         self._on_fatal = on_fatal
-        self._small = concurrent.futures.ThreadPoolExecutor(
-            SMALL_WORKERS, thread_name_prefix="dtprobed-small"
-        )
-        self._large = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dtprobed-large")
+        self._fetch = fetch or FetchPool(log=log)
+        self.fairness = fair = fairness or Fairness()
+        self.penalties = penalties or Penalties()
+        self.ratelog = ratelog or RateLog(log)
+        self._parse_meter = ParseMeter(fair.heavy_parse_seconds)
+        self._budgets = {
+            "small": Budget("small", fair.small_queued_bytes, fair.small_queued_bytes_per_uid),
+            "large": Budget("large", fair.max_queued_bytes, fair.max_queued_bytes_per_uid),
+        }
+        self._lanes = {
+            "small": FairLane("small", SMALL_WORKERS, max_queued_per_uid=fair.max_queued_per_uid),
+            "large": FairLane("large", 1, max_queued_per_uid=fair.max_queued_per_uid),
+        }
         self._lock = threading.Lock()
-        self._queued_bytes = 0
         self._writer_failures = 0
         self._closed = False
 
@@ -133,52 +205,112 @@ class Receiver:
 
     def handle(self, request: HelperRequest, reply: Reply) -> None:
         """Queue *request*; *reply* is called exactly once, from a worker thread."""
+        uid = request.uid
         size = len(request.dof) if request.kind == "adddof" else 0
+        lane = "large" if size >= SMALL_DOF else "small"
+        job = _Job(request, reply, lane, size)
+        refused = self._admit(job)
+        if not refused:
+            try:
+                refused = self._lanes[lane].submit(uid, partial(self._run, job))
+            except LaneClosed:
+                refused = "the daemon is shutting down"
+        if refused:
+            self._release(job)
+            self.ratelog(
+                uid, logging.WARNING, "%d: dtprobed: request refused: %s", request.tid, refused
+            )
+            _safe_reply(reply, -errno.EINVAL)
+
+    def _admit(self, job: _Job) -> str:
+        """Why *job* is refused at once ("" if it is not); reserves its bytes."""
+        request, uid = job.request, job.request.uid
         with self._lock:
             if self._closed:
-                refused = "the daemon is shutting down"
-            elif self._queued_bytes + size > MAX_QUEUED_BYTES:
-                refused = f"{self._queued_bytes} bytes of DOF already queued"
-            else:
-                refused = ""
-                self._queued_bytes += size
-        if refused:
-            log.warning("%d: dtprobed: request refused: %s", request.tid, refused)
-            _safe_reply(reply, -errno.EINVAL)
-            return
-        lane = self._large if size >= SMALL_DOF else self._small
-        try:
-            lane.submit(self._run, request, reply, size)
-        except RuntimeError:  # executor shut down between the check and here
-            self._release(size)
-            _safe_reply(reply, -errno.EINVAL)
+                return "the daemon is shutting down"
+        if request.kind != "adddof" and request.kind != "hasusdt":
+            return ""  # REMOVE costs nothing and must always get through
+        penalty = self.penalties.remaining(uid)
+        if penalty > 0:
+            return (
+                f"uid {uid} is refused for another {penalty:.1f} s (its requests broke the parser)"
+            )
+        if request.remote and self._fetch.over_stuck_limit(uid):
+            return (
+                f"uid {uid} has {self._fetch.stuck(uid)} fetches stuck in the kernel "
+                "(DOF on a stalled file system)"
+            )
+        if job.size:
+            return self._hold(job, job.lane, job.size)
+        return ""
 
-    def _release(self, size: int) -> None:
-        with self._lock:
-            self._queued_bytes -= size
+    def _hold(self, job: _Job, lane: str, size: int) -> str:
+        budget = self._budgets[lane]
+        refused = budget.take(job.request.uid, size)
+        if not refused:
+            job.held.append((budget, size))
+        return refused
 
-    def _run(self, request: HelperRequest, reply: Reply, size: int) -> None:
+    def _release(self, job: _Job) -> None:
+        held, job.held = job.held, []
+        for budget, size in held:
+            budget.give(job.request.uid, size)
+
+    def _run(self, job: _Job) -> None:
         # The client is blocked in its ioctl: answer first, log afterwards (a log
         # line costs the client ~0.05 ms otherwise).
-        report: Callable[[], None]
+        request, uid = job.request, job.request.uid
+        report: Callable[[], object]
+        job.moved = False
         try:
             if request.kind == "adddof":
-                result, report = self._adddof(request, size)
+                result, report = self._adddof(job)
             elif request.kind == "hasusdt":
-                result, report = self._hasusdt(request)
+                result, report = self._hasusdt(job)
             elif request.kind == "remove":
                 result, report = self._remove(request)
             else:  # a kind the device layer knows and we don't (yet): EINVAL
                 raise RequestRejected(errno.EINVAL, f"{request.kind} is not supported")
-        except RequestRejected as err:
-            # The client's fault: the parser's (or our check's) message, at WARNING.
-            report = partial(log.warning, "%d: dtprobed: %s", request.tid, err.reason)
-            result = -errno.EINVAL
-        except ChildFailed as err:
+        except _Moved:
+            return  # answered by the large lane
+        except FetchTimeout as err:
+            delay = self.penalties.offend(uid)
             report = partial(
-                log.error, "%d: dtprobed: request failed, child broke: %s", request.tid, err
+                self.ratelog,
+                uid,
+                logging.WARNING,
+                "%d: dtprobed: %s; uid %d refused for %.1f s",
+                request.tid,
+                err.reason,
+                uid,
+                delay,
             )
             result = -errno.EINVAL
+        except RequestRejected as err:
+            # The client's fault: the parser's (or our check's) message, at WARNING.
+            report = partial(
+                self.ratelog, uid, logging.WARNING, "%d: dtprobed: %s", request.tid, err.reason
+            )
+            result = -errno.EINVAL
+        except ChildFailed as err:
+            if job.in_parser:
+                # The parser timed out or crashed on this request: its sender is
+                # penalised, not the lane (the next sender gets a fresh child at once).
+                delay = self.penalties.offend(uid)
+                penalty = f"; uid {uid} refused for {delay:.1f} s"
+            else:
+                penalty = ""  # the stash writer broke: nobody's fault we know of
+            report = partial(
+                self.ratelog,
+                uid,
+                logging.ERROR,
+                "%d: dtprobed: request failed, child broke: %s%s",
+                request.tid,
+                err,
+                penalty,
+            )
+            result = -errno.EINVAL
+            job.heavy = True
         except StashError as err:
             if err.errno == errno.EDQUOT:  # the caller's (or the stash's) share is used up
                 what, level = "stash quota refused the registration", logging.WARNING
@@ -187,11 +319,19 @@ class Receiver:
                     f"cannot stash it ({errno.errorcode.get(err.errno, err.errno)})",
                     (logging.ERROR),
                 )
-            report = partial(log.log, level, "%d: dtprobed: %s: %s", request.tid, what, err)
+            report = partial(
+                self.ratelog, uid, level, "%d: dtprobed: %s: %s", request.tid, what, err
+            )
             result = -errno.EINVAL
         except DtprobedError as err:
             report = partial(
-                log.error, "%d: dtprobed: %s: %s", request.tid, type(err).__name__, err
+                self.ratelog,
+                uid,
+                logging.ERROR,
+                "%d: dtprobed: %s: %s",
+                request.tid,
+                type(err).__name__,
+                err,
             )
             result = -errno.EINVAL
         except Exception:
@@ -203,45 +343,112 @@ class Receiver:
             )
             result = -errno.EIO
         finally:
-            self._release(size)
-        _safe_reply(reply, result)
+            if not job.moved:
+                self._release(job)
+        job.dof = b""
+        _safe_reply(job.reply, result)
         report()
+        if job.heavy:
+            trim_heap()
 
     # --- ADDDOF -------------------------------------------------------------------
 
-    def _adddof(self, request: HelperRequest, size: int) -> tuple[int, Callable[[], None]]:
+    def _fetch_remote(self, job: _Job) -> bytes:
+        """FUSE mode: the caller's DOF, fetched by a helper process within its time bound."""
+        request, uid = job.request, job.request.uid
+        address = helper_dof_address(request.helper)
+        max_size = self.fairness.max_dof_size
+        limit = SMALL_DOF - 1 if job.lane == "small" else max_size
+        data = self._fetch.fetch(request.tid, uid, address, max_size=max_size, stream_limit=limit)
+        loadsz = check_dof_header(data[: DOF_HDR.size], max_size)
+        if job.lane == "small" and loadsz >= SMALL_DOF:
+            self._move_to_large(job, loadsz)
+        if job.loadsz and loadsz != job.loadsz:
+            raise RequestRejected(
+                errno.EINVAL, f"dofh_loadsz changed from {job.loadsz} to {loadsz} while fetched"
+            )
+        if len(data) != loadsz:
+            raise RequestRejected(errno.EINVAL, f"fetched {len(data)} of {loadsz} bytes of DOF")
+        return data
+
+    def _move_to_large(self, job: _Job, size: int) -> None:
+        """Hand *job* to the large lane (its bytes reserved there first); raises _Moved."""
+        uid = job.request.uid
+        self._release(job)
+        refused = self._hold(job, "large", size)
+        if refused:
+            raise RequestRejected(errno.EINVAL, refused)
+        job.lane = "large"
+        if job.request.remote:
+            job.loadsz = size
+        else:
+            job.size = size
+        try:
+            refused = self._lanes["large"].submit(uid, partial(self._run, job))
+        except LaneClosed:
+            refused = "the daemon is shutting down"
+        if refused:
+            raise RequestRejected(errno.EINVAL, refused)
+        job.moved = True
+        raise _Moved
+
+    def _adddof(self, job: _Job) -> tuple[int, Callable[[], object]]:
         """The generation, and the log lines to write once the client has it."""
+        request, uid = job.request, job.request.uid
         started = time.monotonic()
+        penalty = self.penalties.remaining(uid)
+        if penalty > 0:  # queued before its sender was penalised
+            raise RequestRejected(errno.EINVAL, f"uid {uid} is refused for another {penalty:.1f} s")
+        if request.remote:
+            job.dof = self._fetch_remote(job)
+            size = len(job.dof)
+            if job.lane == "large" and not job.held:
+                refused = self._hold(job, "large", size)
+                if refused:
+                    raise RequestRejected(errno.EINVAL, refused)
+        else:
+            job.dof = request.dof
+            size = len(job.dof)
+        if job.lane == "small" and self._parse_meter.heavy(uid):
+            self._move_to_large(job, size)  # it used the small parser a lot lately
         helper = request.helper  # 80 bytes: the device layer checked it
         fields = DOF_HELPER.unpack_from(helper)
         dof_addr: int = fields.dof
-        parser = self._large_parser if size >= SMALL_DOF else self._small_parser
+        parser = self._large_parser if job.lane == "large" else self._small_parser
         identified: list[Caller] = []
 
         def identify_caller() -> None:
             identified.append(identify(request.tid, dof_addr))
 
         # The /proc reads overlap the parse: the parser child works while we read.
+        parse_started = time.monotonic()
+        job.in_parser = True
         try:
-            result = parser.parse_result(helper, request.dof, meanwhile=identify_caller)
+            result = parser.parse_result(helper, job.dof, meanwhile=identify_caller)
         except BaseException:
             for caller in identified:
                 caller.close()
             raise
+        finally:
+            self._parse_meter.add(uid, time.monotonic() - parse_started)
+        job.in_parser = False
         parsed = time.monotonic()
         if not identified:  # a Parser implementation that answered without running it
             identify_caller()
         caller = identified[0]
         try:
-            gen = self._commit(caller, helper, [RawBlock(0, request.dof)], result, None)
+            gen = self._commit(caller, helper, [RawBlock(0, job.dof)], result, None)
         finally:
             caller.close()
+        job.heavy = size >= TRIM_AFTER_BYTES or len(result.records) >= TRIM_AFTER_RECORDS
         what = f"module {_module_name(fields.mod)}"
-        return gen, _report(caller, gen, what, result, f"{size} bytes of DOF", started, parsed)
+        return gen, self._report(
+            uid, caller, gen, what, len(result.probes), f"{size} bytes of DOF", started, parsed
+        )
 
     # --- HASUSDT ------------------------------------------------------------------
 
-    def _hasusdt(self, request: HelperRequest) -> tuple[int, Callable[[], None]]:
+    def _hasusdt(self, job: _Job) -> tuple[int, Callable[[], object]]:
         """Register the ``.note.usdt`` object that ``request.address`` lies in.
 
         Two exchanges with the sandboxed parser, which alone interprets the
@@ -251,12 +458,15 @@ class Receiver:
         also what the stash keeps as the raw blocks (so a reparse parses them
         again, with no file).
         """
+        request = job.request
         started = time.monotonic()
         caller, obj = identify_object(request.tid, request.address)
         try:
             name = obj.module.encode("utf-8", "surrogateescape")[: DTRACE_MODNAMELEN - 1]
             helper = DOF_HELPER.pack(name.ljust(DTRACE_MODNAMELEN, b"\0"), obj.first.start, 0)
+            job.in_parser = True
             where = self._small_parser.locate_notes(helper, obj.size, partial(_pread, obj.fd))
+            job.in_parser = False
             notes = _pread(obj.fd, where.notes_offset, where.notes_size)
             rodata = _pread(obj.fd, where.rodata_offset, where.rodata_size)
             if len(notes) != where.notes_size or len(rodata) != where.rodata_size:
@@ -266,9 +476,11 @@ class Receiver:
             helper = DOF_HELPER.pack(name.ljust(DTRACE_MODNAMELEN, b"\0"), where.base, 0)
             size = len(notes) + len(rodata)
             parser = self._large_parser if size >= SMALL_DOF else self._small_parser
+            job.in_parser = True
             result = parser.parse_note_blocks(
                 helper, where.notes_addr, notes, where.rodata_addr, rodata
             )
+            job.in_parser = False
             parsed = time.monotonic()
             blocks = [RawBlock(where.notes_addr, notes), RawBlock(where.rodata_addr, rodata)]
             gen = self._commit(caller, helper, blocks, result, (caller.dev, caller.ino))
@@ -276,7 +488,16 @@ class Receiver:
             obj.close()
             caller.close()
         sizes = f"{size} bytes of notes and .rodata"
-        return gen, _report(caller, gen, f"object {obj.module}", result, sizes, started, parsed)
+        return gen, self._report(
+            request.uid,
+            caller,
+            gen,
+            f"object {obj.module}",
+            len(result.probes),
+            sizes,
+            started,
+            parsed,
+        )
 
     def _commit(
         self,
@@ -298,6 +519,7 @@ class Receiver:
     def _register(
         self, caller: Caller, helper: bytes, raw: list[RawBlock], records: list[ResultRecord]
     ) -> int:
+        uid = fsuid_of(caller.pid)  # per-uid stash quotas; the pidfd was checked just before
         reg = Registration(
             pid=caller.pid,
             start_time=caller.start_time,
@@ -308,6 +530,7 @@ class Receiver:
             exec_token=caller.exec_token,
             helper=helper,
             raw=raw,
+            uid=UNKNOWN_UID if uid is None else uid,
         )
         return self._writer_call(lambda: self._writer.register_records(reg, records))
 
@@ -325,9 +548,46 @@ class Receiver:
             self._writer_failures = 0
         return result
 
+    def _report(
+        self,
+        uid: int,
+        caller: Caller,
+        gen: int,
+        what: str,
+        probes: int,
+        sizes: str,
+        started: float,
+        parsed: float,
+    ) -> Callable[[], None]:
+        """The log lines of one registration, written once the client has its answer."""
+        done = time.monotonic()
+
+        def report() -> None:
+            log.debug(
+                "%d: identify and parse %.1f ms, check and stash %.1f ms",
+                caller.pid,
+                (parsed - started) * 1000,
+                (done - parsed) * 1000,
+            )
+            self.ratelog(
+                uid,
+                logging.INFO,
+                "%d: registered generation %d: %s, %d-%d, %d probes, %s (%.1f ms)",
+                caller.pid,
+                gen,
+                what,
+                caller.dev,
+                caller.ino,
+                probes,
+                sizes,
+                (done - started) * 1000,
+            )
+
+        return report
+
     # --- REMOVE -------------------------------------------------------------------
 
-    def _remove(self, request: HelperRequest) -> tuple[int, Callable[[], None]]:
+    def _remove(self, request: HelperRequest) -> tuple[int, Callable[[], object]]:
         if not 0 <= request.gen <= 0x7FFFFFFF:  # no such generation (e.g. REMOVE(-1)):
             # 0 as upstream, and nothing the writer's Gen bound would refuse leaves us
             return 0, partial(
@@ -351,42 +611,9 @@ class Receiver:
         """Refuse new requests and finish (answer) the queued ones."""
         with self._lock:
             self._closed = True
-        self._small.shutdown(wait=True)
-        self._large.shutdown(wait=True)
-
-
-def _report(
-    caller: Caller,
-    gen: int,
-    what: str,
-    result: ParseResult,
-    sizes: str,
-    started: float,
-    parsed: float,
-) -> Callable[[], None]:
-    """The log lines of one registration, written once the client has its answer."""
-    done = time.monotonic()
-
-    def report() -> None:
-        log.debug(
-            "%d: identify and parse %.1f ms, check and stash %.1f ms",
-            caller.pid,
-            (parsed - started) * 1000,
-            (done - parsed) * 1000,
-        )
-        log.info(
-            "%d: registered generation %d: %s, %d-%d, %d probes, %s (%.1f ms)",
-            caller.pid,
-            gen,
-            what,
-            caller.dev,
-            caller.ino,
-            len(result.probes),
-            sizes,
-            (done - started) * 1000,
-        )
-
-    return report
+        self._lanes["small"].shutdown()  # may move jobs on to the large lane: first
+        self._lanes["large"].shutdown()
+        self._fetch.close()
 
 
 def _pread(fd: int, offset: int, size: int) -> bytes:

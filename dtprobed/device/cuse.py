@@ -33,13 +33,16 @@ CUSE VM).  Facts we rely on (fs/fuse/cuse.c, fs/fuse/ioctl.c ``fuse_do_ioctl``):
 * Partly fetched sequences are bounded (a client can abandon one at any step,
   and 64 abandoned 256 MiB sequences would otherwise hold 16 GiB):
 
-  - *bytes*: once a header is in, its ``dofh_loadsz`` is reserved against
-    ``max_pending_bytes`` (the daemon passes the receiver's queued-bytes
-    limit, :data:`dtprobed.daemon.receiver.MAX_QUEUED_BYTES`, 1 GiB) until
-    the sequence ends (handed to the handler, refused, replaced by a new
-    ioctl of the same thread, or expired).  A header that would exceed it
-    first expires stale sequences, and is refused with EINVAL if it still
-    does not fit;
+  - *bytes*: a sequence counts the bytes it holds plus the chunk it asked
+    for next (≤ 64 KiB) — never the size its header *claims*, so a header
+    that claims 256 MiB costs what was actually copied (cost before
+    allocation: the DOF grows as chunks arrive).  The count is bounded per
+    uid (``max_pending_per_uid``: the caller's fsuid in ``fuse_in_header``)
+    and in all (``max_pending_bytes``).  A chunk that would exceed either
+    first expires stale sequences, and ends its sequence with EINVAL if it
+    still does not fit.  One uid's abandoned sequences thus fill only its
+    own share: another uid's registration is never refused for them while
+    the total bound has room;
   - *time*: a sequence whose next retry has not come for ``sequence_expiry``
     seconds is dropped (checked whenever an ioctl starts and before a
     reservation).  The daemon sets it to :data:`SEQUENCE_EXPIRY_TIMEOUTS`
@@ -89,8 +92,9 @@ NODE_TIMEOUT_S: Final = 5.0
 #: Default expiry of an abandoned sequence (the daemon uses SEQUENCE_EXPIRY_TIMEOUTS × -t).
 STALE_SEQUENCE_S: Final = 30.0
 SEQUENCE_EXPIRY_TIMEOUTS: Final = 6
-#: Default bound on the DOF bytes reserved by partly fetched sequences.
+#: Default bound on the DOF bytes held by partly fetched sequences, in all and per uid.
 DEFAULT_MAX_PENDING_BYTES: Final = 1 << 30
+DEFAULT_MAX_PENDING_PER_UID: Final = 512 << 20
 _ADDRESS_LIMIT: Final = 1 << 64
 
 
@@ -111,6 +115,7 @@ class _Sequence:
 
     cmd: int
     arg: int
+    uid: int = -1
     stage: Literal["helper", "header", "data"] = "helper"
     expected: int = DOF_HELPER.size
     helper: bytes = b""
@@ -118,7 +123,7 @@ class _Sequence:
     loadsz: int = 0
     dof: bytearray = field(default_factory=bytearray)
     touched: float = 0.0
-    reserved: int = 0  # bytes counted against max_pending_bytes
+    reserved: int = 0  # bytes counted against max_pending_bytes and the uid's share
 
 
 class CuseDevice(DeviceServer):
@@ -135,12 +140,15 @@ class CuseDevice(DeviceServer):
         max_dof_size: int,
         log: logging.Logger | None,
         max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES,
+        max_pending_per_uid: int = DEFAULT_MAX_PENDING_PER_UID,
         sequence_expiry: float = STALE_SEQUENCE_S,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         super().__init__(fd, handler, max_dof_size=max_dof_size, log=log)
         self.path = path
         self.max_pending_bytes = max_pending_bytes
+        self.max_pending_per_uid = max_pending_per_uid
+        self._pending_by_uid: dict[int, int] = {}
         self.sequence_expiry = sequence_expiry
         self._clock = clock
         # Ordered by last activity: a sequence is re-inserted at each step.
@@ -157,6 +165,7 @@ class CuseDevice(DeviceServer):
         max_dof_size: int,
         log: logging.Logger,
         max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES,
+        max_pending_per_uid: int = DEFAULT_MAX_PENDING_PER_UID,
         sequence_expiry: float = STALE_SEQUENCE_S,
     ) -> CuseDevice:
         """Create ``/dev/<name>`` through /dev/cuse; raise DeviceError if the kernel can't."""
@@ -177,6 +186,7 @@ class CuseDevice(DeviceServer):
                 log=log,
                 path=path,
                 max_pending_bytes=max_pending_bytes,
+                max_pending_per_uid=max_pending_per_uid,
                 sequence_expiry=sequence_expiry,
             )
             dev._wait_for_node()
@@ -197,6 +207,7 @@ class CuseDevice(DeviceServer):
         log: logging.Logger | None,
         path: str | None = None,
         max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES,
+        max_pending_per_uid: int = DEFAULT_MAX_PENDING_PER_UID,
         sequence_expiry: float = STALE_SEQUENCE_S,
         clock: Callable[[], float] = time.monotonic,
     ) -> CuseDevice:
@@ -210,6 +221,7 @@ class CuseDevice(DeviceServer):
             max_dof_size=max_dof_size,
             log=log,
             max_pending_bytes=max_pending_bytes,
+            max_pending_per_uid=max_pending_per_uid,
             sequence_expiry=sequence_expiry,
             clock=clock,
         )
@@ -269,16 +281,17 @@ class CuseDevice(DeviceServer):
         self._close_fd()
         self._sequences.clear()
         self._pending_bytes = 0
+        self._pending_by_uid.clear()
 
     # --- ioctls -------------------------------------------------------------------------
     def _on_ioctl(self, req: Request) -> None:
         args = req.args
         tid = int(req.header.pid)
         if tid == 0:
-            self._refuse(req.unique, tid, _errno.EINVAL, "caller outside our pid namespace")
+            self._refuse(req, _errno.EINVAL, "caller outside our pid namespace")
             return
         if not args.flags & abi.FUSE_IOCTL_UNRESTRICTED:
-            self._refuse(req.unique, tid, _errno.EINVAL, "restricted ioctl on the CUSE device")
+            self._refuse(req, _errno.EINVAL, "restricted ioctl on the CUSE device")
             return
         if not req.payload:
             self._start(req, tid)
@@ -295,19 +308,22 @@ class CuseDevice(DeviceServer):
         self.expire_stale()
         kind = helper_ioctl_kind(int(args.cmd))
         if kind == "adddof":
-            seq = _Sequence(int(args.cmd), int(args.arg), touched=self._clock())
+            seq = _Sequence(
+                int(args.cmd), int(args.arg), uid=int(req.header.uid), touched=self._clock()
+            )
             self._sequences[tid] = seq
             self.send(proto.encode_ioctl_retry(req.unique, [(int(args.arg), DOF_HELPER.size)]))
         elif kind is not None:  # REMOVE, HASUSDT: by value, no retry
-            self._call_by_value(req.unique, tid, kind, int(args.arg))
+            self._call_by_value(req.unique, tid, kind, int(args.arg), int(req.header.uid))
         else:
-            self._refuse(req.unique, tid, _errno.EINVAL, f"unknown ioctl {args.cmd:#x}")
+            self._refuse(req, _errno.EINVAL, f"unknown ioctl {args.cmd:#x}")
 
     def _continue(self, req: Request, tid: int) -> None:
         """A retry: the kernel re-sent the ioctl with the client memory we asked for."""
         args = req.args
         seq = self._sequences.pop(tid, None)  # back in only if the sequence goes on
         data = req.payload
+        want = 0
         try:
             if seq is None:
                 raise RequestRejected(_errno.EINVAL, "ioctl data without a request in progress")
@@ -328,23 +344,24 @@ class CuseDevice(DeviceServer):
                 seq.loadsz = check_dof_header(data, self.max_dof_size)
                 if seq.address + seq.loadsz > _ADDRESS_LIMIT:
                     raise RequestRejected(_errno.EINVAL, "DOF wraps the address space")
-                self._reserve(seq)
                 seq.dof = bytearray(data)
                 seq.stage = "data"
             else:
                 seq.dof += data
+            if len(seq.dof) < seq.loadsz:
+                want = min(DOF_CHUNK, seq.loadsz - len(seq.dof))
+                self._reserve(seq, len(seq.dof) + want)
         except RequestRejected as err:
             if seq is not None:
                 self._release(seq)
-            self._refuse(req.unique, tid, err.errno, err.reason)
+            self._refuse(req, err.errno, err.reason)
             return
         if len(seq.dof) < seq.loadsz:
-            want = min(DOF_CHUNK, seq.loadsz - len(seq.dof))
             seq.expected = want
             self._ask(req.unique, tid, seq, seq.address + len(seq.dof), want)
             return
         self._release(seq)  # the receiver counts it from here on
-        request = HelperRequest(tid, "adddof", seq.helper, bytes(seq.dof), -1)
+        request = HelperRequest(tid, "adddof", seq.helper, bytes(seq.dof), -1, uid=seq.uid)
         self._call_handler(req.unique, request)
 
     def _ask(self, unique: int, tid: int, seq: _Sequence, address: int, size: int) -> None:
@@ -352,22 +369,38 @@ class CuseDevice(DeviceServer):
         self._sequences[tid] = seq  # at the end: the dict stays ordered by activity
         self.send(proto.encode_ioctl_retry(unique, [(address, size)]))
 
-    def _reserve(self, seq: _Sequence) -> None:
-        """Count *seq*'s DOF against the bound, or refuse it (RequestRejected)."""
-        if self._pending_bytes + seq.loadsz > self.max_pending_bytes:
+    def _reserve(self, seq: _Sequence, total: int) -> None:
+        """Count *total* bytes for *seq* (what it holds and its next chunk), or refuse."""
+        more = total - seq.reserved
+        uid = seq.uid
+        if not self._fits(uid, more):
             self.expire_stale()
-        if self._pending_bytes + seq.loadsz > self.max_pending_bytes:
+        if not self._fits(uid, more):
             raise RequestRejected(
                 _errno.EINVAL,
-                f"dofh_loadsz {seq.loadsz}: {self._pending_bytes} bytes of partly fetched DOF "
-                f"already held by {len(self._sequences)} sequences "
+                f"dofh_loadsz {seq.loadsz}: uid {uid} holds "
+                f"{self._pending_by_uid.get(uid, 0)} bytes of partly fetched DOF "
+                f"(limit {self.max_pending_per_uid}), all {self._pending_bytes} "
                 f"(limit {self.max_pending_bytes})",
             )
-        seq.reserved = seq.loadsz
-        self._pending_bytes += seq.loadsz
+        seq.reserved = total
+        self._pending_bytes += more
+        self._pending_by_uid[uid] = self._pending_by_uid.get(uid, 0) + more
+
+    def _fits(self, uid: int, more: int) -> bool:
+        return (
+            self._pending_bytes + more <= self.max_pending_bytes
+            and self._pending_by_uid.get(uid, 0) + more <= self.max_pending_per_uid
+        )
 
     def _release(self, seq: _Sequence) -> None:
-        self._pending_bytes -= seq.reserved
+        if seq.reserved:
+            self._pending_bytes -= seq.reserved
+            left = self._pending_by_uid.get(seq.uid, 0) - seq.reserved
+            if left > 0:
+                self._pending_by_uid[seq.uid] = left
+            else:
+                self._pending_by_uid.pop(seq.uid, None)
         seq.reserved = 0
 
     def expire_stale(self) -> int:
@@ -388,8 +421,10 @@ class CuseDevice(DeviceServer):
         """How many threads are mid-ADDDOF (for tests and debug logs)."""
         return len(self._sequences)
 
-    def pending_bytes(self) -> int:
-        """DOF bytes reserved by partly fetched sequences (for tests and debug logs)."""
+    def pending_bytes(self, uid: int | None = None) -> int:
+        """DOF bytes held by partly fetched sequences, of *uid* or all (tests, debug logs)."""
+        if uid is not None:
+            return self._pending_by_uid.get(uid, 0)
         return self._pending_bytes
 
 

@@ -10,11 +10,14 @@ same path and issue the same ioctls.  Facts we rely on (fs/fuse/ioctl.c,
   and forwards them as the ioctl's in-data; the server may not ask for more
   (a RETRY reply gets EIO).  ``DTRACEHIOC_ADDDOF = _IOW(0xd8, 3, 80)`` thus
   delivers the 80-byte ``dof_helper_t``; the DOF itself is read from the
-  calling thread with ``process_vm_readv`` (:mod:`dtprobed.device.caller_memory`): the
-  64-byte header first, ``dofh_loadsz`` checked against the limit before any
-  allocation, then the remaining ``loadsz - 64`` bytes after it.  The header
-  read first is the one delivered, so the size we checked is the size the
-  parser sees even if the client rewrites its memory meanwhile.
+  calling thread with ``process_vm_readv`` — **not here**: the request goes
+  to the handler with ``remote=True`` and the receiver fetches it off the
+  device loop through a fetch helper process (:mod:`dtprobed.device.fetch`),
+  because a page of the caller may lie on a FUSE file system whose READ
+  never completes, and the thread that touches it can then be neither
+  cancelled nor killed (before this, one such client hung every other
+  client, even ``open()``, and SIGTERM).  The device thread reads nothing
+  but ``/dev/fuse``.
 * ``DTRACEHIOC_REMOVE = _IOW(0xd8, 2, int)`` is issued with the generation
   *by value*, so the kernel tries to copy 4 bytes from address ``gen``: that
   faults and the client's ioctl fails with **EFAULT without the daemon
@@ -55,14 +58,13 @@ import time
 from typing import TYPE_CHECKING, Final, Literal
 
 from common import fuse_abi as abi
-from common.dof_abi import DOF_HDR, DOF_HELPER
-from common.errors import ProtocolError, RequestRejected
+from common.dof_abi import DOF_HELPER
+from common.errors import ProtocolError
 from common.ioctl import helper_ioctl_kind
 from dtprobed.device import fuse_proto as proto
 from dtprobed.device import mount
-from dtprobed.device.caller_memory import read_memory, read_memory_into
 from dtprobed.device.errors import DeviceError
-from dtprobed.device.request import Handler, HelperRequest, check_dof_header, helper_dof_address
+from dtprobed.device.request import Handler, HelperRequest
 from dtprobed.device.server import DeviceServer
 
 if TYPE_CHECKING:
@@ -160,45 +162,24 @@ class FuseFileDevice(DeviceServer):
         tid = int(req.header.pid)
         kind = helper_ioctl_kind(int(args.cmd))
         if tid == 0:
-            self._refuse(req.unique, tid, _errno.EINVAL, "caller outside our pid namespace")
+            self._refuse(req, _errno.EINVAL, "caller outside our pid namespace")
         elif kind == "adddof":
             if len(req.payload) != DOF_HELPER.size:
-                self._refuse(req.unique, tid, _errno.EINVAL, f"helper of {len(req.payload)} bytes")
+                self._refuse(req, _errno.EINVAL, f"helper of {len(req.payload)} bytes")
                 return
-            try:
-                dof = self._fetch_dof(tid, req.payload)
-            except RequestRejected as err:
-                self._refuse(req.unique, tid, err.errno, err.reason)
-                return
-            self._call_handler(req.unique, HelperRequest(tid, "adddof", req.payload, dof, -1))
+            request = HelperRequest(
+                tid, "adddof", req.payload, b"", -1, uid=int(req.header.uid), remote=True
+            )
+            self._call_handler(req.unique, request)
         elif kind is not None:
             # REMOVE or HASUSDT, argument by value: the kernel copied _IOC_SIZE bytes
             # from it as if it were a pointer (the payload, ignored); the value is arg.
             self.log.debug(
                 "tid %d: %s arg=%#x in_size=%d", tid, kind, int(args.arg), int(args.in_size)
             )
-            self._call_by_value(req.unique, tid, kind, int(args.arg))
+            self._call_by_value(req.unique, tid, kind, int(args.arg), int(req.header.uid))
         else:
-            self._refuse(req.unique, tid, _errno.EINVAL, f"unknown ioctl {args.cmd:#x}")
-
-    def _fetch_dof(self, tid: int, helper: bytes) -> bytes:
-        address = helper_dof_address(helper)
-        try:
-            header = read_memory(tid, address, DOF_HDR.size)
-        except OSError as err:
-            raise RequestRejected(
-                _errno.EINVAL, f"cannot read DOF header at {address:#x}: {err.strerror}"
-            ) from err
-        loadsz = check_dof_header(header, self.max_dof_size)
-        dof = bytearray(loadsz)
-        dof[: DOF_HDR.size] = header
-        try:
-            read_memory_into(tid, address + DOF_HDR.size, dof, offset=DOF_HDR.size)
-        except OSError as err:
-            raise RequestRejected(
-                _errno.EINVAL, f"cannot read {loadsz} bytes of DOF at {address:#x}: {err.strerror}"
-            ) from err
-        return bytes(dof)
+            self._refuse(req, _errno.EINVAL, f"unknown ioctl {args.cmd:#x}")
 
     def close(self) -> None:
         """Unmount, close the connection, remove the placeholder we created.  Idempotent."""

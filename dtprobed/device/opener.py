@@ -50,12 +50,14 @@ from typing import Literal, Protocol
 from dtprobed.device.cuse import (
     CUSE_PATH,
     DEFAULT_MAX_PENDING_BYTES,
+    DEFAULT_MAX_PENDING_PER_UID,
     STALE_SEQUENCE_S,
     CuseDevice,
     devname_for,
 )
 from dtprobed.device.errors import DeviceBusy, DeviceError
 from dtprobed.device.fusefile import FuseFileDevice
+from dtprobed.device.ratelog import RateLog
 from dtprobed.device.request import Handler
 
 DeviceMode = Literal["auto", "cuse", "fuse"]
@@ -73,6 +75,9 @@ class HelperDevice(Protocol):
     def run(self, stop: threading.Event, *, poll_interval: float = ...) -> None: ...
     def close(self) -> None: ...
 
+    #: Refusals are logged through it, per uid (the daemon shares the receiver's).
+    ratelog: RateLog
+
 
 def open_device(
     mode: DeviceMode,
@@ -83,6 +88,7 @@ def open_device(
     log: logging.Logger | None = None,
     host_ns_pid: int = 1,
     max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES,
+    max_pending_per_uid: int = DEFAULT_MAX_PENDING_PER_UID,
     sequence_expiry: float = STALE_SEQUENCE_S,
 ) -> HelperDevice:
     """Set up and return the helper device at *path* (absolute).
@@ -111,6 +117,7 @@ def open_device(
             max_dof_size=max_dof_size,
             log=log,
             max_pending_bytes=max_pending_bytes,
+            max_pending_per_uid=max_pending_per_uid,
             sequence_expiry=sequence_expiry,
         )
     if mode == "auto" and devname_for(path) is not None and os.path.exists(CUSE_PATH):
@@ -121,6 +128,7 @@ def open_device(
                 max_dof_size=max_dof_size,
                 log=log,
                 max_pending_bytes=max_pending_bytes,
+                max_pending_per_uid=max_pending_per_uid,
                 sequence_expiry=sequence_expiry,
             )
         except DeviceBusy:

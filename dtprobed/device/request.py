@@ -32,6 +32,19 @@ class HelperRequest:
 
     A handler that does not know a kind must answer it ``-EINVAL`` (the
     device layer adds kinds as the upstream ABI grows).
+
+    ``remote`` (FUSE-file mode): the DOF has *not* been fetched — ``dof`` is
+    empty and the DOF is still in the caller at ``dofhp_dof``.  The device
+    thread never touches client memory (a page of it may sit on a file system
+    whose READ never completes, and a thread stuck in that page fault cannot
+    be cancelled or killed): the handler fetches it off the device loop with
+    :class:`dtprobed.device.fetch.FetchPool`.  In CUSE mode the kernel copied
+    the DOF in the client's own context and ``remote`` is False.
+
+    ``uid`` is the caller's fsuid as the kernel reports it in
+    ``fuse_in_header`` (the fourth ``Uid:`` field of ``/proc/TID/status``,
+    read at no cost on the device thread); fairness is accounted per uid.
+    -1 when unknown (tests).
     """
 
     tid: int
@@ -40,6 +53,8 @@ class HelperRequest:
     dof: bytes
     gen: int
     address: int = 0
+    uid: int = -1
+    remote: bool = False
 
 
 Reply = Callable[[int], None]

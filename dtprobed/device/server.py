@@ -14,6 +14,7 @@ from common.errors import ProtocolError, RequestRejected
 from common.ioctl import HelperIoctl, by_value_address, c_int
 from dtprobed.device import fuse_proto as proto
 from dtprobed.device.errors import DeviceGone
+from dtprobed.device.ratelog import RateLog
 from dtprobed.device.request import Handler, HelperRequest
 
 if TYPE_CHECKING:
@@ -87,6 +88,8 @@ class DeviceServer:
         self._handler = handler
         self.max_dof_size = max_dof_size
         self.log = log or logging.getLogger("dtprobed.device")
+        #: Refusals are logged per uid at a bounded rate (the daemon may replace it).
+        self.ratelog = RateLog(self.log)
         self._buf = bytearray(READ_BUFFER_SIZE)
         self._next_fh = 1
         self._mtime = 0
@@ -196,7 +199,14 @@ class DeviceServer:
         try:
             self._handler(request, reply)
         except RequestRejected as err:
-            self.log.warning("tid %d: %s refused: %s", request.tid, request.kind, err.reason)
+            self.ratelog(
+                request.uid,
+                logging.WARNING,
+                "tid %d: %s refused: %s",
+                request.tid,
+                request.kind,
+                err.reason,
+            )
             if not reply.done:
                 reply(-err.errno)
         except Exception:
@@ -204,14 +214,22 @@ class DeviceServer:
             if not reply.done:
                 reply(-_errno.EIO)
 
-    def _call_by_value(self, unique: int, tid: int, kind: HelperIoctl, arg: int) -> None:
+    def _call_by_value(
+        self, unique: int, tid: int, kind: HelperIoctl, arg: int, uid: int = -1
+    ) -> None:
         """REMOVE or HASUSDT: everything is in the ioctl's argument, passed by value."""
         if kind == "remove":
-            request = HelperRequest(tid, "remove", b"", b"", c_int(arg))
+            request = HelperRequest(tid, "remove", b"", b"", c_int(arg), uid=uid)
         else:
-            request = HelperRequest(tid, "hasusdt", b"", b"", -1, by_value_address(arg))
+            request = HelperRequest(tid, "hasusdt", b"", b"", -1, by_value_address(arg), uid=uid)
         self._call_handler(unique, request)
 
-    def _refuse(self, unique: int, tid: int, errno: int, reason: str) -> None:
-        self.log.warning("tid %d: ioctl refused: %s", tid, reason)
-        self.send(proto.encode_error(unique, errno))
+    def _refuse(self, req: Request, errno: int, reason: str) -> None:
+        self.ratelog(
+            int(req.header.uid),
+            logging.WARNING,
+            "tid %d: ioctl refused: %s",
+            req.header.pid,
+            reason,
+        )
+        self.send(proto.encode_error(req.unique, errno))

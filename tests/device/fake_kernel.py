@@ -70,6 +70,8 @@ class FakeCuseKernel:
         self.max_pages = max_pages
         self.minor = minor
         self._unique = 0
+        #: pid -> uid in the request header (default 0, root)
+        self.uids: dict[int, int] = {}
         self._replies: dict[int, bytes] = {}
         self.devinfo: dict[str, str] = {}
 
@@ -87,7 +89,8 @@ class FakeCuseKernel:
         self._unique += 2  # the kernel keeps the low bit for interrupts
         unique = self._unique
         size = abi.FUSE_IN_HEADER.size + len(body)
-        header = abi.FUSE_IN_HEADER.pack(size, opcode, unique, nodeid, 0, 0, pid, 0, 0)
+        uid = self.uids.get(pid, 0)  # the caller's fsuid, as the kernel reports it
+        header = abi.FUSE_IN_HEADER.pack(size, opcode, unique, nodeid, uid, 0, pid, 0, 0)
         self.sock.send(header + body)
         return unique
 

@@ -43,6 +43,7 @@ def main() -> None:
             "gen": req.gen,
             "helper": req.helper.hex(),
             "dof_len": len(req.dof),
+            "remote": req.remote,
         }
         print(json.dumps(line), flush=True)
         reply(args.result)

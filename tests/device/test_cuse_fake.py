@@ -326,15 +326,26 @@ def abandon_after_header(rig: Rig, tid: int, dof: bytes, slot: int) -> None:
     steps.close()
 
 
-def test_partly_fetched_sequences_are_bounded() -> None:
-    """64 abandoned sequences of 256 KiB DOF would hold 16 MiB; the bound is 1 MiB."""
-    limit, size = 1 << 20, 256 << 10
-    with make_rig(max_pending_bytes=limit, clock=FakeClock()) as rig:
+#: What a sequence abandoned right after its header holds: the header and the first
+#: chunk it asked for (never the size the header claims).
+HELD_AFTER_HEADER = 64 + 64 * 1024
+
+
+def test_partly_fetched_sequences_are_bounded_per_uid() -> None:
+    """Abandoned sequences cost what they hold, and fill only their own uid's share.
+
+    Before: a header's ``dofh_loadsz`` was reserved in one global bound, so four
+    abandoned headers claiming 256 KiB filled a 1 MiB bound and every other
+    caller's registration was refused (and a 256 MiB claim cost 256 MiB)."""
+    limit, per_uid, size = 1 << 20, 4 * HELD_AFTER_HEADER, 256 << 10
+    with make_rig(max_pending_bytes=limit, max_pending_per_uid=per_uid, clock=FakeClock()) as rig:
         dof = dof_of_size(size)
+        for i in range(64):
+            rig.kernel.uids[1000 + i] = 1234  # one hostile uid, many threads
         for i in range(4):
             abandon_after_header(rig, 1000 + i, dof, i)
         assert rig.dev.sequences_in_flight() == 4
-        assert rig.dev.pending_bytes() == 4 * size
+        assert rig.dev.pending_bytes() == rig.dev.pending_bytes(1234) == 4 * HELD_AFTER_HEADER
         refused = []
         for i in range(4, 64):
             mem = rig.client(dof, helper_at=HELPER_AT + i * 0x1000, dof_at=DOF_AT + i * 0x100_0000)
@@ -342,27 +353,29 @@ def test_partly_fetched_sequences_are_bounded() -> None:
                 rig.kernel.ioctl(1000 + i, DTRACEHIOC_ADDDOF, HELPER_AT + i * 0x1000, mem)
             )
         assert refused == [-errno.EINVAL] * 60
-        assert rig.dev.pending_bytes() <= limit
-        assert rig.dev.sequences_in_flight() == 4
-        # While the bound is full even a small DOF is refused (nothing has expired).
+        assert rig.dev.pending_bytes(1234) <= per_uid
+        # Another uid is not refused for it: a small DOF and a large one get through.
+        rig.kernel.uids[2000] = rig.kernel.uids[2001] = 4321
         small = dof_of_size(100)
-        assert (
-            rig.kernel.ioctl(2000, DTRACEHIOC_ADDDOF, HELPER_AT, rig.client(small)) == -errno.EINVAL
-        )
-        assert rig.recorder.requests == []
+        assert rig.kernel.ioctl(2000, DTRACEHIOC_ADDDOF, HELPER_AT, rig.client(small)) == 11
+        big = rig.client(dof, helper_at=HELPER_AT + 0x80000, dof_at=DOF_AT + 0x7000_0000)
+        assert rig.kernel.ioctl(2001, DTRACEHIOC_ADDDOF, HELPER_AT + 0x80000, big) == 11
+        assert [len(r.dof) for r in rig.recorder.requests] == [100, size]
+        assert [r.uid for r in rig.recorder.requests] == [4321, 4321]
+        assert rig.dev.pending_bytes(4321) == 0
 
 
 def test_abandoned_sequences_expire() -> None:
     clock = FakeClock()
     size = 256 << 10
-    limit = 4 * size + 4096
+    limit = 4 * HELD_AFTER_HEADER + 1000 + 4096  # full: a fifth 256 KiB header won't fit
     with make_rig(max_pending_bytes=limit, sequence_expiry=30.0, clock=clock) as rig:
         dof = dof_of_size(size)
         for i in range(4):
             abandon_after_header(rig, 3000 + i, dof, i)
         clock.now += 20
         abandon_after_header(rig, 3010, dof_of_size(1000), 9)  # younger: must survive
-        assert rig.dev.pending_bytes() == 4 * size + 1000
+        assert rig.dev.pending_bytes() == 4 * HELD_AFTER_HEADER + 1000
         clock.now += 10.5  # the first four are idle for 30.5 s, the fifth for 10.5 s
         # The bound is full; the next header expires the stale ones and fits.
         mem = rig.client(dof, helper_at=HELPER_AT + 0x20000, dof_at=DOF_AT + 0x2000_0000)
@@ -408,6 +421,6 @@ def test_ended_sequences_give_their_bytes_back(rig: Rig) -> None:
         == -errno.EINVAL
     )
     abandon_after_header(rig, 5002, dof_of_size(90000), 1)
-    assert rig.dev.pending_bytes() == 90000
+    assert rig.dev.pending_bytes() == HELD_AFTER_HEADER
     assert rig.kernel.ioctl(5002, DTRACEHIOC_ADDDOF, HELPER_AT, rig.client(dof_of_size(100))) == 11
     assert rig.dev.pending_bytes() == 0 and rig.dev.sequences_in_flight() == 0

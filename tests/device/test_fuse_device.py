@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -20,9 +21,10 @@ import pytest
 from common.dof_build import ProbeSpec, ProviderSpec, build_dof, many_probes_dof
 from common.ioctl import DTRACEHIOC_HASUSDT, DTRACEHIOC_HASUSDT_32
 from dtprobed.device.errors import DeviceBusy, DeviceError
+from dtprobed.device.fetch import FetchPool
 from dtprobed.device.fusefile import FuseFileDevice
 from dtprobed.device.opener import open_device
-from dtprobed.device.request import HelperRequest, Reply
+from dtprobed.device.request import HelperRequest, Reply, check_dof_header, helper_dof_address
 
 REPO = Path(__file__).resolve().parents[2]
 SMALL_DOF = build_dof([ProviderSpec("prov", [ProbeSpec("f", "p", [1])])]).data
@@ -40,7 +42,30 @@ class Recorder:
     held: list[Reply] = field(default_factory=list)
     called: threading.Event = field(default_factory=threading.Event)
 
+    max_dof_size: int = 1 << 20
+    pool: FetchPool = field(default_factory=FetchPool)
+
     def __call__(self, req: HelperRequest, reply: Reply) -> None:
+        """Fetch a remote DOF as the receiver does (off the device loop: this runs on
+        the device thread only because the tests' clients are benign)."""
+        assert not req.remote or (req.kind == "adddof" and req.dof == b"")
+        if req.remote:
+            try:
+                data = self.pool.fetch(
+                    req.tid,
+                    req.uid,
+                    helper_dof_address(req.helper),
+                    max_size=self.max_dof_size,
+                    stream_limit=self.max_dof_size,
+                )
+                check_dof_header(data[:64], self.max_dof_size)
+            except OSError as err:  # RequestRejected is not an OSError: see below
+                raise AssertionError(err) from err
+            except Exception:
+                reply(-errno.EINVAL)
+                self.called.set()
+                return
+            req = dataclasses.replace(req, dof=data)
         self.requests.append(req)
         if self.hold:
             self.held.append(reply)
@@ -71,6 +96,7 @@ def _serve(path: Path, recorder: Recorder, max_dof_size: int = 1 << 20) -> Itera
         stop.set()
         thread.join(5)
         dev.close()
+        recorder.pool.close()
 
 
 @pytest.fixture
@@ -127,7 +153,8 @@ def test_dof_larger_than_64k(served: Served, tmp_path: Path) -> None:
 
 
 def test_loadsz_above_limit_is_einval_without_handler(tmp_path: Path) -> None:
-    with _serve(tmp_path / "helper", Recorder(), max_dof_size=len(SMALL_DOF) - 1) as served:
+    recorder = Recorder(max_dof_size=len(SMALL_DOF) - 1)
+    with _serve(tmp_path / "helper", recorder, max_dof_size=len(SMALL_DOF) - 1) as served:
         out = run_client(served.path, dof=SMALL_DOF, tmp=tmp_path)
         assert out[0]["errno"] == errno.EINVAL
         assert served.recorder.requests == []
@@ -294,10 +321,11 @@ def test_mount_from_a_slave_namespace_reaches_the_host(tmp_path: Path) -> None:
         assert out[0]["result"] == 7
         assert proc.stdout is not None
         seen = json.loads(proc.stdout.readline())
-        assert (seen["tid"], seen["kind"], seen["dof_len"]) == (
+        assert (seen["tid"], seen["kind"], seen["dof_len"], seen["remote"]) == (
             out[0]["tid"],
             "adddof",
-            len(SMALL_DOF),
+            0,  # FUSE mode: the DOF is fetched by the handler, off the device loop
+            True,
         )
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) == 0
