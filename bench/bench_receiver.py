@@ -194,6 +194,9 @@ def main() -> None:
         default="/dev/shm",
         help="where the state dir goes; tmpfs like /run in production (default %(default)s)",
     )
+    ap.add_argument(
+        "--small-only", action="store_true", help="only the 3-probe ADDDOF latency (part 1)"
+    )
     args = ap.parse_args()
     n_small = 200 if args.quick else 1000
     n_big = 10 if args.quick else 30
@@ -224,6 +227,8 @@ def main() -> None:
                     + (f", {failed} failed" if failed else "")
                 )
                 report[label] = {"p50_ms": pct(ok, 0.5) * 1000, "p99_ms": pct(ok, 0.99) * 1000}
+                if args.small_only:
+                    return
             daemon.wait_for("prune", lambda: daemon.stash_pids() == [], 60)
 
             # 2. throughput: many concurrent short-lived clients
