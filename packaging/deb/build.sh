@@ -1,18 +1,21 @@
 #!/usr/bin/env bash
 # Build the Debian package of dtprobed-py from this tree:
 #
-#   bash packaging/deb/build.sh [--out DIR]     -> DIR/dtprobed-py_VERSION_amd64.deb (DIR: dist/)
+#   bash packaging/deb/build.sh [--out DIR] [--wheels DIR]
+#       -> DIR/dtprobed-py_VERSION_amd64.deb (default dist/)
 #
-# Needs python3 (>= 3.11) with venv, and dpkg-deb (in dpkg); reaches PyPI only to
-# download the pinned wheels of requirements.txt (cached in dist/.wheels, so a
-# rebuild needs no network). No debhelper: the maintainer scripts next to this
-# file are written by hand after dh_installsystemd's snippets. What goes where,
-# and why: packaging/deb/README.md.
+# Needs python3 (>= 3.11) with venv, dpkg-deb (in dpkg) and strip (binutils);
+# reaches PyPI only to download the pinned wheels of requirements.txt and the
+# build backend (setuptools). The wheels are kept in --wheels DIR (default
+# dist/.wheels), so a rebuild downloads them no more. No debhelper: the
+# maintainer scripts next to this file are written by hand after
+# dh_installsystemd's snippets. What goes where, and why: packaging/deb/README.md.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
 src=$(cd "$here/../.." && pwd)
 out=$src/dist
+wheels=
 
 die() { echo "build.sh: $*" >&2; exit 1; }
 say() { echo "build.sh: $*"; }
@@ -21,7 +24,9 @@ while [ $# -gt 0 ]; do
     case $1 in
         --out) [ $# -ge 2 ] || die "--out needs a directory"; out=$2; shift 2 ;;
         --out=*) out=${1#--out=}; shift ;;
-        -h|--help) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --wheels) [ $# -ge 2 ] || die "--wheels needs a directory"; wheels=$2; shift 2 ;;
+        --wheels=*) wheels=${1#--wheels=}; shift ;;
+        -h|--help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) die "unknown argument: $1 (see --help)" ;;
     esac
 done
@@ -61,7 +66,7 @@ say "a build environment (pip, setuptools) in $work/tools"
 tools=$work/tools/bin/python
 pip() { "$tools" -m pip --disable-pip-version-check --no-input "$@"; }
 
-wheels=$out/.wheels
+wheels=${wheels:-$out/.wheels}
 mkdir -p "$wheels"
 say "the pinned wheels (requirements.txt) into $wheels"
 # One msgspec wheel per CPython: pip picks a wheel by its tags, so ask for each.

@@ -13,7 +13,7 @@ set -euo pipefail
 
 DIR=${DTPROBED_DEB_CHROOT:-/var/cache/dtprobed-py/sid-dtrace-deb}
 DIR=${DIR%/}
-RECIPE=2  # bump when the steps change
+RECIPE=3  # bump when the steps change
 PACKAGES="systemd lintian"
 STAMP="$DIR/.dtprobed-deb-ready"
 here=$(cd "$(dirname "$0")" && pwd)
@@ -63,6 +63,12 @@ unshare --mount --propagation private bash -euc '
     chroot "$DIR" env DEBIAN_FRONTEND=noninteractive LC_ALL=C apt-get update -q >&2
     chroot "$DIR" env DEBIAN_FRONTEND=noninteractive LC_ALL=C apt-get install -y -q "$@" >&2
     chroot "$DIR" apt-get clean
+    # What the test installs (our dependencies) and reinstalls (libdtrace2),
+    # downloaded now into apt'"'"'s cache: the test needs no network.
+    chroot "$DIR" env DEBIAN_FRONTEND=noninteractive LC_ALL=C \
+        apt-get install -y -q --download-only python3 >&2
+    chroot "$DIR" env DEBIAN_FRONTEND=noninteractive LC_ALL=C \
+        apt-get install -y -q --download-only --reinstall libdtrace2 >&2
 ' bash "$DIR" $PACKAGES
 # The test boots systemd in here: services must start (no policy-rc.d), and the
 # machine has an id of its own.
