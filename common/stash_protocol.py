@@ -3,7 +3,10 @@
 One command is one frame (:mod:`common.framing`) on the writer's stdin; the
 writer answers each with exactly one reply frame on its stdout, in order,
 possibly preceded by a bounded number of :class:`Log` frames (its log lines,
-which the daemon writes to its own log).
+which the daemon writes to its own log) and by :class:`Progress` frames (a
+long command is working, not hung: the daemon restarts its silence window on
+each).  A new writer sends :class:`Started` once, after its start-up recovery
+and index rebuild (which send Progress frames too), before it reads a command.
 Every type is a frozen, ``array_like``, ``forbid_unknown_fields`` msgspec
 Struct with an integer tag as item 0; tags are never reused.  The writer
 treats every command as hostile: schema bounds here, then the record grammar
@@ -51,7 +54,21 @@ MAX_LOG_MESSAGE: Final = 1000
 
 DEFAULT_MAX_GENERATIONS: Final = 1024
 DEFAULT_MAX_PROBES_PER_PID: Final = 65536
+#: A quarter of the total: one user's processes can't fill the stash for everyone.
+DEFAULT_MAX_PROBES_PER_UID: Final = 1 << 18
 DEFAULT_MAX_PROBES_TOTAL: Final = 1 << 20
+#: Raw bytes (DOF, or notes + .rodata) charged to one process: one DOF of the
+#: largest size the parser admits (``--max-dof-size``, 256 MiB).
+DEFAULT_MAX_RAW_BYTES_PER_PID: Final = DOF_MAXSZ
+DEFAULT_MAX_RAW_BYTES_PER_UID: Final = DOF_MAXSZ
+DEFAULT_MAX_RAW_BYTES_TOTAL: Final = 4 * DOF_MAXSZ
+
+#: The uid of a registration whose caller's uid is not known (an upstream-written
+#: ``dof-pid/$pid`` without the ``trusted.dtprobed.uid`` xattr): ``(uid_t) -1``,
+#: never a real uid; all such processes share one per-uid quota.
+UNKNOWN_UID: Final = 0xFFFFFFFF
+Uid = Annotated[int, msgspec.Meta(ge=0, le=UNKNOWN_UID)]
+ByteCount = Annotated[int, msgspec.Meta(ge=1, le=1 << 48)]
 
 
 class _Msg(msgspec.Struct, array_like=True, frozen=True, forbid_unknown_fields=True):
@@ -62,11 +79,18 @@ class StashQuotas(_Msg, frozen=True):
     """Caps that keep one process (or all of them) from filling the stash.
 
     Exceeding one fails the registration with ``EDQUOT`` and writes nothing.
+    Probes and raw bytes are counted per process, per uid (the caller's real
+    uid, :attr:`Registration.uid`) and in total; raw bytes are the blocks'
+    data, charged to every process that registers them (shared or not).
     """
 
     max_generations: Count = DEFAULT_MAX_GENERATIONS  # live generations per process
     max_probes_per_pid: Count = DEFAULT_MAX_PROBES_PER_PID
     max_probes_total: Count = DEFAULT_MAX_PROBES_TOTAL
+    max_probes_per_uid: Count = DEFAULT_MAX_PROBES_PER_UID
+    max_raw_bytes_per_pid: ByteCount = DEFAULT_MAX_RAW_BYTES_PER_PID
+    max_raw_bytes_per_uid: ByteCount = DEFAULT_MAX_RAW_BYTES_PER_UID
+    max_raw_bytes_total: ByteCount = DEFAULT_MAX_RAW_BYTES_TOTAL
 
 
 class RawBlock(_Msg, frozen=True):
@@ -91,7 +115,8 @@ class Registration(_Msg, frozen=True):
     already in glibc ``makedev`` encoding; ``dev == 0`` with ``ino ==
     dofhp_dof`` means DOF in anonymous memory (never shared).  ``exec_token``
     changes when the process execs, even into the same binary (a heuristic:
-    e.g. the AT_RANDOM address; empty when unknown).
+    e.g. the AT_RANDOM address; empty when unknown).  ``uid`` is the caller's
+    real uid (per-uid quotas; kept as the ``trusted.dtprobed.uid`` xattr).
     """
 
     pid: Pid
@@ -103,6 +128,12 @@ class Registration(_Msg, frozen=True):
     exec_token: ExecToken
     helper: Helper
     raw: RawBlocks
+    uid: Uid = UNKNOWN_UID
+
+    @property
+    def raw_bytes(self) -> int:
+        """What the raw-bytes quotas charge for this registration."""
+        return sum(len(block.data) for block in self.raw)
 
     @property
     def notes(self) -> bool:
@@ -240,4 +271,30 @@ class Log(Reply, tag=7, frozen=True):
     message: Annotated[str, msgspec.Meta(max_length=MAX_LOG_MESSAGE)]
 
 
-StashReply = Generation | Done | Pids | Items | Problems | Failure | Log | Removed
+class Progress(Reply, tag=9, frozen=True):
+    """Not a reply: the writer is working on a long command (or its start-up).
+
+    Sent at most every ``--progress-interval`` seconds while work advances
+    (probes written or removed, processes recovered or indexed; ``done`` counts
+    those units since the command began), any number before a reply.  The host
+    restarts its silence window (``-t``) on each; the whole command is bounded
+    by the host's backstop instead.  A writer that is stuck sends none.
+    """
+
+    done: U64
+    what: Annotated[str, msgspec.Meta(max_length=64)] = ""
+
+
+class Started(Reply, tag=10, frozen=True):
+    """Sent once by a new writer, after start-up recovery and the index rebuild,
+    before it reads its first command: the host waits for it (silence bounded
+    by ``-t``, progress keeps it waiting) before sending one."""
+
+    pids: Annotated[int, msgspec.Meta(ge=0)]
+    probes: Annotated[int, msgspec.Meta(ge=0)]
+    raw_bytes: Annotated[int, msgspec.Meta(ge=0)]
+
+
+StashReply = (
+    Generation | Done | Pids | Items | Problems | Failure | Log | Removed | Progress | Started
+)

@@ -2,11 +2,29 @@
 
 The daemon never writes under the state directory itself; it sends one
 command at a time to the writer child (:mod:`dtprobed.stash.writer`) and
-waits, bounded by *timeout*, for the one reply.  A child that dies, hangs or
-answers out of protocol is killed and reaped and :class:`ChildFailed` (or
-:class:`ChildTimeout`) is raised; the next call starts a new child, which
-recovers the tree first.  A ``Failure`` reply raises :class:`StashError`
-with the writer's errno.  The writer's log lines arrive as ``Log`` frames
+waits for the one reply.  *timeout* (``-t``) bounds how long the writer may
+go **silent**: while it works on a long command it sends ``Progress`` frames,
+each of which restarts that window, and the whole command is bounded only by
+*backstop* (generous: far beyond any commit the quotas admit).
+
+Two kinds of failure, told apart because only one of them may stop the daemon:
+
+* **The writer cannot start** — it exits before its ``Started`` frame (lock
+  held, unusable state directory), or its start-up recovery goes silent for
+  *timeout* (or exceeds *start_backstop*): :class:`ChildFailed` is raised
+  and counts towards the slot's back-off; the daemon's receiver gives up
+  (exit 2) after several in a row.  Start-up recovery and the index rebuild
+  are not bounded by *timeout* as a whole: they report progress too.
+* **One command fails** — the writer times out, dies or breaks the protocol
+  while working on it: the writer is killed and reaped, the command fails
+  with :class:`WriterCommandFailed` (a :class:`StashError`, ``errno``
+  ``ETIMEDOUT`` for a timeout, else ``EIO``), and the next call starts a
+  new writer, which recovers the tree first.  This is the fate of one
+  client's request, not of the daemon: it neither counts towards the
+  back-off nor raises :class:`ChildFailed`, so no number of hostile
+  requests makes the daemon exit.
+
+A ``Failure`` reply raises :class:`StashError` with the writer's errno.  The writer's log lines arrive as ``Log`` frames
 before a reply (or, from start-up recovery, before the first one) and are
 logged here, bounded, into this object's logger (the daemon's
 ``dtprobed.stash``); DEBUG lines are sent only when that logger is enabled
@@ -15,14 +33,16 @@ for DEBUG when the writer starts (``--debug``).
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Final
 
-from common.errors import ChildFailed, ProtocolError, StashError
+from common.errors import ChildFailed, ChildTimeout, ProtocolError, StashError
 from common.framing import FrameDecoder, FrameEncoder
 from common.grammar import ParsedProbe
 from common.records import Eof, ResultRecord
@@ -37,6 +57,7 @@ from common.stash_protocol import (
     Log,
     Pids,
     Problems,
+    Progress,
     PruneDead,
     Register,
     Registration,
@@ -45,12 +66,33 @@ from common.stash_protocol import (
     RemovePid,
     ReparseItem,
     ReparseScan,
+    Started,
     StashQuotas,
     StashReply,
     Verify,
     WriteReparsed,
 )
 from dtprobed.children.process import ChildSlot, RunningChild
+
+#: Default bound on one whole command of a writer that keeps reporting progress.
+DEFAULT_BACKSTOP: Final = 300.0
+#: Default bound on a writer's whole start-up (recovery + index) while it reports progress.
+DEFAULT_START_BACKSTOP: Final = 3600.0
+#: The writer reports progress this often (or more, for a small ``-t``).
+PROGRESS_INTERVAL: Final = 0.25
+#: Silence allowed before a new writer's first frame (the interpreter starting and
+#: importing: no progress can be reported yet), when -t is shorter.
+START_GRACE: Final = 10.0
+#: While waiting for a writer's start-up, its progress is logged (INFO) this often.
+START_LOG_INTERVAL: Final = 5.0
+
+
+class WriterCommandFailed(StashError):
+    """The writer broke (timed out, died, broke the protocol) working on one command.
+
+    That command failed and changed nothing (the next writer's start-up
+    recovery rolls back whatever it had begun); the writer was replaced.
+    """
 
 
 def probes_to_records(probes: Sequence[ParsedProbe]) -> list[ResultRecord]:
@@ -83,9 +125,18 @@ class StashWriterChild:
         timeout: float,
         quotas: StashQuotas | None = None,
         log: logging.Logger | None = None,
+        backstop: float = DEFAULT_BACKSTOP,
+        start_backstop: float = DEFAULT_START_BACKSTOP,
+        on_progress: Callable[[], None] | None = None,
     ) -> None:
+        """*on_progress* is called (on the calling thread) for every frame the writer
+        sends, e.g. to keep a watchdog fed while a long start-up advances."""
         self.state_dir = state_dir
         self.timeout = timeout
+        self.backstop = max(backstop, timeout)
+        self.start_backstop = max(start_backstop, timeout)
+        self.on_progress = on_progress
+        self.started: Started | None = None  # what the current writer's Started said
         self.quotas = quotas if quotas is not None else StashQuotas()
         self.log = log if log is not None else logging.getLogger("dtprobed.stash_client")
         self._lock = threading.Lock()
@@ -99,6 +150,11 @@ class StashWriterChild:
     def pid(self) -> int | None:
         return self._slot.pid
 
+    @property
+    def progress_interval(self) -> float:
+        """How often the writer reports advancing work: well inside the silence window."""
+        return min(PROGRESS_INTERVAL, self.timeout / 4)
+
     def argv(self) -> list[str]:
         q = self.quotas
         return [
@@ -111,6 +167,11 @@ class StashWriterChild:
             f"--max-generations={q.max_generations}",
             f"--max-probes-per-pid={q.max_probes_per_pid}",
             f"--max-probes-total={q.max_probes_total}",
+            f"--max-probes-per-uid={q.max_probes_per_uid}",
+            f"--max-raw-bytes-per-pid={q.max_raw_bytes_per_pid}",
+            f"--max-raw-bytes-per-uid={q.max_raw_bytes_per_uid}",
+            f"--max-raw-bytes-total={q.max_raw_bytes_total}",
+            f"--progress-interval={self.progress_interval:g}",
             # DEBUG lines cross the pipe only when the daemon would log them (-d)
             *(["--debug"] if self.log.isEnabledFor(logging.DEBUG) else []),
         ]
@@ -155,7 +216,66 @@ class StashWriterChild:
             child = self._slot.start()
             self._pending = bytearray()
             self._logs = 0
+            self._await_started(child)
         return child
+
+    def _await_started(self, child: RunningChild) -> None:
+        """Wait for the new writer's ``Started``: silence bounded by -t, the whole by the
+        start backstop.  Its failure is a start failure (:class:`ChildFailed`, back-off)."""
+        begun = time.monotonic()
+        deadline = begun + self.start_backstop
+        next_log = begun + START_LOG_INTERVAL
+        pending = self._pending
+        self.started = None
+        silence = max(self.timeout, START_GRACE)  # until its first frame
+        while self.started is None:
+            try:
+                data = self._slot.receive_some(child, deadline, silence)
+                silence = self.timeout
+            except ChildFailed:
+                self._drain_logs(child)  # e.g. "cannot start: …" before it exited
+                raise
+            pending += data
+            try:
+                frames, used = self._decoder.split(pending)
+                del pending[:used]
+                for i, item in enumerate(frames):
+                    if isinstance(item, Log):
+                        self._log_line(child, item)
+                    elif isinstance(item, Progress):
+                        now = time.monotonic()
+                        if now >= next_log:
+                            next_log = now + START_LOG_INTERVAL
+                            self.log.info(
+                                "stash writer %d: starting: %s, %d done (%.0f s)",
+                                child.pid,
+                                item.what or "working",
+                                item.done,
+                                now - begun,
+                            )
+                    elif isinstance(item, Started) and i == len(frames) - 1 and not pending:
+                        self.started = item  # ends the loop
+                        elapsed = time.monotonic() - begun
+                        level = logging.INFO if elapsed >= 1 else logging.DEBUG
+                        self.log.log(
+                            level,
+                            "stash writer %d: started in %.1f s: %d processes, %d probes, "
+                            "%d raw bytes",
+                            child.pid,
+                            elapsed,
+                            item.pids,
+                            item.probes,
+                            item.raw_bytes,
+                        )
+                    else:
+                        raise ProtocolError(f"sent {type(item).__name__} before Started")
+            except ProtocolError as err:
+                raise self._slot.failed(child, f"broke the protocol: {err}", kill=True) from err
+            if self.on_progress is not None:
+                self.on_progress()
+        # a writer that starts is a working role again: no back-off is owed
+        self._slot.failures = 0
+        self._logs = 0
 
     def _log_line(self, child: RunningChild, rec: Log) -> None:
         """One writer log line into the daemon's log; too many is a protocol violation."""
@@ -185,35 +305,55 @@ class StashWriterChild:
 
     def _exchange(self, command: Command) -> StashReply:
         with self._lock:
-            child = self._ready_child()
+            child = self._ready_child()  # ChildFailed here: the writer cannot start
             frame = self._encoder.encode(command)
-            deadline = time.monotonic() + self.timeout
-            self._slot.send(child, memoryview(frame), deadline, self.timeout)
-            pending = self._pending
-            while True:
-                try:
-                    data = self._slot.receive_some(child, deadline, self.timeout)
-                except ChildFailed:
-                    self._drain_logs(child)  # e.g. "cannot start: …" before it exited
-                    raise
-                pending += data
-                try:
-                    frames, used = self._decoder.split(pending)
-                    del pending[:used]
-                    reply = None
-                    for i, item in enumerate(frames):
-                        if isinstance(item, Log):
-                            self._log_line(child, item)
-                        elif i != len(frames) - 1 or pending:
-                            raise ProtocolError("more than one reply to one command")
-                        else:
-                            reply = item
-                except ProtocolError as err:
-                    raise self._slot.failed(child, f"broke the protocol: {err}", kill=True) from err
-                if reply is not None:
-                    self._slot.succeeded(child)
-                    self._logs = 0
-                    return reply
+            try:
+                return self._command(child, memoryview(frame))
+            except ChildFailed as err:
+                # this command's failure, not the role's (module docstring)
+                self._slot.failures = 0
+                del frame
+                code = errno.ETIMEDOUT if isinstance(err, ChildTimeout) else errno.EIO
+                raise WriterCommandFailed(
+                    type(command).__name__, "stash writer", code, str(err)
+                ) from err
+
+    def _command(self, child: RunningChild, frame: memoryview) -> StashReply:
+        """Send one command, wait for its reply: silence bounded by -t, the whole by the
+        backstop; Log and Progress frames before the reply."""
+        deadline = time.monotonic() + self.backstop
+        self._slot.send(child, frame, deadline, self.timeout)
+        pending = self._pending
+        while True:
+            try:
+                data = self._slot.receive_some(child, deadline, self.timeout)
+            except ChildFailed:
+                self._drain_logs(child)
+                raise
+            pending += data
+            try:
+                frames, used = self._decoder.split(pending)
+                del pending[:used]
+                reply = None
+                for i, item in enumerate(frames):
+                    if isinstance(item, Log):
+                        self._log_line(child, item)
+                    elif isinstance(item, Progress):
+                        continue
+                    elif isinstance(item, Started):
+                        raise ProtocolError("sent Started twice")
+                    elif i != len(frames) - 1 or pending:
+                        raise ProtocolError("more than one reply to one command")
+                    else:
+                        reply = item
+            except ProtocolError as err:
+                raise self._slot.failed(child, f"broke the protocol: {err}", kill=True) from err
+            if self.on_progress is not None:
+                self.on_progress()
+            if reply is not None:
+                self._slot.succeeded(child)
+                self._logs = 0
+                return reply
 
     def _call(self, command: Command, expected: type) -> StashReply:
         reply = self._exchange(command)
@@ -279,4 +419,4 @@ class StashWriterChild:
         return list(reply.problems)
 
 
-__all__ = ["StashWriterChild", "probes_to_records"]
+__all__ = ["StashWriterChild", "WriterCommandFailed", "probes_to_records"]

@@ -63,12 +63,16 @@ from common.records import ResultRecord
 from common.stash_protocol import (
     DEFAULT_MAX_GENERATIONS,
     DEFAULT_MAX_PROBES_PER_PID,
+    DEFAULT_MAX_PROBES_PER_UID,
     DEFAULT_MAX_PROBES_TOTAL,
+    DEFAULT_MAX_RAW_BYTES_PER_PID,
+    DEFAULT_MAX_RAW_BYTES_PER_UID,
+    DEFAULT_MAX_RAW_BYTES_TOTAL,
     ReparseItem,
     StashQuotas,
 )
 from dtprobed.children.parser import ParserChild, ParseResult
-from dtprobed.children.writer import StashWriterChild
+from dtprobed.children.writer import DEFAULT_BACKSTOP, StashWriterChild, WriterCommandFailed
 from dtprobed.daemon import fairness, statedir
 from dtprobed.daemon.exitwatch import ExitWatcher
 from dtprobed.daemon.logsetup import setup_logging
@@ -88,6 +92,10 @@ DEFAULT_STATE_DIR: Final = "/run/dtrace"
 DEFAULT_TIMEOUT: Final = 5.0
 #: Prune dead processes this often, to catch what pidfds can't see (exec, pid reuse).
 PRUNE_INTERVAL: Final = 60.0
+#: Without a watchdog, start-up extends the service manager's start timeout this often.
+STARTUP_PING: Final = 1.0
+#: … by at least this much (each time; -t × 4 if longer).
+STARTUP_EXTEND: Final = 30.0
 
 log = logging.getLogger("dtprobed")
 
@@ -165,7 +173,36 @@ def build_parser() -> argparse.ArgumentParser:
     quotas.add_argument(
         "--max-probes-per-pid", type=positive_int, default=DEFAULT_MAX_PROBES_PER_PID
     )
+    quotas.add_argument(
+        "--max-probes-per-uid", type=positive_int, default=DEFAULT_MAX_PROBES_PER_UID
+    )
     quotas.add_argument("--max-probes-total", type=positive_int, default=DEFAULT_MAX_PROBES_TOTAL)
+    quotas.add_argument(
+        "--max-raw-bytes-per-pid",
+        type=positive_int,
+        default=DEFAULT_MAX_RAW_BYTES_PER_PID,
+        metavar="BYTES",
+    )
+    quotas.add_argument(
+        "--max-raw-bytes-per-uid",
+        type=positive_int,
+        default=DEFAULT_MAX_RAW_BYTES_PER_UID,
+        metavar="BYTES",
+    )
+    quotas.add_argument(
+        "--max-raw-bytes-total",
+        type=positive_int,
+        default=DEFAULT_MAX_RAW_BYTES_TOTAL,
+        metavar="BYTES",
+    )
+    ap.add_argument(
+        "--writer-backstop",
+        type=positive_seconds,
+        default=DEFAULT_BACKSTOP,
+        metavar="SECONDS",
+        help="bound on one whole stash-writer command that keeps reporting progress "
+        f"(default {DEFAULT_BACKSTOP:g}; -t bounds its silence)",
+    )
     fairness.add_arguments(ap)
     ap.add_argument("--version", action="version", version=f"dtprobed {VERSION}")
     return ap
@@ -200,6 +237,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             max_generations=args.max_generations,
             max_probes_per_pid=args.max_probes_per_pid,
             max_probes_total=args.max_probes_total,
+            max_probes_per_uid=args.max_probes_per_uid,
+            max_raw_bytes_per_pid=args.max_raw_bytes_per_pid,
+            max_raw_bytes_per_uid=args.max_raw_bytes_per_uid,
+            max_raw_bytes_total=args.max_raw_bytes_total,
         )
     except (TypeError, ValueError) as err:
         raise UsageError(str(err)) from None
@@ -231,6 +272,30 @@ class Daemon:
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self.maintenance = Maintenance(self)
+        self._next_startup_ping = 0.0
+
+    # --- the watchdog during start-up -------------------------------------------------
+
+    def _startup_alive(self) -> None:
+        """Start-up advanced (a writer frame, a reparsed mapping): feed the watchdog.
+
+        Until READY=1 the main loop does not run, so start-up itself sends
+        WATCHDOG=1 (at the loop's interval) whenever it makes progress, with
+        ``EXTEND_TIMEOUT_USEC`` so that a long but advancing start-up (a
+        recovery or index rebuild of a stash at its quotas' maximum) is not
+        cut off by ``TimeoutStartSec=``.  A stuck start-up sends nothing and
+        fails by itself after -t (or the service manager's timeouts fire).
+        """
+        interval = self.notifier.watchdog_interval
+        now = time.monotonic()
+        if now < self._next_startup_ping:
+            return
+        self._next_startup_ping = now + (interval if interval else STARTUP_PING)
+        extend = int(max(STARTUP_EXTEND, 4 * self.args.timeout) * 1e6)
+        if interval:
+            self.notifier.notify("WATCHDOG=1", f"EXTEND_TIMEOUT_USEC={extend}")
+        else:
+            self.notifier.notify(f"EXTEND_TIMEOUT_USEC={extend}")
 
     # --- stopping -------------------------------------------------------------------
 
@@ -281,6 +346,8 @@ class Daemon:
             timeout=args.timeout,
             quotas=args.quotas,
             log=logging.getLogger("dtprobed.stash"),
+            backstop=args.writer_backstop,
+            on_progress=self._startup_alive,  # until READY=1
         )
         self.small_parser = self._parser()
         self.large_parser = self._parser()
@@ -302,7 +369,8 @@ class Daemon:
             raise FatalStartup(EXIT_FATAL, f"cannot serve {args.device}: {err}") from err
         stack.callback(self.device.close)
         stack.callback(self.writer.stop)
-        self.writer.start()
+        self._startup_alive()
+        self.writer.start()  # recovery and index rebuild: progress, not bounded by -t
         self.small_parser.start()
         stack.callback(self.small_parser.stop)
         stack.callback(self.large_parser.stop)
@@ -335,6 +403,7 @@ class Daemon:
         self.watcher.start()
         self.maintenance.start()
         stack.callback(self.maintenance.stop)  # runs first: before the receiver closes
+        self.writer.on_progress = None  # from now on the main loop feeds the watchdog
         self.notifier.ready()
         if args.ready_fd is not None:
             with contextlib.suppress(OSError):
@@ -386,6 +455,8 @@ class Daemon:
             if stopping():
                 log.info("reparse stopped after %d of %d mappings", index - 1, len(items))
                 break
+            if self.writer.on_progress is not None:
+                self.writer.on_progress()  # start-up: one mapping done is progress
             try:
                 records: list[ResultRecord] | None = self._reparse_one(item).records
             except DtprobedError as err:
@@ -401,6 +472,14 @@ class Daemon:
                 records = None
             try:
                 self.writer.write_reparsed_records(item, records)
+            except WriterCommandFailed as err:
+                # the writer broke on this mapping (and was replaced): the mapping
+                # stays unparsed, as after a failed parse; never fatal
+                log.error(
+                    "%d: cannot write the reparse of %d-%d: %s", item.pid, item.dev, item.ino, err
+                )
+                failed += 1
+                continue
             except StashError as err:
                 if err.errno not in (errno.ENOENT, errno.ESTALE):
                     raise

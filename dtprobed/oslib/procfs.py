@@ -90,6 +90,21 @@ def start_time_of(pid: int) -> int | None:
     return st.start_time if st is not None else None
 
 
+def fsuid_of(pid: int) -> int | None:
+    """The file-system uid of *pid* (the 4th ``Uid:`` field of /proc/PID/status: the
+    uid the kernel reports for a FUSE/CUSE caller), or None when unreadable."""
+    try:
+        data = read_proc(f"/proc/{pid}/status", 1 << 16)
+    except OSError:
+        return None
+    for line in data.splitlines():
+        if line.startswith(b"Uid:"):
+            fields = line.split()
+            if len(fields) == 5 and fields[4].isdigit():
+                return int(fields[4])
+    return None
+
+
 def parse_auxv(data: bytes) -> dict[int, int]:
     """Decode an auxiliary vector; 64-bit words, or 32-bit for a compat process."""
     for fmt in ("=QQ", "=II"):

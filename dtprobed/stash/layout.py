@@ -99,6 +99,8 @@ RAW_PREFIX: Final = bytes(8)  # u64 base = 0: block 0 of a DOF registration
 HELPER_SIZE: Final = DOF_HELPER.size
 XATTR_START_TIME: Final = "trusted.dtprobed.start_time"
 XATTR_EXEC_TOKEN: Final = "trusted.dtprobed.exec_token"
+#: The registering caller's real uid (decimal), for the per-uid quotas.
+XATTR_UID: Final = "trusted.dtprobed.uid"
 MAX_EXEC_MAPPING: Final = 64
 
 _KEY_RE: Final = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")

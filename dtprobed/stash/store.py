@@ -12,11 +12,11 @@ import fcntl
 import functools
 import logging
 import os
-import shutil
 import stat
 import struct
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar
 
@@ -30,7 +30,14 @@ from common.stash_format import (
     encode_probe_file,
     encode_record,
 )
-from common.stash_protocol import REPLY_BUDGET, RawBlock, Registration, ReparseItem, StashQuotas
+from common.stash_protocol import (
+    REPLY_BUDGET,
+    UNKNOWN_UID,
+    RawBlock,
+    Registration,
+    ReparseItem,
+    StashQuotas,
+)
 from dtprobed.oslib.dirfd import DirFd
 from dtprobed.oslib.fdio import write_all
 from dtprobed.oslib.procfs import current_exec_token, start_time_of
@@ -44,6 +51,7 @@ from dtprobed.stash.layout import (
     RAW_PREFIX,
     XATTR_EXEC_TOKEN,
     XATTR_START_TIME,
+    XATTR_UID,
     exec_mapping_bytes,
     is_number,
     mapping_key,
@@ -58,6 +66,10 @@ from dtprobed.stash.layout import (
 from dtprobed.stash.verify import verify_tree
 
 log = logging.getLogger("dtprobed.stash")
+
+#: Recovery actions logged one per line; the rest are counted (the writer's Log
+#: frames are bounded per command, and start-up counts as one).
+_MAX_RECOVERY_LINES: Final = 32
 
 #: The u64 base that starts every raw file (upstream's ``[u64 base][data]``).
 _BASE: Final = struct.Struct("<Q")
@@ -78,17 +90,52 @@ def _rmdir_quiet(dir_fd: int, name: str) -> None:
         os.rmdir(name, dir_fd=dir_fd)
 
 
-def _remove_tree(dir_fd: int, name: str) -> None:
-    """Remove *name* (file, link or whole directory) without following any symlink."""
+def _no_tick() -> None:
+    pass
+
+
+def _remove_tree(dir_fd: int, name: str, tick: Callable[[], None] = _no_tick) -> None:
+    """Remove *name* (file, link or whole directory) without following any symlink.
+
+    Directories are opened ``O_NOFOLLOW|O_DIRECTORY`` and emptied through their
+    fd (what ``shutil.rmtree(dir_fd=)`` does), calling *tick* once per entry:
+    a ``probes/$pid`` tree may hold 65536 files, and the writer reports
+    progress while it removes them.
+    """
     try:
         st = os.lstat(name, dir_fd=dir_fd)
     except FileNotFoundError:
         return
-    if stat.S_ISDIR(st.st_mode):
-        # shutil.rmtree with dir_fd is the symlink-attack-resistant variant (fd based)
-        shutil.rmtree(name, dir_fd=dir_fd)
-    else:
+    if not stat.S_ISDIR(st.st_mode):
         os.unlink(name, dir_fd=dir_fd)
+        return
+    try:
+        fd = os.open(
+            name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd
+        )
+    except FileNotFoundError:
+        return
+    except OSError as err:
+        if err.errno not in (errno.ELOOP, errno.ENOTDIR):
+            raise
+        os.unlink(name, dir_fd=dir_fd)  # replaced by a non-directory meanwhile
+        return
+    try:
+        if os.fstat(fd).st_ino != st.st_ino:
+            raise OSError(errno.ESTALE, f"{name} replaced while being removed")
+        with os.scandir(fd) as entries:
+            names = [(e.name, e.is_dir(follow_symlinks=False)) for e in entries]
+        for child, is_dir in names:
+            if is_dir:
+                _remove_tree(fd, child, tick)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(child, dir_fd=fd)
+            tick()
+    finally:
+        os.close(fd)
+    with contextlib.suppress(FileNotFoundError):
+        os.rmdir(name, dir_fd=dir_fd)
 
 
 #: Where stash writers take their lock (one file per state directory), root's alone.
@@ -330,14 +377,123 @@ class _Undo:
 
 @dataclass
 class _PidEntry:
-    """What the writer remembers of one process (rebuilt from the tree at start-up)."""
+    """What the writer remembers of one process (rebuilt from the tree at start-up).
 
+    ``nprobes`` and ``raw`` (bytes of raw data) are per mapping key; ``uid`` is
+    the uid the process is charged to (from its first registration, kept in
+    the ``trusted.dtprobed.uid`` xattr).
+    """
+
+    uid: int = UNKNOWN_UID
     gens: dict[int, str] = field(default_factory=dict)
     nprobes: dict[str, int] = field(default_factory=dict)
+    raw: dict[str, int] = field(default_factory=dict)
 
     @property
     def probes(self) -> int:
         return sum(self.nprobes.values())
+
+    @property
+    def raw_bytes(self) -> int:
+        return sum(self.raw.values())
+
+
+class _Usage:
+    """Probes and raw bytes in the stash, in total and per uid (the quotas' counters).
+
+    Every change of a :class:`_PidEntry`'s counts goes through :meth:`add`, so the
+    three levels always agree; a uid whose counts drop to zero is forgotten.
+    """
+
+    def __init__(self) -> None:
+        self.probes = 0
+        self.raw = 0
+        self.uid_probes: dict[int, int] = {}
+        self.uid_raw: dict[int, int] = {}
+
+    def add(self, uid: int, probes: int, raw: int) -> None:
+        self.probes += probes
+        self.raw += raw
+        p = self.uid_probes.get(uid, 0) + probes
+        r = self.uid_raw.get(uid, 0) + raw
+        if p or r:
+            self.uid_probes[uid], self.uid_raw[uid] = p, r
+        else:
+            self.uid_probes.pop(uid, None)
+            self.uid_raw.pop(uid, None)
+
+    def drop(self, entry: _PidEntry) -> None:
+        self.add(entry.uid, -entry.probes, -entry.raw_bytes)
+
+
+class Progress:
+    """Calls *report(done, what)* at most every *interval* seconds while work advances.
+
+    The writer's operations call :meth:`tick` once per unit of work (a probe
+    file written or removed, a process recovered or indexed); :meth:`begin`
+    starts a command.  With no *report* it only counts.
+
+    A few steps have no loop of ours to tick in but are bounded by their input
+    (the grammar check of a command's records, waiting for a predecessor's lock,
+    at most ``LOCK_WAIT``): they run inside :meth:`bounded`, during which a
+    helper thread reports instead.  Nothing unbounded may run inside it, or a
+    stuck writer would look alive.  *report* must be thread-safe.
+    """
+
+    def __init__(
+        self, report: Callable[[int, str], None] | None = None, interval: float = 0.25
+    ) -> None:
+        self.report = report
+        self.interval = interval
+        self.done = 0
+        self.what = ""
+        self._next = time.monotonic() + interval
+        self._phase = threading.Event()
+        self._phase_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    @contextlib.contextmanager
+    def bounded(self, what: str) -> Iterator[None]:
+        """Report progress from a helper thread while the block runs (see the class doc)."""
+        if self.report is None:
+            yield
+            return
+        with self._phase_lock:
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="stash-progress", daemon=True
+                )
+                self._thread.start()
+        self.what = what
+        self._phase.set()
+        try:
+            yield
+        finally:
+            self._phase.clear()
+
+    def _run(self) -> None:
+        report = self.report
+        assert report is not None
+        while True:
+            self._phase.wait()
+            time.sleep(self.interval)
+            if self._phase.is_set():
+                with contextlib.suppress(OSError):
+                    report(self.done, self.what)
+
+    def begin(self, what: str) -> None:
+        self.done = 0
+        self.what = what
+        self._next = time.monotonic() + self.interval
+
+    def tick(self) -> None:
+        self.done += 1
+        if self.report is None:
+            return
+        now = time.monotonic()
+        if now >= self._next:
+            self._next = now + self.interval
+            self.report(self.done, self.what)
 
 
 class Stash:
@@ -355,19 +511,24 @@ class Stash:
         recover: bool = True,
         lock_dir: str = DEFAULT_LOCK_DIR,
         lock_wait: float = LOCK_WAIT,
+        progress: Progress | None = None,
     ) -> None:
         self.quotas = quotas if quotas is not None else StashQuotas()
+        self.progress = progress if progress is not None else Progress()
+        self._tick = self.progress.tick
         self._fix_modes = (_current_umask() & DIR_MODE) != 0
         self._fds = contextlib.ExitStack()
         self._index: dict[int, _PidEntry] = {}
-        self._total = 0
+        self.usage = _Usage()
         self._reserve = _FdReserve()
         self._fds.callback(self._reserve.release)
         try:
             os.makedirs(state_dir, DIR_MODE, exist_ok=True)
             # the one absolute path: everything else is relative to these fds
             self.root = self._fds.enter_context(DirFd(None, state_dir, readable=True))
-            self._fds.callback(writer_lock(self.root.fd, state_dir, lock_dir, lock_wait).release)
+            with self.progress.bounded("waiting for the writer lock"):  # ≤ lock_wait
+                lock = writer_lock(self.root.fd, state_dir, lock_dir, lock_wait)
+            self._fds.callback(lock.release)
             stash = self._fds.enter_context(self._mkdir_open(self.root.fd, "stash"))
             self.dof = self._fds.enter_context(self._mkdir_open(stash.fd, "dof", readable=True))
             self.dofpid = self._fds.enter_context(
@@ -377,7 +538,9 @@ class Stash:
                 self._mkdir_open(self.root.fd, "probes", readable=True)
             )
             if recover:
+                self.progress.begin("recovery")
                 self._recover()
+            self.progress.begin("index")
             self._rebuild_index()
         except BaseException:
             self._fds.close()
@@ -385,6 +548,11 @@ class Stash:
 
     def close(self) -> None:
         self._fds.close()
+
+    @property
+    def process_count(self) -> int:
+        """Processes in the index (those with a ``dof-pid/$pid`` directory)."""
+        return len(self._index)
 
     # ------------------------------------------------------------ small pieces
 
@@ -430,9 +598,19 @@ class Stash:
 
     def _rebuild_index(self) -> None:
         self._index.clear()
+        self.usage = _Usage()
         for pid in self._pids():
-            self._index[pid] = self._scan_pid(pid)
-        self._total = sum(e.probes for e in self._index.values())
+            entry = self._index[pid] = self._scan_pid(pid)
+            self.usage.add(entry.uid, entry.probes, entry.raw_bytes)
+            self._tick()
+        if self.usage.probes or self._index:
+            log.info(
+                "stash index: %d processes, %d probes, %d raw bytes, %d uids",
+                len(self._index),
+                self.usage.probes,
+                self.usage.raw,
+                len(self.usage.uid_probes),
+            )
 
     def _pids(self) -> list[int]:
         out = []
@@ -444,6 +622,9 @@ class Stash:
     def _scan_pid(self, pid: int) -> _PidEntry:
         entry = _PidEntry()
         with DirFd(self.dofpid.fd, str(pid), readable=True) as pdir:
+            uid = self._getxattr(pdir.fd, XATTR_UID)
+            if uid is not None and uid.isdigit() and int(uid) <= UNKNOWN_UID:
+                entry.uid = int(uid)
             for item in os.scandir(pdir.fd):
                 if is_number(item.name) and item.is_symlink():
                     target = os.readlink(item.name, dir_fd=pdir.fd)
@@ -456,7 +637,21 @@ class Stash:
                 except OSError:
                     names = []
                 entry.nprobes[key] = sum(1 for n in names if n != "version")
+                entry.raw[key] = self._raw_size(pdir.fd, key)
         return entry
+
+    @staticmethod
+    def _raw_size(pid_fd: int, key: str) -> int:
+        """Bytes of raw data a stored mapping is charged (its raw files less their base)."""
+        total = 0
+        for index in range(MAX_RAW_BLOCKS):
+            try:
+                st = os.stat(f"{key}/{raw_name(index)}", dir_fd=pid_fd, follow_symlinks=False)
+            except OSError:
+                continue
+            # an older daemon's raw file has no base prefix: it is charged 8 bytes less
+            total += max(0, st.st_size - _BASE.size)
+        return total
 
     # ------------------------------------------------------------ validation
 
@@ -469,13 +664,14 @@ class Stash:
         in upstream's order (unique, not sorted).
         """
         try:
-            checker = check_stream(
-                list(records),
-                # the frame bound limits the stream; the quotas are checked next (EDQUOT)
-                max_probes=None,
-                max_tracepoints=None,
-                notes=notes,
-            )
+            with self.progress.bounded("checking records"):  # linear in the frame
+                checker = check_stream(
+                    list(records),
+                    # the frame bound limits the stream; the quotas are checked next (EDQUOT)
+                    max_probes=None,
+                    max_tracepoints=None,
+                    notes=notes,
+                )
         except ProtocolError as err:
             raise StashError(op, "records", errno.EINVAL, f"bad record stream: {err}") from err
         if checker.error is not None:
@@ -554,23 +750,16 @@ class Stash:
     def _register(self, reg: Registration, probes: list[ParsedProbe]) -> int:
         pid, key = reg.pid, mapping_key(reg.dev, reg.ino)
         stale = self._is_other_process(reg)
-        entry = _PidEntry() if stale else self._index.get(pid, _PidEntry())
+        existing = self._index.get(pid)
+        entry = _PidEntry(uid=reg.uid) if stale or existing is None else existing
         # quotas, against the state after a pending exec/reuse prune, before any change
-        new_probes = 0 if key in entry.nprobes else len(probes)
-        gens = len(entry.gens) + 1
-        if gens > self.quotas.max_generations:
-            raise self._quota_error(
-                "generations of this process", gens, self.quotas.max_generations
-            )
-        per_pid = entry.probes + new_probes
-        if per_pid > self.quotas.max_probes_per_pid:
-            raise self._quota_error(
-                "probes of this process", per_pid, self.quotas.max_probes_per_pid
-            )
-        old = self._index.get(pid, _PidEntry()).probes if stale else 0
-        total = self._total - old + new_probes
-        if total > self.quotas.max_probes_total:
-            raise self._quota_error("probes in the stash", total, self.quotas.max_probes_total)
+        new = key not in entry.nprobes
+        self._check_quotas(
+            entry,
+            existing if stale else None,
+            len(probes) if new else 0,
+            reg.raw_bytes if new else 0,
+        )
         try:
             if stale:
                 # A separate, committed step (docs/stash.md): these entries belong to a
@@ -594,12 +783,55 @@ class Stash:
             raise StashError(
                 "add", f"PID {pid} mapping {key}", err.errno or errno.EIO, os_detail(err)
             ) from err
-        entry = self._index.setdefault(pid, _PidEntry())
+        entry = self._index.setdefault(pid, _PidEntry(uid=reg.uid))
         entry.gens[gen] = key
         if key not in entry.nprobes:
             entry.nprobes[key] = len(probes)
-            self._total += len(probes)
+            entry.raw[key] = reg.raw_bytes
+            self.usage.add(entry.uid, len(probes), reg.raw_bytes)
         return gen
+
+    def _check_quotas(
+        self, entry: _PidEntry, replaced: _PidEntry | None, new_probes: int, new_raw: int
+    ) -> None:
+        """EDQUOT if adding *new_probes* and *new_raw* bytes to *entry* breaks a quota.
+
+        *replaced*: the entry of an earlier process or image with this pid that the
+        registration prunes first (its counts are given back).
+        """
+        q, usage, uid = self.quotas, self.usage, entry.uid
+        back_probes = replaced.probes if replaced is not None else 0
+        back_raw = replaced.raw_bytes if replaced is not None else 0
+        same_uid = replaced is not None and replaced.uid == uid
+        checks = (
+            ("generations of this process", len(entry.gens) + 1, q.max_generations),
+            ("probes of this process", entry.probes + new_probes, q.max_probes_per_pid),
+            (
+                f"probes of uid {uid}",
+                usage.uid_probes.get(uid, 0) - (back_probes if same_uid else 0) + new_probes,
+                q.max_probes_per_uid,
+            ),
+            ("probes in the stash", usage.probes - back_probes + new_probes, q.max_probes_total),
+            (
+                "raw bytes of this process",
+                entry.raw_bytes + new_raw,
+                q.max_raw_bytes_per_pid,
+            ),
+            (
+                f"raw bytes of uid {uid}",
+                usage.uid_raw.get(uid, 0) - (back_raw if same_uid else 0) + new_raw,
+                q.max_raw_bytes_per_uid,
+            ),
+            ("raw bytes in the stash", usage.raw - back_raw + new_raw, q.max_raw_bytes_total),
+        )
+        for what, value, limit in checks:
+            # only what this request adds can break a quota (a lowered limit
+            # does not stop a process re-registering what it has)
+            grows = what.startswith("generations") or (
+                new_probes if what.startswith("probes") else new_raw
+            )
+            if grows and value > limit:
+                raise self._quota_error(what, value, limit)
 
     def _open_pid_dir(self, reg: Registration, undo: _Undo) -> tuple[DirFd, bool]:
         """dof-pid/$pid, created if missing (then *undo* removes it whole); True if created."""
@@ -615,6 +847,7 @@ class Stash:
         """A directory this request created: what goes in first (its undo removes it whole)."""
         os.setxattr(pdir.fd, XATTR_START_TIME, str(reg.start_time).encode())
         os.setxattr(pdir.fd, XATTR_EXEC_TOKEN, reg.exec_token.encode())
+        os.setxattr(pdir.fd, XATTR_UID, str(reg.uid).encode())
         self._write_file(pdir.fd, "next-gen", b"")
         self._write_file(pdir.fd, "exec-mapping", exec_mapping_bytes(reg.exec_dev, reg.exec_ino))
 
@@ -623,6 +856,7 @@ class Stash:
         for name, value in (
             (XATTR_START_TIME, str(reg.start_time)),
             (XATTR_EXEC_TOKEN, reg.exec_token),
+            (XATTR_UID, str(reg.uid)),
         ):
             if self._getxattr(pdir.fd, name) is None:
                 os.setxattr(pdir.fd, name, value.encode())
@@ -767,6 +1001,7 @@ class Stash:
                             ) from None
                 finally:
                     os.close(fd)
+                self._tick()
             self._write_file(parsed.fd, "version", VERSION_BYTES)
             created_files.append("version")
         finally:
@@ -854,7 +1089,7 @@ class Stash:
             if split_key(key) is not None and key not in gens.values():
                 self._remove_mapping(pid, pdir.fd, key)
                 if entry is not None:
-                    self._total -= entry.nprobes.pop(key, 0)
+                    self.usage.add(entry.uid, -entry.nprobes.pop(key, 0), -entry.raw.pop(key, 0))
             if not gens:
                 self._remove_pid(pid)
         return True
@@ -876,7 +1111,7 @@ class Stash:
         if mdir is not None:
             with mdir:
                 self._remove_parsed(pid, pid_fd, mdir.fd, key)
-            _remove_tree(pid_fd, key)
+            _remove_tree(pid_fd, key, self._tick)
         self._drop_unused_raw(key)
 
     def _drop_unused_raw(self, key: str) -> None:
@@ -914,7 +1149,8 @@ class Stash:
                 if parts is not None and item.is_file(follow_symlinks=False):
                     self._unbind(pid_fd, spid, parts, item.inode(), others)
                     touched.add((spid, f"{parts[0]}{spid}", parts[1], parts[2]))
-                _remove_tree(parsed.fd, item.name)
+                _remove_tree(parsed.fd, item.name, self._tick)
+                self._tick()
             for path in sorted(touched):
                 self._prune_empty(path)
 
@@ -971,7 +1207,7 @@ class Stash:
         name = str(pid)
         entry = self._index.pop(pid, None)
         if entry is not None:
-            self._total -= entry.probes
+            self.usage.drop(entry)
         try:
             pdir = DirFd(self.dofpid.fd, name, readable=True)
         except OSError as err:
@@ -988,11 +1224,11 @@ class Stash:
                     os.unlink(item.name, dir_fd=pdir.fd)
                 elif split_key(item.name) is not None:
                     keys.add(item.name)
-            _remove_tree(self.probes.fd, name)
+            _remove_tree(self.probes.fd, name, self._tick)
             for key in sorted(keys):
-                _remove_tree(pdir.fd, key)
+                _remove_tree(pdir.fd, key, self._tick)
                 self._drop_unused_raw(key)
-        _remove_tree(self.dofpid.fd, name)
+        _remove_tree(self.dofpid.fd, name, self._tick)
 
     @_stash_op("prune")
     def prune_dead(self) -> list[int]:
@@ -1003,7 +1239,12 @@ class Stash:
         the start time; without this its probes would stay until it exits, as
         upstream's do when the new image registers nothing).
         """
-        dead = [pid for pid in self._pids() if not self._alive(pid)]
+        self.progress.begin("prune")
+        dead = []
+        for pid in self._pids():
+            if not self._alive(pid):
+                dead.append(pid)
+            self._tick()
         for pid in dead:
             log.debug("pruning dead/execed PID %i", pid)
             self._remove_pid(pid)
@@ -1058,6 +1299,7 @@ class Stash:
     def _reparse_candidates(self, force: bool) -> list[tuple[int, str]]:
         out: list[tuple[int, int, int, str]] = []
         for pid in self._pids():
+            self._tick()
             with DirFd(self.dofpid.fd, str(pid), readable=True) as pdir:
                 for key in set(self._generations(pdir.fd).values()):
                     ids = split_key(key)
@@ -1124,15 +1366,20 @@ class Stash:
         entry = self._index.get(item.pid)
         if entry is None or key not in entry.nprobes:
             raise StashError("reparse", f"PID {item.pid} mapping {key}", errno.ENOENT)
-        if probes is not None:
-            per_pid = entry.probes - entry.nprobes[key] + len(probes)
-            if per_pid > self.quotas.max_probes_per_pid:
-                raise self._quota_error(
-                    "probes of this process", per_pid, self.quotas.max_probes_per_pid
-                )
-            total = self._total - entry.nprobes[key] + len(probes)
-            if total > self.quotas.max_probes_total:
-                raise self._quota_error("probes in the stash", total, self.quotas.max_probes_total)
+        if probes is not None and len(probes) > entry.nprobes[key]:
+            # a newer parser may find more probes in the same raw bytes
+            delta, q, uid = len(probes) - entry.nprobes[key], self.quotas, entry.uid
+            for what, value, limit in (
+                ("probes of this process", entry.probes + delta, q.max_probes_per_pid),
+                (
+                    f"probes of uid {uid}",
+                    self.usage.uid_probes.get(uid, 0) + delta,
+                    q.max_probes_per_uid,
+                ),
+                ("probes in the stash", self.usage.probes + delta, q.max_probes_total),
+            ):
+                if value > limit:
+                    raise self._quota_error(what, value, limit)
         try:
             with (
                 DirFd(self.dofpid.fd, str(item.pid), readable=True) as pdir,
@@ -1141,7 +1388,7 @@ class Stash:
                 if os.fstat(mdir.fd).st_ino != item.dir_ino:
                     raise OSError(errno.ESTALE, "mapping directory replaced since the scan")
                 self._remove_parsed(item.pid, pdir.fd, mdir.fd, key)
-                self._total -= entry.nprobes[key]
+                self.usage.add(entry.uid, -entry.nprobes[key], 0)
                 entry.nprobes[key] = 0
                 if probes is None:
                     return
@@ -1151,7 +1398,7 @@ class Stash:
                     self._write_parsed(item.pid, parsed, probes, undo, undo_files=True)
                     undo.commit()
                 entry.nprobes[key] = len(probes)
-                self._total += len(probes)
+                self.usage.add(entry.uid, len(probes), 0)
         except OSError as err:
             raise StashError(
                 "reparse",
@@ -1174,6 +1421,7 @@ class Stash:
         actions: list[str] = []
         for pid in self._pids():
             self._recover_pid(pid, actions)
+            self._tick()
         self._recover_probes(actions)
         for item in os.scandir(self.dof.fd):
             st = item.stat(follow_symlinks=False)
@@ -1182,8 +1430,14 @@ class Stash:
             if st.st_nlink == 1:
                 actions.append(f"removed unreferenced stash/dof/{item.name}")
                 os.unlink(item.name, dir_fd=self.dof.fd)
-        for action in actions:
+        for action in actions[:_MAX_RECOVERY_LINES]:
             log.info("stash recovery: %s", action)
+        if len(actions) > _MAX_RECOVERY_LINES:
+            log.info(
+                "stash recovery: … and %d more actions (%d in all)",
+                len(actions) - _MAX_RECOVERY_LINES,
+                len(actions),
+            )
         return actions
 
     def _recover_pid(self, pid: int, actions: list[str]) -> None:
@@ -1253,6 +1507,7 @@ class Stash:
         spid = str(pid)
         with parsed:
             for item in os.scandir(parsed.fd):
+                self._tick()
                 parts = split_spec(item.name)
                 if parts is None or not item.is_file(follow_symlinks=False):
                     continue
@@ -1296,7 +1551,7 @@ class Stash:
             try:
                 os.lstat(item.name, dir_fd=self.dofpid.fd)
             except FileNotFoundError:
-                _remove_tree(self.probes.fd, item.name)
+                _remove_tree(self.probes.fd, item.name, self._tick)
                 actions.append(f"removed probes/{item.name} of an unknown process")
                 continue
             self._drop_orphan_links(self.probes.fd, item.name, 4, actions)
@@ -1314,6 +1569,7 @@ class Stash:
                 ):
                     os.unlink(item.name, dir_fd=d.fd)
                     actions.append(f"removed orphan probes entry {printable(item.name)}")
+                self._tick()
             empty = not os.listdir(d.fd)
         if empty:
             os.rmdir(name, dir_fd=parent)
@@ -1324,4 +1580,4 @@ class Stash:
 
     @_stash_op("verify")
     def verify(self) -> list[str]:
-        return verify_tree(self.root.fd)
+        return verify_tree(self.root.fd, self._tick)

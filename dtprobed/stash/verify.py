@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Callable
 
 from common.dof_abi import DOF_MAG_STRING, DOF_MAXSZ
 from common.errors import StashFormatError
@@ -29,7 +30,11 @@ from dtprobed.stash.layout import (
 )
 
 
-def verify_tree(root_fd: int) -> list[str]:
+def _no_tick() -> None:
+    pass
+
+
+def verify_tree(root_fd: int, tick: Callable[[], None] = _no_tick) -> list[str]:
     """Every invariant of the layout; returns the problems found (empty = consistent).
 
     Read-only and lock-free.  An entry that vanishes between being listed and
@@ -37,7 +42,7 @@ def verify_tree(root_fd: int) -> list[str]:
     error; the writer runs this on a tree it alone changes, so for it the
     result is exact.
     """
-    return _Verifier(root_fd).run()
+    return _Verifier(root_fd, tick).run()
 
 
 def verify_settled(root_fd: int, passes: int = 3) -> list[str]:
@@ -66,8 +71,10 @@ def _lstat(name: str, dir_fd: int) -> os.stat_result | None:
 
 
 class _Verifier:
-    def __init__(self, root_fd: int) -> None:
+    def __init__(self, root_fd: int, tick: Callable[[], None] = _no_tick) -> None:
+        """*tick* is called once per file looked at (the writer's progress)."""
         self.root = root_fd
+        self.tick = tick
         self.problems: list[str] = []
         self.raw_links: dict[str, list[int]] = {}  # key → inodes of mapping raw files
         self.parsed: dict[int, dict[str, set[int]]] = {}  # pid → spec → parsed inodes
@@ -229,6 +236,7 @@ class _Verifier:
     def check_parsed_file(
         self, pid: int, parsed_fd: int, name: str, where: str, has_version: bool
     ) -> None:
+        self.tick()
         parts = split_spec(name)
         path = f"{where}/{printable(name)}"
         if parts is None:
@@ -313,6 +321,7 @@ class _Verifier:
         if not names:
             self.bad(f"{where} is an empty directory (orphan)")
         for name in names:
+            self.tick()
             st = _lstat(name, dir_fd)
             if st is None:
                 continue

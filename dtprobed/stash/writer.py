@@ -1,7 +1,9 @@
 """The stash writer child: the only process that writes under the state directory.
 
     python -m dtprobed.stash.writer --state-dir DIR [--max-generations N]
-        [--max-probes-per-pid N] [--max-probes-total N] [--lock-dir DIR] [--debug]
+        [--max-probes-per-pid N] [--max-probes-per-uid N] [--max-probes-total N]
+        [--max-raw-bytes-per-pid N] [--max-raw-bytes-per-uid N] [--max-raw-bytes-total N]
+        [--progress-interval SECONDS] [--lock-dir DIR] [--debug]
 
 It reads :mod:`common.stash_protocol` command frames on stdin (fd 0) and
 answers each with exactly one reply frame on stdout (fd 1), preceded by its
@@ -13,21 +15,32 @@ decode as a command (schema bounds), and the record stream is re-checked
 first write.  An operation that fails answers ``Failure(errno, message)`` and
 leaves nothing behind; a frame that breaks the protocol ends the process with
 status 3 (the supervisor restarts it).  At start-up it recovers the tree left
-by a killed predecessor (:meth:`Stash._recover`) before it reads a command.
+by a killed predecessor (:meth:`Stash._recover`) and rebuilds its index, then
+sends ``Started`` before it reads a command.  While a command (or the
+start-up) works, it sends a ``Progress`` frame at most every
+``--progress-interval`` seconds of advancing work, so the daemon's silence
+timeout measures a stuck writer, not a large request.  After each command it
+lets go of the command's memory (the decoded frame is dropped before the reply
+is written, then ``gc`` and glibc's ``malloc_trim(0)`` after a large one), so
+one hostile request does not leave the writer at its peak size.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
+import ctypes.util
 import errno
+import gc
 import logging
 import os
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from typing import Final
 
-from common.argtypes import positive_int
+from common.argtypes import positive_int, positive_seconds
 from common.errors import PeerClosed, ProtocolError, StashError
 from common.framing import FrameDecoder, FrameEncoder
 from common.process_name import set_process_name
@@ -42,12 +55,14 @@ from common.stash_protocol import (
     Log,
     Pids,
     Problems,
+    Progress,
     PruneDead,
     Register,
     Remove,
     Removed,
     RemovePid,
     ReparseScan,
+    Started,
     StashCommand,
     StashQuotas,
     StashReply,
@@ -56,10 +71,48 @@ from common.stash_protocol import (
 )
 from dtprobed.oslib.fdio import read_exactly, write_all
 from dtprobed.stash.store import DEFAULT_LOCK_DIR, Stash
+from dtprobed.stash.store import Progress as ProgressMeter
 
 EXIT_PROTOCOL: Final = 3
 EXIT_START: Final = 4
+DEFAULT_PROGRESS_INTERVAL: Final = 0.25
+#: Commands whose frame is at least this large are followed by gc + malloc_trim.
+TRIM_AFTER_BYTES: Final = 1 << 20
 log = logging.getLogger("dtprobed.stash_writer")
+#: Every frame to the daemon is written under this lock: Progress frames may come
+#: from the progress thread (Progress.bounded) while the main thread logs.
+_OUT = threading.Lock()
+
+
+def send_frame(fd: int, frame: bytes | bytearray | memoryview) -> None:
+    with _OUT:
+        write_all(fd, frame)
+
+
+def _malloc_trim() -> Callable[[], None]:
+    """glibc's ``malloc_trim(0)`` (give freed heap back to the kernel), or a no-op."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return lambda: None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+
+    def run() -> None:
+        trim(0)
+
+    return run
+
+
+def progress_sender(fd: int) -> Callable[[int, str], None]:
+    """A :class:`~dtprobed.stash.store.Progress` report that writes ``Progress`` frames."""
+    encoder = FrameEncoder()
+
+    def report(done: int, what: str) -> None:
+        send_frame(fd, encoder.encode(Progress(done=done, what=what[:64])))
+
+    return report
 
 
 def handle(stash: Stash, cmd: StashCommand) -> StashReply:
@@ -125,20 +178,35 @@ class PipeLogHandler(logging.Handler):
                 message = f"unformattable log record {record.msg!r}"
         frame = self._encoder.encode(Log(level=level, message=message[:MAX_LOG_MESSAGE]))
         with contextlib.suppress(OSError):
-            write_all(self.fd, frame)
+            send_frame(self.fd, frame)
 
 
 def serve(stash: Stash, rfd: int, wfd: int, logs: PipeLogHandler | None = None) -> None:
     decoder: FrameDecoder[StashCommand] = FrameDecoder(StashCommand, MAX_COMMAND_FRAME)
     encoder = FrameEncoder()
+    trim = _malloc_trim()
     while True:
+        size = 0
+
+        def read(n: int) -> bytes:
+            nonlocal size
+            size += n
+            return read_exactly(rfd, n)
+
         try:
-            cmd = decoder.read(lambda n: read_exactly(rfd, n))
+            cmd = decoder.read(read)
         except PeerClosed:
             return
         if logs is not None:
             logs.reset()
-        write_all(wfd, encoder.encode(handle(stash, cmd)))
+        stash.progress.begin(type(cmd).__name__)
+        reply = handle(stash, cmd)
+        del cmd  # the decoded frame (records, raw bytes) goes before the reply is sent
+        send_frame(wfd, encoder.encode(reply))
+        del reply
+        if size >= TRIM_AFTER_BYTES:
+            gc.collect()
+            trim()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -147,7 +215,21 @@ def _parser() -> argparse.ArgumentParser:
     defaults = StashQuotas()
     p.add_argument("--max-generations", type=positive_int, default=defaults.max_generations)
     p.add_argument("--max-probes-per-pid", type=positive_int, default=defaults.max_probes_per_pid)
+    p.add_argument("--max-probes-per-uid", type=positive_int, default=defaults.max_probes_per_uid)
     p.add_argument("--max-probes-total", type=positive_int, default=defaults.max_probes_total)
+    p.add_argument(
+        "--max-raw-bytes-per-pid", type=positive_int, default=defaults.max_raw_bytes_per_pid
+    )
+    p.add_argument(
+        "--max-raw-bytes-per-uid", type=positive_int, default=defaults.max_raw_bytes_per_uid
+    )
+    p.add_argument("--max-raw-bytes-total", type=positive_int, default=defaults.max_raw_bytes_total)
+    p.add_argument(
+        "--progress-interval",
+        type=positive_seconds,
+        default=DEFAULT_PROGRESS_INTERVAL,
+        help="longest gap between Progress frames of advancing work (default %(default)s)",
+    )
     p.add_argument("--debug", action="store_true", help="send DEBUG log lines too (dtprobed -d)")
     p.add_argument(
         "--lock-dir",
@@ -168,14 +250,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     root.setLevel(logging.DEBUG if args.debug else logging.INFO)
     set_process_name(b"dtprobed-stash")
     os.umask(0o022)  # modes are then exactly the 0755/0644 we pass
-    quotas = StashQuotas(args.max_generations, args.max_probes_per_pid, args.max_probes_total)
+    try:
+        quotas = StashQuotas(
+            max_generations=args.max_generations,
+            max_probes_per_pid=args.max_probes_per_pid,
+            max_probes_total=args.max_probes_total,
+            max_probes_per_uid=args.max_probes_per_uid,
+            max_raw_bytes_per_pid=args.max_raw_bytes_per_pid,
+            max_raw_bytes_per_uid=args.max_raw_bytes_per_uid,
+            max_raw_bytes_total=args.max_raw_bytes_total,
+        )
+    except (TypeError, ValueError) as err:  # msgspec's bounds (e.g. above 2^24 probes)
+        log.error("cannot start: bad quota: %s", err)
+        return EXIT_START
+    report = progress_sender(1)
+    meter = ProgressMeter(report, args.progress_interval)
+    try:
+        report(0, "starting")  # ends the host's start grace: -t applies from here
+    except OSError:
+        return 0
     try:
         # takes the writer lock, then recovers what a killed predecessor left
-        stash = Stash(args.state_dir, quotas, lock_dir=args.lock_dir)
+        stash = Stash(args.state_dir, quotas, lock_dir=args.lock_dir, progress=meter)
     except StashError as err:
         log.error("cannot start: %s", err)
         return EXIT_START
+    except OSError as err:  # e.g. the state directory is not a directory
+        log.error("cannot start: %s: %s", args.state_dir, err)
+        return EXIT_START
     try:
+        usage = stash.usage
+        started = Started(pids=stash.process_count, probes=usage.probes, raw_bytes=usage.raw)
+        try:
+            send_frame(1, FrameEncoder().encode(started))
+        except OSError:
+            return 0  # the daemon went away during our start-up
+        gc.collect()
+        _malloc_trim()()
         serve(stash, 0, 1, logs)
     except ProtocolError as err:
         log.error("protocol violation from the daemon: %s", err)

@@ -25,8 +25,10 @@ from common.stash_protocol import (
     Generation,
     Log,
     Problems,
+    Progress,
     Register,
     Registration,
+    Started,
     StashReply,
     Verify,
 )
@@ -166,6 +168,9 @@ def _writer_killed_at(
             "dtprobed.stash.writer",
             "--state-dir",
             state,
+            # Progress frames are writes at times of the clock's choosing: none here,
+            # so that the n-th write-type call is the same one in every run
+            "--progress-interval=86400",
         ],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
@@ -199,14 +204,16 @@ def _writer_killed_at(
     try:
         writer.stdin.write(enc.encode(Verify()))
         writer.stdin.flush()
-        while isinstance(reply := decoder.read(lambda k: read_exactly(out, k)), Log):
+        while isinstance(
+            reply := decoder.read(lambda k: read_exactly(out, k)), Log | Progress | Started
+        ):
             pass
         assert reply == Problems(problems=[]), reply
         armed.set()  # start-up is over: from now on every write-type call is the Register's
         writer.stdin.write(enc.encode(Register(reg=reg, records=records)))
         writer.stdin.flush()
         try:
-            while isinstance(reply := decoder.read(lambda k: read_exactly(out, k)), Log):
+            while isinstance(reply := decoder.read(lambda k: read_exactly(out, k)), Log | Progress):
                 pass
             assert n == 0, f"the writer answered {reply} though killed at call {n}"
             assert isinstance(reply, Generation), reply

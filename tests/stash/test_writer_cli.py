@@ -19,7 +19,14 @@ import pytest
 from common.errors import StashError
 from common.framing import FrameDecoder
 from common.grammar import check_stream
-from common.stash_protocol import MAX_REPLY_FRAME, Log, StashQuotas, StashReply
+from common.stash_protocol import (
+    MAX_REPLY_FRAME,
+    Log,
+    Progress,
+    Started,
+    StashQuotas,
+    StashReply,
+)
 from dtprobed.children.writer import StashWriterChild
 from dtprobed.cli.stash import main as cli_main
 from dtprobed.stash.store import Stash
@@ -98,7 +105,7 @@ def _log_frames(out: bytes) -> list[Log]:
     decoder: FrameDecoder[StashReply] = FrameDecoder(StashReply, MAX_REPLY_FRAME)
     frames, used = decoder.split(bytearray(out))
     assert used == len(out)
-    assert all(isinstance(f, Log) for f in frames), frames
+    assert all(isinstance(f, Log | Progress | Started) for f in frames), frames
     return [f for f in frames if isinstance(f, Log)]
 
 

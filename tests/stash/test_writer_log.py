@@ -13,10 +13,12 @@ from pathlib import Path
 
 import pytest
 
+from common.framing import FrameDecoder
 from common.grammar import check_stream
-from common.stash_protocol import MAX_LOG_RECORDS
+from common.stash_protocol import MAX_LOG_RECORDS, MAX_REPLY_FRAME, Log, StashReply
 from dtprobed.children.writer import StashWriterChild
 from dtprobed.stash.store import Stash
+from dtprobed.stash.writer import PipeLogHandler
 from tests.stash.support import Proc, records_for, registration, sleepers
 from tests.support.daemon import finish, start_daemon
 
@@ -75,10 +77,11 @@ def test_recovery_and_debug_lines_reach_the_host_logger(
 
 
 @pytest.mark.timeout(60)
-def test_log_lines_are_bounded_per_command(
+def test_recovery_lines_are_summarised_and_bounded(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A start-up with 3 × MAX recovery actions sends MAX lines and one note; the writer works."""
+    """A start-up with 3 × MAX recovery actions logs some of them and a count of all;
+    within the per-command bound; the writer works."""
     state = tmp_path / "run"
     caplog.set_level(logging.INFO, logger="dtprobed.stash")
     with sleepers(1) as (p,):
@@ -87,11 +90,42 @@ def test_log_lines_are_bounded_per_command(
         try:
             assert writer.verify() == []
             lines = [r.getMessage() for r in _records(caplog) if "stash writer" in r.getMessage()]
-            assert len(lines) == MAX_LOG_RECORDS + 1, lines
-            assert "further log lines of this command suppressed" in lines[-1]
+            assert len(lines) <= MAX_LOG_RECORDS + 1, lines
+            rolled = [ln for ln in lines if "rolled back uncommitted mapping" in ln]
+            assert 0 < len(rolled) < 3 * MAX_LOG_RECORDS
+            (summary,) = [ln for ln in lines if "more actions (" in ln]
+            assert f"more actions ({3 * MAX_LOG_RECORDS} in all)" in summary, summary
             assert writer.verify() == []  # the same writer: not killed for it
         finally:
             writer.stop()
+
+
+def test_log_frames_are_bounded_per_command() -> None:
+    """3 × MAX lines in one command: MAX frames, then one "suppressed" note, then none."""
+    r, w = os.pipe()
+    try:
+        handler = PipeLogHandler(w)
+        logger = logging.getLogger("test.pipe_bound")
+        logger.propagate = False
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        for i in range(3 * MAX_LOG_RECORDS):
+            logger.info("line %d", i)
+        os.close(w)
+        w = -1
+        data = b""
+        while chunk := os.read(r, 1 << 16):
+            data += chunk
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+    decoder: FrameDecoder[StashReply] = FrameDecoder(StashReply, MAX_REPLY_FRAME)
+    frames, used = decoder.split(bytearray(data))
+    assert used == len(data)
+    assert len(frames) == MAX_LOG_RECORDS + 1
+    last = frames[-1]
+    assert isinstance(last, Log) and "further log lines of this command suppressed" in last.message
 
 
 @pytest.mark.timeout(120)
