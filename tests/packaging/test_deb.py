@@ -26,8 +26,10 @@ The scenario, in order (each step's duration is printed):
    stash can be seen kept), nothing of ours is left but the stash; started
    by hand, the unit runs upstream's binary (which fails: no CUSE here).
 
-Separately: sid's lintian on the .deb reports nothing but what
-packaging/deb/lintian-overrides and README.md explain.
+Separately: the same .deb on Debian 12 (python3 3.11, systemd 252, no
+libdtrace2): install, serve, an ADDDOF client registers, reboot, purge
+(unit, enablement and files gone); and sid's lintian on the .deb reports
+nothing but what packaging/deb/lintian-overrides and README.md explain.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ import pytest
 from tests.packaging.conftest import REPO
 from tests.packaging.test_systemd import _find_pid1, remove_cgroup_tree
 from tests.realdtrace import partner
+from tests.support.clients import code_dof, code_file, write_dof
 
 HERE = Path(__file__).resolve().parent
 BUILD = REPO / "packaging" / "deb" / "build.sh"
@@ -138,18 +141,28 @@ def deb(tmp_path_factory: pytest.TempPathFactory, timings: Timings) -> Path:
     return debs[0]
 
 
-@pytest.fixture(scope="module")
-def chroot(timings: Timings) -> Path:
-    """The cached Debian unstable chroot with dtrace 2.0.7, systemd and lintian."""
+def _deb_chroot(suite: str, timings: Timings) -> Path:
     _requirements()
-    with timings.step("the cached unstable chroot (deb-chroot.sh)"):
+    with timings.step(f"the cached {suite} chroot (deb-chroot.sh {suite})"):
         proc = subprocess.run(
-            ["bash", str(DEB_CHROOT)], capture_output=True, text=True, timeout=1800
+            ["bash", str(DEB_CHROOT), suite], capture_output=True, text=True, timeout=1800
         )
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-        pytest.fail(f"deb-chroot.sh failed: {tail}", pytrace=False)
+        pytest.fail(f"deb-chroot.sh {suite} failed: {tail}", pytrace=False)
     return Path(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def chroot(timings: Timings) -> Path:
+    """The cached Debian unstable chroot with dtrace 2.0.7, systemd and lintian."""
+    return _deb_chroot("sid", timings)
+
+
+@pytest.fixture(scope="module")
+def bookworm(timings: Timings) -> Path:
+    """The cached Debian 12 chroot with systemd (Debian 12 has no dtrace package)."""
+    return _deb_chroot("bookworm", timings)
 
 
 # --------------------------------------------------------------------- the machine
@@ -338,6 +351,7 @@ def dtrace_lists(machine: Machine, pid: int) -> list[str]:
 
 
 RDTMAIN_PROBES = ["done-all", "start", "tick"]
+UNIT_PATHS = ("/usr/lib/systemd/system/dtprobed.service", "/lib/systemd/system/dtprobed.service")
 
 
 def stashed(machine: Machine, pid: int) -> bool:
@@ -349,7 +363,8 @@ def assert_ours_serves(machine: Machine) -> dict[str, str]:
     """dtprobed.service is ours, active, serving the helper as a FUSE file."""
     state = machine.wait_active()
     show = machine.show("FragmentPath", "ExecStart", "DropInPaths")
-    assert show["FragmentPath"] == "/usr/lib/systemd/system/dtprobed.service", show
+    # (systemd 252 of Debian 12 names it by /lib, the same directory on merged /usr)
+    assert show["FragmentPath"] in UNIT_PATHS, show
     assert "/usr/sbin/dtprobed" in show["ExecStart"], show
     assert "50-debian-package.conf" in show["DropInPaths"], show
     head = machine.check("head", "-n1", "/usr/sbin/dtprobed").strip()
@@ -517,3 +532,98 @@ def test_deb_lintian(deb: Path, chroot: Path, tmp_path: Path, timings: Timings) 
     readme = (REPO / "packaging" / "deb" / "README.md").read_text()
     unexplained = [t for t in tags if t.split()[2] not in readme]
     assert unexplained == [], unexplained
+
+
+def register_fake_client(machine: Machine) -> tuple[subprocess.Popen[str], int]:
+    """tests/support/client.py in the machine, on the package's own interpreter and
+    modules (common.*): it registers WORK/probes.dof with ADDDOF at start-up."""
+    proc = subprocess.Popen(
+        machine.argv(
+            "env",
+            f"PYTHONPATH={WORK_IN_NS}/support",
+            "/usr/lib/dtprobed-py/venv/bin/python3",
+            "-m",
+            "tests.support.client",
+            "--device",
+            "/dev/dtrace/helper",
+            "--code-file",
+            f"{WORK_IN_NS}/code.bin",
+            "--register",
+            json.dumps({"op": "register", "dof_file": f"{WORK_IN_NS}/probes.dof"}),
+        ),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    hello = json.loads(proc.stdout.readline() or "{}")
+    if hello.get("register", {}).get("gen") != 0:
+        proc.kill()
+        pytest.fail(f"registration failed: {hello}\n{machine.journal()}")
+    return proc, int(hello["pid"])
+
+
+def end_fake_client(proc: subprocess.Popen[str]) -> None:
+    assert proc.stdin is not None and proc.stdout is not None
+    with contextlib.suppress(BrokenPipeError):
+        proc.stdin.write('{"op": "exit"}\n')
+        proc.stdin.close()
+    proc.wait(30)
+    proc.stdout.close()
+
+
+def assert_fake_client_registers(machine: Machine) -> None:
+    proc, pid = register_fake_client(machine)
+    try:
+        assert stashed(machine, pid), machine.journal()
+        assert str(pid) in machine.check("dtprobed-stash", "list", "--json")
+    finally:
+        end_fake_client(proc)
+
+
+def test_deb_on_debian_12(deb: Path, bookworm: Path, tmp_path: Path, timings: Timings) -> None:
+    """The same .deb on Debian 12 (python3 3.11, systemd 252, no libdtrace2)."""
+    support = tmp_path / "support" / "tests" / "support"
+    support.mkdir(parents=True)
+    (support.parent / "__init__.py").write_text("")
+    (support / "__init__.py").write_text("")
+    shutil.copy2(REPO / "tests" / "support" / "client.py", support / "client.py")
+    code_file(tmp_path)
+    write_dof(tmp_path, "probes", code_dof().data)
+    shutil.copy2(deb, tmp_path / deb.name)
+
+    machine = Machine(bookworm, tmp_path)
+    try:
+        with timings.step("Debian 12: boot the machine"):
+            machine.boot()
+        with timings.step("Debian 12: apt-get install ./dtprobed-py.deb"):
+            out = machine.check("apt-get", "install", "-y", "-q", f"{WORK_IN_NS}/{deb.name}")
+        assert "Setting up dtprobed-py" in out, out
+        version = machine.check("python3", "-c", "import sys; print(sys.version_info[:2])")
+        assert version.strip() == "(3, 11)", version
+        # The diversions are in place, diverting nothing (no libdtrace2 here).
+        assert len(machine.diversions()) == len(DIVERTED)
+        assert machine.sh("ls /usr/sbin/dtprobed.distrib 2>/dev/null || true").strip() == ""
+        assert_ours_serves(machine)
+        with timings.step("Debian 12: a client registers (ADDDOF)"):
+            assert_fake_client_registers(machine)
+        with timings.step("Debian 12: reboot"):
+            machine.shutdown()
+            machine.boot()
+            assert_ours_serves(machine)
+            assert_fake_client_registers(machine)
+        with timings.step("Debian 12: apt-get purge dtprobed-py"):
+            out = machine.check("apt-get", "purge", "-y", "-q", "dtprobed-py")
+        assert "Purging configuration files for dtprobed-py" in out, out
+        assert machine.diversions() == []
+        # No upstream unit to hand over to: the enablement goes too.
+        assert machine.show("LoadState")["LoadState"] == "not-found"
+        leftovers = machine.sh(
+            "ls -d /usr/lib/dtprobed-py /usr/sbin/dtprobed /usr/lib/systemd/system/dtprobed.service "
+            "/usr/lib/systemd/system/dtrace-usdt.target /etc/systemd/system/basic.target.wants/* "
+            "/var/lib/systemd/deb-systemd-helper-enabled/dtprobed.service.dsh-also "
+            "/var/lib/dpkg/info/dtprobed-py.* 2>/dev/null || true"
+        ).split()
+        assert leftovers == [], leftovers
+    finally:
+        machine.shutdown()
