@@ -57,11 +57,12 @@ DEFAULT_MAX_PROBES_PER_PID: Final = 65536
 #: A quarter of the total: one user's processes can't fill the stash for everyone.
 DEFAULT_MAX_PROBES_PER_UID: Final = 1 << 18
 DEFAULT_MAX_PROBES_TOTAL: Final = 1 << 20
-#: Raw bytes (DOF, or notes + .rodata) charged to one process: one DOF of the
-#: largest size the parser admits (``--max-dof-size``, 256 MiB).
-DEFAULT_MAX_RAW_BYTES_PER_PID: Final = DOF_MAXSZ
-DEFAULT_MAX_RAW_BYTES_PER_UID: Final = DOF_MAXSZ
-DEFAULT_MAX_RAW_BYTES_TOTAL: Final = 4 * DOF_MAXSZ
+#: Raw bytes (DOF, or notes + .rodata) in the stash: what packaging/install.sh's
+#: tmpfs reserves for them beside the probe files (docs/operations.md), so EDQUOT
+#: comes before ENOSPC; one user (and one process) gets a quarter.
+DEFAULT_MAX_RAW_BYTES_TOTAL: Final = 256 << 20
+DEFAULT_MAX_RAW_BYTES_PER_UID: Final = 64 << 20
+DEFAULT_MAX_RAW_BYTES_PER_PID: Final = 64 << 20
 
 #: The uid of a registration whose caller's uid is not known (an upstream-written
 #: ``dof-pid/$pid`` without the ``trusted.dtprobed.uid`` xattr): ``(uid_t) -1``,

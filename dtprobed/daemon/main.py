@@ -6,7 +6,11 @@ a live daemon fail at once, before the stash is touched), start the stash
 writer (which recovers an interrupted operation), prune dead processes,
 reparse what has an outdated parsed version (one mapping per exchange), then
 tell the service manager ``READY=1`` and serve.  Processes still alive in the
-stash are watched from then on like new registrations.
+stash are watched from then on like new registrations.  None of these steps is
+bounded by ``-t`` as a whole: the writer reports progress (recovery and index
+rebuild of a stash at its quotas' maximum take seconds), ``-t`` bounds only its
+silence, and every frame of it (and every reparsed mapping) feeds the watchdog
+until READY=1 (``WATCHDOG=1`` with ``EXTEND_TIMEOUT_USEC``).
 
 Signals: SIGTERM, SIGINT and SIGHUP stop the daemon cleanly (queued requests
 answered, children stopped, device removed, stash left intact, ``STOPPING=1``,
@@ -29,7 +33,8 @@ whatever is still outdated).
 Exit status: 0 after a clean stop; 1 fatal (bad options, unusable or already
 served device, unusable state directory) — the unit's
 ``RestartPreventExitStatus=1`` keeps systemd from looping on it; 2 when a
-restart may help (the stash writer cannot be kept running).
+restart may help (the stash writer cannot be started: 5 failures in a row; a
+writer that breaks on one client's request fails that request only).
 """
 
 from __future__ import annotations

@@ -213,3 +213,15 @@ def test_a_writer_that_cannot_start_is_a_child_failure(tmp_path: Path) -> None:
         writer.start()
     with pytest.raises(ChildFailed):
         writer.prune_dead()
+
+
+def test_default_shares_leave_room_for_other_users() -> None:
+    """With the defaults no one user (nor one process) can fill the stash: each share
+    is at most a quarter of its total, and a process fits in its user's share."""
+    q = StashQuotas()
+    assert 4 * q.max_probes_per_uid <= q.max_probes_total
+    assert 4 * q.max_raw_bytes_per_uid <= q.max_raw_bytes_total
+    assert q.max_probes_per_pid <= q.max_probes_per_uid
+    assert q.max_raw_bytes_per_pid <= q.max_raw_bytes_per_uid
+    # install.sh's tmpfs reserves 256 MiB for raw blocks (docs/operations.md)
+    assert q.max_raw_bytes_total <= 256 << 20
