@@ -15,11 +15,14 @@ world-readable directory outside pytest's 0700 ``tmp_path``.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
+import signal
 import socket
 import tempfile
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +108,15 @@ def parsed_files(daemon: DaemonHandle, pid: int) -> int:
         for m in pdir.iterdir()
         if m.is_dir() and not m.is_symlink()
     )
+
+
+def mapping_dirs(pdir: Path) -> set[str]:
+    """Names of the mapping directories in ``dof-pid/$pid`` (not the generation links)."""
+    return {d.name for d in pdir.iterdir() if d.is_dir() and not d.is_symlink()}
+
+
+def new_mapping(pdir: Path, seen: set[str]) -> bool:
+    return bool(mapping_dirs(pdir) - seen)
 
 
 def alive(daemon: DaemonHandle) -> bool:
@@ -423,3 +435,42 @@ def test_hostile_helpers_work(shared: Path) -> None:
         wait_until("nothing", lambda: True)
     finally:
         foreign.close()
+
+
+# ------------------------------------- a writer that breaks on requests is not fatal
+
+
+def test_writer_breaking_on_requests_never_stops_the_daemon(
+    daemon_factory: DaemonFactory, tmp_path: Path
+) -> None:
+    """Seven registrations in a row whose writer dies in the middle of the commit (a
+    hostile request could make it crash): each fails alone (EINVAL), nothing of it
+    stays, and the daemon keeps serving — before, the fifth made it exit 2."""
+    daemon = daemon_factory.start()
+    small = write_dof(tmp_path, "small", code_dof().data)
+    data = probes_dof(20000)
+    bigs = [write_dof(tmp_path, f"big{i}", data) for i in range(7)]  # one mapping key each
+    clients = Clients(tmp_path, daemon.device)
+    try:
+        client = clients.start()
+        assert client.register(small)["gen"] == 0
+        pdir = daemon.state_dir / "stash" / "dof-pid" / str(client.pid)
+        (first,) = mapping_dirs(pdir)
+        seen = {first}  # a killed commit's directory stays until the next writer recovers
+        for big in bigs:
+            client.send({"op": "register", "dof_file": str(big)}, answer=False)
+            # the writer has begun this mapping (its directory exists, uncommitted)
+            daemon.wait_for(
+                "the commit to begin", partial(new_mapping, pdir, set(seen)), timeout=60
+            )
+            seen |= mapping_dirs(pdir)
+            os.kill(daemon.writer_pid(), signal.SIGKILL)
+            assert client.read().get("errno") == errno.EINVAL
+            assert alive(daemon), daemon.log_text()
+        assert client.register(small)["gen"] == 1  # nothing of the failed ones stayed
+        assert mapping_dirs(pdir) == {first}
+        assert alive(daemon)
+        assert "failed 5 times in a row" not in daemon.log_text()
+        daemon.verify()
+    finally:
+        clients.close()
