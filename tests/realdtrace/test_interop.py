@@ -97,8 +97,13 @@ MAIN_SCRIPT = (
 )
 
 
-def expected_main_output(pid: int, n: int) -> str:
-    ticks = "".join(f"tick {i} {i * 1000}\n" for i in range(n))
+#: tick's uint64_t argument starts here in test_executable_listed_and_fired: above 2**63,
+#: so a 32-bit or signed reading of it would print something else.
+BIG = 0xFFFFFFFF00000000
+
+
+def expected_main_output(pid: int, n: int, base: int = 0) -> str:
+    ticks = "".join(f"tick {i} {base + i * 1000}\n" for i in range(n))
     return f"start usdtprog {pid}\n{ticks}done {n}\n"
 
 
@@ -132,7 +137,7 @@ def test_executable_listed_and_fired(
 
         def trigger() -> None:
             assert prog.command("s") == "s"
-            assert prog.command("f 5") == "f 5"
+            assert prog.command(f"f 5 {BIG}") == "f 5"
 
         out = partner.dtrace_fire(
             daemon.state_dir,
@@ -142,7 +147,7 @@ def test_executable_listed_and_fired(
             duration=FIRE_WINDOW,
             root=root,
         )
-        assert out.stdout.strip("\n") + "\n" == expected_main_output(prog.pid, 5), out.stderr
+        assert out.stdout.strip("\n") + "\n" == expected_main_output(prog.pid, 5, BIG), out.stderr
         assert out.returncode == 0, out.stderr
     finally:
         status, err = prog.quit()

@@ -5,7 +5,7 @@
 provider rdtmain {
 	/* fired once per "s" command: a label and the process id */
 	probe start(char *, int);
-	/* fired N times by "f N": the index and index * 1000 */
+	/* fired N times by "f N [B]": the index and B + index * 1000 */
 	probe tick(int, uint64_t);
 	/* fired once at the end of "f N": the count (name in D: done-all) */
 	probe done__all(int);

@@ -6,7 +6,8 @@
  * It prints "PID ready" first, then reads one command per line on stdin and answers every
  * command with one line "PID ok CMD ..." (or "PID error ..."), flushed:
  *   s        fire rdtmain:::start("usdtprog", pid) once
- *   f N      fire rdtmain:::tick(i, i * 1000) for i = 0..N-1, then rdtmain:::done-all(N)
+ *   f N [B]  fire rdtmain:::tick(i, B + i * 1000) for i = 0..N-1 (B: a uint64_t, default 0),
+ *            then rdtmain:::done-all(N)
  *   e        report RDTMAIN_TICK_ENABLED() (an is-enabled probe site): "PID ok e N"
  *   o [LIB]  dlopen LIB (default: libusdtlib.so next to this program)
  *   l N      call rdtlib_fire(N) in the library (rdtlib:::enter once, rdtlib:::call N times)
@@ -53,10 +54,10 @@ static void say(const char *fmt, ...)
 	fflush(stdout);
 }
 
-static void fire_ticks(int n)
+static void fire_ticks(int n, uint64_t base)
 {
 	for (int i = 0; i < n; i++)
-		RDTMAIN_TICK(i, (uint64_t)i * 1000);
+		RDTMAIN_TICK(i, base + (uint64_t)i * 1000);
 	RDTMAIN_DONE_ALL(n);
 }
 
@@ -117,7 +118,7 @@ static void serve(FILE *in)
 			say("ok s");
 			break;
 		case 'f':
-			fire_ticks(n);
+			fire_ticks(n, arg && strchr(arg, ' ') ? strtoull(strchr(arg, ' ') + 1, NULL, 0) : 0);
 			say("ok f %d", n);
 			break;
 		case 'e':
