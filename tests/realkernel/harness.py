@@ -255,6 +255,11 @@ class PrivateDaemon:
             str(self.state_dir),
             "--ready-fd",
             str(ready_fd),
+            # generous (as tests/support/daemon.py): under emulation on a loaded host a
+            # child's first answer took over the default 5 s (the stash writer at start-up);
+            # a test that wants another bound passes its own -t, which comes later and wins
+            "--timeout",
+            "30",
             *self.extra,
         ]
 

@@ -1,7 +1,9 @@
 """Boot one CUSE-capable VM and run the in-guest suite there (marker ``realkernel``).
 
 The guest session runs every shared scenario in CUSE mode against a private daemon
-(tests/realkernel/guest/) and the parser sandbox tests (tests/sandbox/: under
+(tests/realkernel/guest/), the real dtrace 2.0.7 against that daemon in CUSE mode
+(guest/test_realdtrace.py: the sid chroot and its programs are built here, on the host,
+before the boot; the guest sees them on the shared root) and the parser sandbox tests (tests/sandbox/: under
 emulation ``clock_gettime`` may be a real syscall, which the filter must allow).
 The VM comes from tools/cuse-vm/ (first use: apt-get installs qemu, downloads the
 kernel package).  Skip it on a fast host run with ``-m "not realkernel"``.
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.realdtrace import partner
 from tests.realkernel.harness import REPO, build_c_client
 
 VM_TOOL = REPO / "tools" / "cuse-vm" / "cuse-vm.sh"
@@ -52,6 +55,9 @@ def guest_command(tmp: Path, client: Path) -> list[str]:
 @pytest.mark.timeout(VM_TIMEOUT_S + 120)
 def test_cuse_scenarios_in_vm(tmp_path: Path) -> None:
     client = build_c_client(tmp_path)
+    # The guest's root is the host's, read-only with a write overlay, and host files changed
+    # while it runs may go unseen: build the chroot and the programs first.
+    partner.build_programs(partner.ensure_chroot())
     result = subprocess.run(
         guest_command(tmp_path, client),
         cwd=REPO,
@@ -75,3 +81,14 @@ def test_cuse_scenarios_in_vm(tmp_path: Path) -> None:
     # the guest really ran the CUSE scenarios (not an empty collection)
     assert any(name.startswith("test_cuse[") for name in cuse_cases), output
     assert "test_auto_mode_picks_cuse" in cuse_cases, output
+    # and the real dtrace ran against the CUSE daemon
+    realdtrace = {
+        case.get("name", "")
+        for case in suite.iter("testcase")
+        if case.get("classname", "").endswith("test_realdtrace")
+    }
+    assert realdtrace == {
+        "test_cuse_hasusdt_list_fire_isenabled_dlclose",
+        "test_cuse_fork_child_registers_fires_and_removes",
+        "test_cuse_adddof_client_listed_and_fired",
+    }, output

@@ -20,16 +20,19 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.realdtrace import dofclient, partner
-from tests.realkernel.harness import REPO, PrivateDaemon, private_device, wait_until
+from tests.realkernel.harness import REPO, PrivateDaemon, private_device
+from tests.realkernel.harness import wait_until as _wait_until
 
 pytestmark = pytest.mark.timeout(900)
 
+#: tick's uint64_t argument base: above 2**63 (a 32-bit or signed reading prints otherwise).
+BIG = 0xFFFFFFFF00000000
 #: dtrace waits this long at most for the script's own exit(0) (emulated: slow).
 FIRE_WINDOW = 400.0
 START_TIMEOUT = 300.0
@@ -72,7 +75,10 @@ def daemon(tmp_path_factory: pytest.TempPathFactory, root: Path) -> Iterator[Pri
     tmp = tmp_path_factory.mktemp("realdtrace")
     state = tmp / "state"
     state.mkdir()
-    daemon = PrivateDaemon(private_device("cuse", tmp), state, "cuse", tmp / "dtprobed.log")
+    # -t 60: under emulation on a loaded host a child's first answer can take seconds
+    daemon = PrivateDaemon(
+        private_device("cuse", tmp), state, "cuse", tmp / "dtprobed.log", ["-d", "-t", "60"]
+    )
     daemon.start()
     try:
         assert daemon.served_as() == "cuse"
@@ -85,6 +91,14 @@ def daemon(tmp_path_factory: pytest.TempPathFactory, root: Path) -> Iterator[Pri
         daemon.cleanup()
         print(daemon.log()[-4000:])
         shutil.rmtree(state, ignore_errors=True)
+
+
+def wait_until(daemon: PrivateDaemon, predicate: Callable[[], bool], what: str) -> None:
+    """harness.wait_until, failing with the end of the daemon's log."""
+    try:
+        _wait_until(predicate, what)
+    except AssertionError as err:
+        raise AssertionError(f"{err}; daemon log:\n{daemon.log()[-6000:]}") from None
 
 
 def gens(daemon: PrivateDaemon, pid: int) -> list[int]:
@@ -115,14 +129,14 @@ def test_cuse_hasusdt_list_fire_isenabled_dlclose(
     )
     lib = f"rdtlib{prog.pid}"
     try:
-        wait_until(lambda: gens(daemon, prog.pid) == [0], "HASUSDT registration (gen 0)")
+        wait_until(daemon, lambda: gens(daemon, prog.pid) == [0], "HASUSDT registration (gen 0)")
         assert rows(daemon, root, f"rdtmain{prog.pid}") == main_rows(prog.pid)
         assert prog.command("e") == "e 0"  # nobody enables tick yet
 
         def trigger() -> None:
             assert prog.command("e") == "e 1"  # the is-enabled site, enabled by dtrace
             assert prog.command("s") == "s"
-            assert prog.command("f 3") == "f 3"
+            assert prog.command(f"f 3 {BIG}") == "f 3"
 
         # every tick site: the regular one in fire_ticks and the is-enabled one in serve
         out = partner.dtrace_fire(
@@ -138,22 +152,22 @@ def test_cuse_hasusdt_list_fire_isenabled_dlclose(
         )
         assert [ln for ln in out.stdout.splitlines() if ln] == [
             f"start usdtprog {prog.pid}",
-            "tick 0 0",
-            "tick 1 1000",
-            "tick 2 2000",
+            f"tick 0 {BIG}",
+            f"tick 1 {BIG + 1000}",
+            f"tick 2 {BIG + 2000}",
             "done 3",
         ], out.stderr
         assert prog.command("e") == "e 0"  # dtrace has gone
 
         assert prog.command("o").startswith("o /")
-        wait_until(lambda: gens(daemon, prog.pid) == [0, 1], "the library's registration")
+        wait_until(daemon, lambda: gens(daemon, prog.pid) == [0, 1], "the library's registration")
         assert rows(daemon, root, f"rdt*{prog.pid}") == main_rows(prog.pid) | {
             (lib, "libusdtlib.so", "rdtlib_fire", "enter"),
             (lib, "libusdtlib.so", "rdtlib_fire", "call"),
         }
         assert prog.command("c") == "c"
         # CUSE delivers drti's REMOVE at dlclose: generation 1 goes, gen 0 stays
-        wait_until(lambda: gens(daemon, prog.pid) == [0], "REMOVE of the library's gen 1")
+        wait_until(daemon, lambda: gens(daemon, prog.pid) == [0], "REMOVE of the library's gen 1")
         assert not (daemon.state_dir / "probes" / str(prog.pid) / lib).exists()
         assert f"{prog.pid}: removed generation 1" in daemon.log()
         assert rows(daemon, root, f"rdt*{prog.pid}") == main_rows(prog.pid)
@@ -163,7 +177,7 @@ def test_cuse_hasusdt_list_fire_isenabled_dlclose(
     # drti's own messages: both registrations OK, both REMOVEs answered
     assert err.count("DRTI: Ioctl OK") == 2, err
     assert "Ioctl failed" not in err, err
-    wait_until(lambda: gens(daemon, prog.pid) == [], "REMOVE of gen 0 at exit")
+    wait_until(daemon, lambda: gens(daemon, prog.pid) == [], "REMOVE of gen 0 at exit")
     assert f"{prog.pid}: removed generation 0" in daemon.log()
     assert not (daemon.state_dir / "probes" / str(prog.pid)).exists()
 
@@ -180,10 +194,12 @@ def test_cuse_fork_child_registers_fires_and_removes(
 ) -> None:
     prog = partner.Program.start(progs.usdtprog, devname=daemon.device, root=root)
     try:
-        wait_until(lambda: gens(daemon, prog.pid) == [0], "the parent's registration")
+        wait_until(daemon, lambda: gens(daemon, prog.pid) == [0], "the parent's registration")
         child = int(prog.command("k").split()[1])
         assert prog.expect(f"{child} ") == f"{child} ready"
-        wait_until(lambda: gens(daemon, child) == [0], "the child's own registration (gen 0)")
+        wait_until(
+            daemon, lambda: gens(daemon, child) == [0], "the child's own registration (gen 0)"
+        )
         assert rows(daemon, root, f"rdtmain{child}") == main_rows(child)
 
         def trigger() -> None:
@@ -209,13 +225,13 @@ def test_cuse_fork_child_registers_fires_and_removes(
         assert prog.command("e") == "e 0"  # the parent's site was never enabled
         assert prog.command("w") == "w 0"
         # the child's exit sent REMOVE(0) for the child only
-        wait_until(lambda: gens(daemon, child) == [], "the child's REMOVE")
+        wait_until(daemon, lambda: gens(daemon, child) == [], "the child's REMOVE")
         assert f"{child}: removed generation 0" in daemon.log()
         assert gens(daemon, prog.pid) == [0]
     finally:
         status, err = prog.quit()
     assert status == 0, err
-    wait_until(lambda: gens(daemon, prog.pid) == [], "the parent's REMOVE at exit")
+    wait_until(daemon, lambda: gens(daemon, prog.pid) == [], "the parent's REMOVE at exit")
 
 
 def test_cuse_adddof_client_listed_and_fired(daemon: PrivateDaemon, root: Path) -> None:
@@ -270,4 +286,4 @@ def test_cuse_adddof_client_listed_and_fired(daemon: PrivateDaemon, root: Path) 
         proc.stdin.write("exit\n")
         proc.stdin.close()
         assert proc.wait(60) == 0
-    wait_until(lambda: gens(daemon, pid) == [], "exit pruning of the ADDDOF client")
+    wait_until(daemon, lambda: gens(daemon, pid) == [], "exit pruning of the ADDDOF client")
