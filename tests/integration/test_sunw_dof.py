@@ -360,6 +360,11 @@ def listed(daemon: DaemonHandle, chroot: Path, pattern: str) -> set[tuple[str, s
     return {(r.provider, r.module, r.function, r.name) for r in rows}
 
 
+def shown(out: partner.FireResult) -> str:
+    """All of dtrace's output, for a failure message."""
+    return f"dtrace exit {out.returncode}\nstdout:\n{out.stdout}\nstderr:\n{out.stderr}"
+
+
 def expected_rows(obj: sd.BuiltObject, pid: int) -> set[tuple[str, str, str, str]]:
     return {(f"{s.provider}{pid}", obj.name, s.func, s.probe) for s in obj.sites}
 
@@ -403,8 +408,8 @@ def test_real_dtrace_lists_and_fires(
             *["bare"] * 4,
             "done 0",
             "bare 4",
-        ], out.stderr
-        assert out.returncode == 0, out.stderr
+        ], shown(out)
+        assert out.returncode == 0, shown(out)
         # the brief's one-liner: trace(arg0) on one probe
         out = partner.dtrace_fire(
             real.state_dir,
@@ -417,8 +422,8 @@ def test_real_dtrace_lists_and_fires(
         )
         # not quiet: "CPU ID FUNCTION:NAME VALUE" per firing, and what each clause matched
         traced = [ln.split() for ln in out.stdout.splitlines() if "sunwmain_tick:tick" in ln]
-        assert [words[-1] for words in traced] == ["0", "1000"], out.stdout + out.stderr
-        assert out.matched == 2, out.stderr  # tick and done-all: one probe each
+        assert [words[-1] for words in traced] == ["0", "1000"], shown(out)
+        assert out.matched == 2, shown(out)  # tick and done-all: one probe each
     finally:
         status, err = run.prog.quit()
     assert status == 0, err
@@ -457,7 +462,7 @@ def test_real_dtrace_fires_a_dlopened_library(
             "call 1000 call",
             "call 2000 call",
             "calls 3",
-        ], out.stderr
+        ], shown(out)
     finally:
         status, err = run.prog.quit()
     assert status == 0, err
@@ -496,7 +501,7 @@ def test_real_dtrace_fires_in_a_fork_child(
             f"tick {child} 0 1",
             f"tick {child} 1000 1001",
             f"done {child}",
-        ], out.stderr
+        ], shown(out)
         assert run.prog.command("w") == "w 0"
     finally:
         status, err = run.prog.quit()
