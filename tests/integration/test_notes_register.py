@@ -337,7 +337,9 @@ def daemon() -> Iterator[DaemonHandle]:
 
 def gone(daemon: DaemonHandle, pid: int) -> None:
     daemon.wait_for(
-        f"pid {pid} pruned", lambda: pid not in daemon.stash_pids() + daemon.probe_pids()
+        f"pid {pid} pruned",
+        lambda: pid not in daemon.stash_pids() + daemon.probe_pids(),
+        timeout=60,  # a loaded machine; never a timing assertion
     )
 
 

@@ -41,6 +41,8 @@ from tests.support.stash_view import generations, probe_files
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
+#: Bound on waiting for exit pruning (a loaded machine; never a timing assertion).
+PRUNE_WAIT = 60.0
 #: dtrace waits this long at most for the script's own exit(0) (it normally comes first).
 FIRE_WINDOW = 240.0
 
@@ -155,7 +157,9 @@ def test_executable_listed_and_fired(
     # drti's destructor REMOVE cannot reach a FUSE helper (EFAULT in the kernel):
     assert "DRTI: Ioctl failed to remove DOF" in err
     daemon.wait_for(
-        "exit pruning", lambda: prog.pid not in daemon.stash_pids() + daemon.probe_pids()
+        "exit pruning",
+        lambda: prog.pid not in daemon.stash_pids() + daemon.probe_pids(),
+        timeout=PRUNE_WAIT,
     )
     assert providers_of(daemon, root, prog.pid) == set()
 
@@ -209,7 +213,9 @@ def test_library_dlopen_dlclose(daemon: DaemonHandle, root: Path, progs: partner
     # once at dlclose (gen 1), once at exit (gen 0)
     assert err.count("DRTI: Ioctl failed to remove DOF") == 2, err
     daemon.wait_for(
-        "exit pruning", lambda: prog.pid not in daemon.stash_pids() + daemon.probe_pids()
+        "exit pruning",
+        lambda: prog.pid not in daemon.stash_pids() + daemon.probe_pids(),
+        timeout=PRUNE_WAIT,
     )
     assert providers_of(daemon, root, prog.pid) == set()
 
@@ -237,7 +243,9 @@ def test_fork_child_registers_and_fires(
         )
         assert out.stdout.strip("\n") + "\n" == expected_main_output(child, 2), out.stderr
         assert prog.command("w") == "w 0"
-        daemon.wait_for("the child's pruning", lambda: child not in daemon.stash_pids())
+        daemon.wait_for(
+            "the child's pruning", lambda: child not in daemon.stash_pids(), timeout=PRUNE_WAIT
+        )
         assert prog.pid in daemon.stash_pids()  # the parent's registration stays
     finally:
         status, err = prog.quit()
@@ -299,5 +307,5 @@ def test_adddof_client_listed_and_fired(daemon: DaemonHandle, root: Path, anon: 
         proc.stdin.write("exit\n")
         proc.stdin.close()
         assert proc.wait(60) == 0
-    daemon.wait_for("exit pruning", lambda: pid not in daemon.stash_pids())
+    daemon.wait_for("exit pruning", lambda: pid not in daemon.stash_pids(), timeout=PRUNE_WAIT)
     os.unlink(dof)
