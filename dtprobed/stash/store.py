@@ -450,6 +450,7 @@ class Progress:
         self._next = time.monotonic() + interval
         self._phase = threading.Event()
         self._phase_lock = threading.Lock()
+        self._report_lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
     @contextlib.contextmanager
@@ -469,7 +470,10 @@ class Progress:
         try:
             yield
         finally:
-            self._phase.clear()
+            # under the lock the helper reports with: no Progress frame of this phase
+            # can follow what the main thread writes next (e.g. the reply)
+            with self._report_lock:
+                self._phase.clear()
 
     def _run(self) -> None:
         report = self.report
@@ -477,9 +481,10 @@ class Progress:
         while True:
             self._phase.wait()
             time.sleep(self.interval)
-            if self._phase.is_set():
-                with contextlib.suppress(OSError):
-                    report(self.done, self.what)
+            with self._report_lock:
+                if self._phase.is_set():
+                    with contextlib.suppress(OSError):
+                        report(self.done, self.what)
 
     def begin(self, what: str) -> None:
         self.done = 0

@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from common.records import ResultRecord
 from common.stash_protocol import UNKNOWN_UID, Registration, StashQuotas
 from dtprobed.children.writer import StashWriterChild, WriterCommandFailed
 from dtprobed.stash.layout import XATTR_UID
-from dtprobed.stash.store import Stash
+from dtprobed.stash.store import Progress, Stash
 from tests.stash.support import many_records, records_for, registration, sleepers, snapshot
 
 #: pids far above any real one (PID_MAX_LIMIT is 2^22): never alive, never pruned here
@@ -225,3 +226,31 @@ def test_default_shares_leave_room_for_other_users() -> None:
     assert q.max_raw_bytes_per_pid <= q.max_raw_bytes_per_uid
     # install.sh's tmpfs reserves 256 MiB for raw blocks (docs/operations.md)
     assert q.max_raw_bytes_total <= 256 << 20
+
+
+def test_no_progress_frame_of_a_phase_comes_after_it() -> None:
+    """The helper thread's Progress frames of a bounded phase all precede what the main
+    thread writes after the phase (its reply): else the daemon would see a Progress
+    frame between two commands, a protocol violation."""
+    events: list[str] = []
+
+    def report(done: int, what: str) -> None:
+        time.sleep(0.0002)  # a pipe write: the GIL is released meanwhile
+        events.append("p")
+
+    meter = Progress(report, interval=1e-6)
+    for _ in range(300):
+        events.append("b")
+        with meter.bounded("phase"):
+            time.sleep(0.0005)  # the grammar check, say
+        events.append("r")  # the reply
+        time.sleep(0.0005)  # waiting for the next command
+    after_reply = False
+    for e in events:
+        if e == "r":
+            after_reply = True
+        elif e == "b":
+            after_reply = False
+        else:
+            assert not after_reply, "a Progress frame of a finished phase"
+    assert events.count("p") > 0
