@@ -353,7 +353,7 @@ def _open_object(pid: int, first: Mapping) -> ObjectFile:
         raise _vanished(pid, err) from err
     try:
         st = os.fstat(fd)
-        if (st.st_dev, st.st_ino) != (first.dev, first.ino):
+        if st.st_ino != first.ino or (st.st_dev != first.dev and not _still_mapped(pid, first)):
             raise RequestRejected(
                 errno.EINVAL,
                 f"object {first.path} is {st.st_dev}-{st.st_ino}, "
@@ -367,6 +367,28 @@ def _open_object(pid: int, first: Mapping) -> ObjectFile:
     except BaseException:
         os.close(fd)
         raise
+
+
+def _still_mapped(pid: int, first: Mapping) -> bool:
+    """*first* is still what the process maps at its range (read again after the open).
+
+    On overlayfs before Linux 6.x's backing-file rework (Debian 12's 6.1, seen),
+    ``/proc/PID/maps`` names the lower layer's device while the opened file is
+    the overlay's: same inode number, another ``st_dev``.  The open went
+    through ``map_files`` of that very range, so when the range still maps the
+    same (dev, ino) afterwards, the file we hold is the one mapped there.
+    """
+    try:
+        space = AddressSpace.from_maps(read_proc(f"/proc/{pid}/maps"))
+    except (OSError, ValueError):
+        return False
+    now = space.find(first.start)
+    return now is not None and (now.start, now.end, now.dev, now.ino) == (
+        first.start,
+        first.end,
+        first.dev,
+        first.ino,
+    )
 
 
 def _identify(tid: int, key: Callable[[AddressSpace], tuple[int, int]]) -> Caller:
