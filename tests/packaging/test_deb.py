@@ -28,8 +28,10 @@ The scenario, in order (each step's duration is printed):
 
 Separately: the same .deb on Debian 12 (python3 3.11, systemd 252, no
 libdtrace2): install, serve, an ADDDOF client registers, reboot, purge
-(unit, enablement and files gone); and sid's lintian on the .deb reports
-nothing but what packaging/deb/lintian-overrides and README.md explain.
+(unit, enablement and files gone); sid's lintian on the .deb reports
+nothing but what packaging/deb/lintian-overrides and README.md explain; and
+in the CUSE VM (marker ``realkernel``), ours and then upstream's daemon
+serve the helper as a CUSE device (deb-cuse-guest.sh).
 """
 
 from __future__ import annotations
@@ -58,6 +60,9 @@ HERE = Path(__file__).resolve().parent
 BUILD = REPO / "packaging" / "deb" / "build.sh"
 DEB_CHROOT = HERE / "deb-chroot.sh"
 NESTED = HERE / "nested-systemd-chroot.sh"
+CUSE_GUEST = HERE / "deb-cuse-guest.sh"
+VM_TOOL = REPO / "tools" / "cuse-vm" / "cuse-vm.sh"
+VM_TIMEOUT_S = 600
 #: Downloaded wheels, kept between runs outside the clone (build.sh --wheels).
 WHEEL_CACHE = Path("/var/cache/dtprobed-py/wheels")
 WORK_IN_NS = "/run/dtprobed-test"
@@ -627,3 +632,42 @@ def test_deb_on_debian_12(deb: Path, bookworm: Path, tmp_path: Path, timings: Ti
         assert leftovers == [], leftovers
     finally:
         machine.shutdown()
+
+
+@pytest.mark.realkernel
+def test_deb_cuse_in_vm(deb: Path, chroot: Path, tmp_path: Path, timings: Timings) -> None:
+    """On a kernel with CUSE (tools/cuse-vm): ours, installed from the .deb, serves the
+    helper as a CUSE device to a dtrace -G program; after the purge, upstream's daemon
+    (back from the diversion) does. In the VM's RAM overlay of the cached unstable tree,
+    without systemd (deb-cuse-guest.sh starts each daemon as its unit would)."""
+    progs = partner.build_programs()  # before the VM: it may not see host files change
+    shutil.copy2(deb, tmp_path / deb.name)
+    shutil.copy2(progs.usdtprog, tmp_path / "usdtprog")
+    with timings.step("CUSE VM: install, ours serves, purge, upstream serves"):
+        proc = subprocess.run(
+            [
+                str(VM_TOOL),
+                "--timeout",
+                str(VM_TIMEOUT_S),
+                "--mem",
+                "2048",
+                "--share",
+                str(tmp_path),
+                "--",
+                "sh",
+                str(CUSE_GUEST),
+                str(chroot),
+                str(tmp_path),
+            ],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=VM_TIMEOUT_S + 120,
+        )
+    print("\nCUSE VM:\n" + proc.stdout)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    lines = proc.stdout.strip().splitlines()
+    assert lines and lines[-1].endswith("] ok"), proc.stdout[-4000:]
+    assert any("ours: usdtprog" in ln and "registered" in ln for ln in lines), proc.stdout
+    assert any("upstream: usdtprog" in ln and "registered" in ln for ln in lines), proc.stdout
