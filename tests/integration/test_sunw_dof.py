@@ -11,6 +11,7 @@ such a program running on the host, from our stash.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -83,10 +84,15 @@ class Running:
         return f"{'l' if self.obj.kind == 'lib' else 'f'} {probe} {n}"
 
 
-def start(objects: dict[str, sd.BuiltObject], kind: str, devname: Path | str) -> Running:
+def start(
+    objects: dict[str, sd.BuiltObject],
+    kind: str,
+    devname: Path | str,
+    cpus: set[int] | None = None,
+) -> Running:
     obj = objects[kind]
     exe = objects["driver"] if kind == "lib" else obj
-    prog = sd.SunwProgram.start(exe.path, devname=devname)
+    prog = sd.SunwProgram.start(exe.path, devname=devname, cpus=cpus)
     if kind == "lib":
         assert prog.command(f"o {obj.path}") == f"o {obj.path}"
     return Running(prog, obj)
@@ -351,6 +357,11 @@ def real(chroot: Path, objects: dict[str, sd.BuiltObject]) -> Iterator[DaemonHan
         finish(handle)
 
 
+#: The real-dtrace targets run on one CPU: dtrace prints its per-CPU buffers one CPU after
+#: the other, so only then is the order of its output the order of the firings (seen: a
+#: fork child's "done" printed before its "tick"s, which had run on the other CPU).
+ONE_CPU = {min(os.sched_getaffinity(0))}
+
 #: dtrace waits this long at most for the script's own exit(0) (it normally comes first).
 FIRE_WINDOW = 240.0
 
@@ -375,7 +386,7 @@ def expected_rows(obj: sd.BuiltObject, pid: int) -> set[tuple[str, str, str, str
 def test_real_dtrace_lists_and_fires(
     objects: dict[str, sd.BuiltObject], real: DaemonHandle, chroot: Path, kind: str
 ) -> None:
-    run = start(objects, kind, real.device)
+    run = start(objects, kind, real.device, ONE_CPU)
     pid = run.prog.pid
     try:
         assert run.info()["gen"] == "0"
@@ -436,7 +447,7 @@ def test_real_dtrace_lists_and_fires(
 def test_real_dtrace_fires_a_dlopened_library(
     objects: dict[str, sd.BuiltObject], real: DaemonHandle, chroot: Path
 ) -> None:
-    run = start(objects, "lib", real.device)
+    run = start(objects, "lib", real.device, ONE_CPU)
     pid = run.prog.pid
     try:
         assert run.info()["gen"] == "0"  # the driver has no DOF of its own
@@ -473,7 +484,7 @@ def test_real_dtrace_fires_a_dlopened_library(
 def test_real_dtrace_fires_in_a_fork_child(
     objects: dict[str, sd.BuiltObject], real: DaemonHandle, chroot: Path
 ) -> None:
-    run = start(objects, "pie", real.device)
+    run = start(objects, "pie", real.device, ONE_CPU)
     try:
         child = int(run.prog.command("k").split()[1])
         assert run.prog.expect(f"{child} ") == f"{child} ready"

@@ -611,12 +611,16 @@ class SunwProgram:
         devname: str | os.PathLike[str] | None,
         env: dict[str, str] | None = None,
         debug: bool = True,
+        cpus: set[int] | None = None,
         timeout: float = 30.0,
     ) -> SunwProgram:
         """Start ``exe`` on the host with a clean environment; wait for "PID ready".
 
         ``devname``: ``DTRACE_DOF_INIT_DEVNAME`` (None: the constructor's default helper).
         ``debug``: set ``DTRACE_DOF_INIT_DEBUG`` (the constructor's messages on stderr).
+        ``cpus``: pin the program (and its fork children) to these CPUs. dtrace keeps one
+        buffer per CPU and prints them CPU by CPU, so the order of its output lines is the
+        order of the firings only when they all ran on one CPU.
         """
         full = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
         if devname is not None:
@@ -633,6 +637,8 @@ class SunwProgram:
         )
         prog = cls(proc)
         try:
+            if cpus is not None:
+                os.sched_setaffinity(proc.pid, cpus)  # before any command: no probe fired yet
             line = prog.read_line(timeout)
         except BaseException:
             prog.kill()
