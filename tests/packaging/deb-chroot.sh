@@ -35,9 +35,11 @@ die() { log "error: $*"; exit 1; }
 [ "$(id -u)" = 0 ] || die "must run as root"
 case "$DIR" in /?*) ;; *) die "DTPROBED_DEB_CHROOT must be an absolute path: $DIR" ;; esac
 
+# DIR.lock: the tests hold it shared while they boot overlays of DIR (their
+# mounts are in namespaces of their own, invisible here), so a rebuild, which
+# takes it exclusive, waits for them; checking the stamp only needs it shared.
 mkdir -p "$(dirname "$DIR")"
 exec 9>"$DIR.lock"
-flock 9
 
 if [ "$SUITE" = sid ]; then
     # The shared chroot (built if needed), and its stamp: a rebuilt base means a new copy.
@@ -46,7 +48,19 @@ if [ "$SUITE" = sid ]; then
 else
     BASE_STAMP="base=debootstrap $SUITE"
 fi
-if [ -f "$STAMP" ] && grep -qx "recipe=$RECIPE" "$STAMP" && grep -qxF "$BASE_STAMP" "$STAMP"; then
+ready() { [ -f "$STAMP" ] && grep -qx "recipe=$RECIPE" "$STAMP" && grep -qxF "$BASE_STAMP" "$STAMP"; }
+flock -s 9
+if ready; then
+    log "ready: $DIR"
+    echo "$DIR"
+    exit 0
+fi
+flock -u 9
+if ! flock -n 9; then
+    log "waiting for the users of $DIR (and other builds) to finish"
+    flock 9
+fi
+if ready; then
     log "ready: $DIR"
     echo "$DIR"
     exit 0

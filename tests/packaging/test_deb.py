@@ -37,6 +37,7 @@ serve the helper as a CUSE device (deb-cuse-guest.sh).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import select
@@ -146,7 +147,9 @@ def deb(tmp_path_factory: pytest.TempPathFactory, timings: Timings) -> Path:
     return debs[0]
 
 
-def _deb_chroot(suite: str, timings: Timings) -> Path:
+def _deb_chroot(suite: str, timings: Timings) -> Iterator[Path]:
+    """deb-chroot.sh SUITE's tree, held (shared flock on DIR.lock) while the module uses
+    it: a rebuild by another run waits for the overlays booted on it here."""
     _requirements()
     with timings.step(f"the cached {suite} chroot (deb-chroot.sh {suite})"):
         proc = subprocess.run(
@@ -155,19 +158,27 @@ def _deb_chroot(suite: str, timings: Timings) -> Path:
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
         pytest.fail(f"deb-chroot.sh {suite} failed: {tail}", pytrace=False)
-    return Path(proc.stdout.strip().splitlines()[-1])
+    root = Path(proc.stdout.strip().splitlines()[-1])
+    fd = os.open(f"{root}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        if not (root / ".dtprobed-deb-ready").exists():  # rebuilt in between
+            pytest.fail(f"{root} is being rebuilt: run again", pytrace=False)
+        yield root
+    finally:
+        os.close(fd)
 
 
 @pytest.fixture(scope="module")
-def chroot(timings: Timings) -> Path:
+def chroot(timings: Timings) -> Iterator[Path]:
     """The cached Debian unstable chroot with dtrace 2.0.7, systemd and lintian."""
-    return _deb_chroot("sid", timings)
+    yield from _deb_chroot("sid", timings)
 
 
 @pytest.fixture(scope="module")
-def bookworm(timings: Timings) -> Path:
+def bookworm(timings: Timings) -> Iterator[Path]:
     """The cached Debian 12 chroot with systemd (Debian 12 has no dtrace package)."""
-    return _deb_chroot("bookworm", timings)
+    yield from _deb_chroot("bookworm", timings)
 
 
 # --------------------------------------------------------------------- the machine
