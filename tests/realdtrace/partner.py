@@ -627,6 +627,10 @@ class Program:
         full_env = {**CLEAN_ENV, **(env or {})}
         if devname is not None:
             full_env["DTRACE_DOF_INIT_DEVNAME"] = os.fspath(devname)
+        # One CPU for the program (and its fork children): dtrace keeps one buffer per
+        # CPU and prints them one CPU after another, so a thread that migrates between
+        # two probes could see its lines printed out of order.
+        cpu = min(os.sched_getaffinity(0))
         proc = subprocess.Popen(
             ["chroot", str(root), inside, *args],
             stdin=subprocess.PIPE,
@@ -634,6 +638,7 @@ class Program:
             stderr=subprocess.PIPE,
             text=True,
             env=full_env,
+            preexec_fn=lambda: os.sched_setaffinity(0, {cpu}),
         )
         prog = cls(proc, proc.pid)
         try:
