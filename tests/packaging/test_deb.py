@@ -17,7 +17,8 @@ The scenario, in order (each step's duration is printed):
 2. the stash outlives ``systemctl stop`` (the package's drop-in) and the
    next daemon adopts it;
 3. ``apt-get install --reinstall libdtrace2``: ours still serves, upstream's
-   files stay diverted;
+   files stay diverted; then a reinstall of ours (the upgrade path): the
+   daemon restarted, the registered program still listed;
 4. ``systemctl daemon-reexec``, then a reboot (systemd killed and booted
    again on the same disk): ours comes up at boot and serves;
 5. ``apt-get purge dtprobed-py``: the diversions are gone, upstream's unit
@@ -459,6 +460,24 @@ def test_deb_takes_over_from_libdtrace2_and_gives_back(
         )
         assert_ours_serves(machine)
         assert_registers(machine)
+
+        # 3b. A reinstall of ours (the upgrade path: preinst/prerm/postrm upgrade,
+        # postinst configure with the old version): restarted, the stash adopted.
+        with (
+            timings.step("apt-get install --reinstall ./dtprobed-py.deb"),
+            program(machine) as prog,
+        ):
+            before_pid = assert_ours_serves(machine)["MainPID"]
+            out = machine.check(
+                "apt-get", "install", "-y", "-q", "--reinstall", f"{WORK_IN_NS}/{deb.name}"
+            )
+            assert "Setting up dtprobed-py" in out, out
+            assert len(machine.diversions()) == len(DIVERTED)
+            assert assert_ours_serves(machine)["MainPID"] != before_pid
+            assert dtrace_lists(machine, prog.pid) == RDTMAIN_PROBES
+            assert machine.run("find", "/usr/lib/dtprobed-py", "-name", "*.pyc").stdout, (
+                "postinst byte-compiled nothing"
+            )
 
         # 4. systemd re-executed, then the machine rebooted.
         with timings.step("systemctl daemon-reexec"):
