@@ -248,7 +248,12 @@ class Machine:
                 p.read_text().strip() for p in self.cgroup.rglob("cgroup.procs")
             ):
                 time.sleep(0.05)
-            remove_cgroup_tree(self.cgroup)
+            # A cgroup whose last tasks are still exiting refuses rmdir (EBUSY) a while.
+            while True:
+                remove_cgroup_tree(self.cgroup)
+                if not self.cgroup.exists() or time.monotonic() > deadline + 10:
+                    break
+                time.sleep(0.1)
             self.cgroup = None
 
     def console(self) -> str:
