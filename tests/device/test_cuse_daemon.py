@@ -166,6 +166,7 @@ def test_remove_logs_removed_only_when_a_generation_went(
     pid = os.getpid()
     assert stack.kernel.ioctl(stack.tid(), DTRACEHIOC_REMOVE, 7, FakeMemory()) == 0
     assert stack.kernel.ioctl(stack.tid(), DTRACEHIOC_REMOVE, gen, FakeMemory()) == 0
+
     def lines() -> list[tuple[int, str]]:
         return [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "dtprobed"]
 
