@@ -178,3 +178,55 @@ def test_reader_going_away_ends_quietly_with_the_verdict(tmp_path: Path) -> None
     assert proc.wait(60) == 0
     assert first.startswith(b'{"type":"provider"')
     assert stderr == b""
+
+
+NOTES = Path(__file__).resolve().parents[1] / "parser" / "fixtures" / "notes"
+
+
+@pytest.mark.parametrize(("name", "base"), [("libfx.so", 0x7F00_0000_0000), ("fx_isenabled", 0)])
+def test_elf_object_prints_what_a_hasusdt_registration_parses(name: str, base: int) -> None:
+    """--elf runs the two exchanges a registration runs: the records are the pure
+    parser's for the blocks it locates, with the load base and the file's basename."""
+    import json
+
+    from common.dof_abi import DOF_HELPER
+    from common.records import NotesLocation
+    from parserd.elf_notes import locate_notes, parse_note_blocks
+
+    path = NOTES / name
+    data = path.read_bytes()
+    helper = DOF_HELPER.pack(name.encode().ljust(64, b"\0"), base, 0)
+    [where] = locate_notes(helper, len(data), lambda o, n: data[o : o + n], ParseLimits())
+    assert isinstance(where, NotesLocation)
+    notes = data[where.notes_offset : where.notes_offset + where.notes_size]
+    rodata = data[where.rodata_offset : where.rodata_offset + where.rodata_size]
+    helper = DOF_HELPER.pack(name.encode().ljust(64, b"\0"), where.base, 0)
+    expected = parse_note_blocks(
+        helper, where.notes_addr, notes, where.rodata_addr, rodata, ParseLimits()
+    )
+    proc = run("--elf", path, "--base", hex(base), "--json")
+    assert (proc.returncode, proc.stderr) == (0, ""), proc.stderr
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert len(lines) == len(expected) and lines[-1] == {"type": "eof"}
+    probes = [ln for ln in lines if ln["type"] == "probe"]
+    assert probes and all(p["mod"] == name for p in probes)
+    tracepoints = [ln for ln in lines if ln["type"] == "tracepoint"]
+    wanted = [r for r in expected if type(r).__name__ == "Tracepoint"]
+    assert [(t["addr"], t["is_enabled"], t["args"]) for t in tracepoints] == [
+        (r.addr, r.is_enabled, r.args)
+        for r in wanted  # type: ignore[union-attr]
+    ]
+    if name == "fx_isenabled":  # ET_EXEC: link-time addresses, whatever --base says
+        assert all(0x400000 <= t["addr"] < 0x500000 for t in tracepoints)
+    else:
+        assert all(base < t["addr"] < base + len(data) for t in tracepoints)
+
+
+def test_elf_refusals_and_usage() -> None:
+    no_notes = run("--elf", sys.executable, "--json")
+    assert no_notes.returncode == 1
+    [line] = no_notes.stdout.splitlines()
+    assert line.startswith('{"type":"err","errno":22,"message":"no .note.usdt section in ')
+    assert run("--elf", NOTES / "libfx.so", "--helper", NOTES / "libfx.so").returncode == 2
+    assert run(NOTES / "libfx.so", "--base", "0x1000").returncode == 2
+    assert run("--elf", "/nonexistent/object").returncode == 2
