@@ -126,12 +126,17 @@ class ExitWatcher:
 
     def _run(self) -> None:
         while True:
+            with self._lock:
+                if self._stopping:
+                    return
             try:
                 events = self._epoll.poll()
             except InterruptedError:
                 continue
-            except OSError:
-                return  # epoll closed under us: shutting down
+            except (OSError, ValueError):
+                # closed under us: stop() gave up waiting for a long prune and shut down
+                # (a closed epoll object raises ValueError, a closed fd OSError)
+                return
             exited: list[tuple[int, threading.Event]] = []
             with self._lock:
                 if self._stopping:
@@ -143,15 +148,19 @@ class ExitWatcher:
             for pid, event in exited:
                 self._prune(pid, event)
 
-    def stop(self) -> None:
-        """Stop the thread and close every pidfd (the stash keeps its entries)."""
+    def stop(self, join_timeout: float = 5.0) -> None:
+        """Stop the thread and close every pidfd (the stash keeps its entries).
+
+        A prune in progress may outlast *join_timeout*: the thread then ends on
+        its own once it is done, and no pidfd is left open either way.
+        """
         with self._lock:
             if self._stopping:
                 return
             self._stopping = True
         os.write(self._wake_w, b"x")
         if self._thread.is_alive():
-            self._thread.join(timeout=5)
+            self._thread.join(timeout=join_timeout)
         with self._lock:
             for pidfd in self._pidfds.values():
                 os.close(pidfd)
