@@ -20,10 +20,13 @@ protocol".
 
 from __future__ import annotations
 
+import argparse
+import re
 from typing import Annotated, Final
 
 import msgspec
 
+from common.argtypes import positive_int
 from common.dof_abi import DOF_HELPER, DOF_MAXSZ
 from common.records import ResultRecord
 
@@ -92,6 +95,41 @@ class StashQuotas(_Msg, frozen=True):
     max_raw_bytes_per_pid: ByteCount = DEFAULT_MAX_RAW_BYTES_PER_PID
     max_raw_bytes_per_uid: ByteCount = DEFAULT_MAX_RAW_BYTES_PER_UID
     max_raw_bytes_total: ByteCount = DEFAULT_MAX_RAW_BYTES_TOTAL
+
+
+#: The command-line option of each quota (daemon and writer alike): ``--max-probes-per-pid``.
+QUOTA_OPTIONS: Final = tuple(
+    ("--" + name.replace("_", "-"), name) for name in StashQuotas.__struct_fields__
+)
+
+
+def add_quota_arguments(group: argparse._ActionsContainer) -> None:
+    """One option per quota, default the quota's default (``--max-generations N`` …)."""
+    defaults = StashQuotas()
+    for option, name in QUOTA_OPTIONS:
+        metavar = "BYTES" if "bytes" in name else "N"
+        group.add_argument(
+            option, type=positive_int, default=getattr(defaults, name), metavar=metavar
+        )
+
+
+def quotas_from_args(args: argparse.Namespace) -> StashQuotas:
+    """The quotas the options gave; ``ValueError`` past the schema's bounds (e.g. 2^24 probes)."""
+    try:
+        # array_like: the fields in order; convert (unlike __init__) checks the bounds
+        return msgspec.convert([getattr(args, name) for _, name in QUOTA_OPTIONS], StashQuotas)
+    except msgspec.ValidationError as err:
+        text = str(err)
+        where = re.search(r"at `\$\[(\d+)\]`", text)
+        if where is not None:  # name the option, not the array index
+            option = QUOTA_OPTIONS[int(where.group(1))][0]
+            text = f"{option}: {text[: where.start()].rstrip(' -')}"
+        raise ValueError(text) from None
+
+
+def quota_argv(quotas: StashQuotas) -> list[str]:
+    """The options that give a writer process *quotas*."""
+    return [f"{option}={getattr(quotas, name)}" for option, name in QUOTA_OPTIONS]
 
 
 class RawBlock(_Msg, frozen=True):

@@ -71,6 +71,7 @@ from common.stash_protocol import (
     StashReply,
     Verify,
     WriteReparsed,
+    quota_argv,
 )
 from dtprobed.children.process import ChildSlot, RunningChild
 
@@ -156,7 +157,6 @@ class StashWriterChild:
         return min(PROGRESS_INTERVAL, self.timeout / 4)
 
     def argv(self) -> list[str]:
-        q = self.quotas
         return [
             sys.executable,
             "-I",
@@ -164,13 +164,7 @@ class StashWriterChild:
             "dtprobed.stash.writer",
             "--state-dir",
             os.path.abspath(self.state_dir),
-            f"--max-generations={q.max_generations}",
-            f"--max-probes-per-pid={q.max_probes_per_pid}",
-            f"--max-probes-total={q.max_probes_total}",
-            f"--max-probes-per-uid={q.max_probes_per_uid}",
-            f"--max-raw-bytes-per-pid={q.max_raw_bytes_per_pid}",
-            f"--max-raw-bytes-per-uid={q.max_raw_bytes_per_uid}",
-            f"--max-raw-bytes-total={q.max_raw_bytes_total}",
+            *quota_argv(self.quotas),
             f"--progress-interval={self.progress_interval:g}",
             # DEBUG lines cross the pipe only when the daemon would log them (-d)
             *(["--debug"] if self.log.isEnabledFor(logging.DEBUG) else []),

@@ -66,15 +66,9 @@ from common.limits import (
 )
 from common.records import ResultRecord
 from common.stash_protocol import (
-    DEFAULT_MAX_GENERATIONS,
-    DEFAULT_MAX_PROBES_PER_PID,
-    DEFAULT_MAX_PROBES_PER_UID,
-    DEFAULT_MAX_PROBES_TOTAL,
-    DEFAULT_MAX_RAW_BYTES_PER_PID,
-    DEFAULT_MAX_RAW_BYTES_PER_UID,
-    DEFAULT_MAX_RAW_BYTES_TOTAL,
     ReparseItem,
-    StashQuotas,
+    add_quota_arguments,
+    quotas_from_args,
 )
 from dtprobed.children.parser import ParserChild, ParseResult
 from dtprobed.children.writer import DEFAULT_BACKSTOP, StashWriterChild, WriterCommandFailed
@@ -174,32 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument("--max-probes", type=positive_int, default=DEFAULT_MAX_PROBES)
     limits.add_argument("--max-tracepoints", type=positive_int, default=DEFAULT_MAX_TRACEPOINTS)
     quotas = ap.add_argument_group("stash quotas")
-    quotas.add_argument("--max-generations", type=positive_int, default=DEFAULT_MAX_GENERATIONS)
-    quotas.add_argument(
-        "--max-probes-per-pid", type=positive_int, default=DEFAULT_MAX_PROBES_PER_PID
-    )
-    quotas.add_argument(
-        "--max-probes-per-uid", type=positive_int, default=DEFAULT_MAX_PROBES_PER_UID
-    )
-    quotas.add_argument("--max-probes-total", type=positive_int, default=DEFAULT_MAX_PROBES_TOTAL)
-    quotas.add_argument(
-        "--max-raw-bytes-per-pid",
-        type=positive_int,
-        default=DEFAULT_MAX_RAW_BYTES_PER_PID,
-        metavar="BYTES",
-    )
-    quotas.add_argument(
-        "--max-raw-bytes-per-uid",
-        type=positive_int,
-        default=DEFAULT_MAX_RAW_BYTES_PER_UID,
-        metavar="BYTES",
-    )
-    quotas.add_argument(
-        "--max-raw-bytes-total",
-        type=positive_int,
-        default=DEFAULT_MAX_RAW_BYTES_TOTAL,
-        metavar="BYTES",
-    )
+    add_quota_arguments(quotas)
     ap.add_argument(
         "--writer-backstop",
         type=positive_seconds,
@@ -238,15 +207,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             max_probes=args.max_probes,
             max_tracepoints=args.max_tracepoints,
         )
-        args.quotas = StashQuotas(
-            max_generations=args.max_generations,
-            max_probes_per_pid=args.max_probes_per_pid,
-            max_probes_total=args.max_probes_total,
-            max_probes_per_uid=args.max_probes_per_uid,
-            max_raw_bytes_per_pid=args.max_raw_bytes_per_pid,
-            max_raw_bytes_per_uid=args.max_raw_bytes_per_uid,
-            max_raw_bytes_total=args.max_raw_bytes_total,
-        )
+        args.quotas = quotas_from_args(args)
     except (TypeError, ValueError) as err:
         raise UsageError(str(err)) from None
     return args

@@ -40,7 +40,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Final
 
-from common.argtypes import positive_int, positive_seconds
+from common.argtypes import positive_seconds
 from common.errors import PeerClosed, ProtocolError, StashError
 from common.framing import FrameDecoder, FrameEncoder
 from common.process_name import set_process_name
@@ -64,10 +64,11 @@ from common.stash_protocol import (
     ReparseScan,
     Started,
     StashCommand,
-    StashQuotas,
     StashReply,
     Verify,
     WriteReparsed,
+    add_quota_arguments,
+    quotas_from_args,
 )
 from dtprobed.oslib.fdio import read_exactly, write_all
 from dtprobed.stash.store import DEFAULT_LOCK_DIR, Stash
@@ -212,18 +213,7 @@ def serve(stash: Stash, rfd: int, wfd: int, logs: PipeLogHandler | None = None) 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m dtprobed.stash.writer", description=__doc__)
     p.add_argument("--state-dir", required=True)
-    defaults = StashQuotas()
-    p.add_argument("--max-generations", type=positive_int, default=defaults.max_generations)
-    p.add_argument("--max-probes-per-pid", type=positive_int, default=defaults.max_probes_per_pid)
-    p.add_argument("--max-probes-per-uid", type=positive_int, default=defaults.max_probes_per_uid)
-    p.add_argument("--max-probes-total", type=positive_int, default=defaults.max_probes_total)
-    p.add_argument(
-        "--max-raw-bytes-per-pid", type=positive_int, default=defaults.max_raw_bytes_per_pid
-    )
-    p.add_argument(
-        "--max-raw-bytes-per-uid", type=positive_int, default=defaults.max_raw_bytes_per_uid
-    )
-    p.add_argument("--max-raw-bytes-total", type=positive_int, default=defaults.max_raw_bytes_total)
+    add_quota_arguments(p)
     p.add_argument(
         "--progress-interval",
         type=positive_seconds,
@@ -251,15 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     set_process_name(b"dtprobed-stash")
     os.umask(0o022)  # modes are then exactly the 0755/0644 we pass
     try:
-        quotas = StashQuotas(
-            max_generations=args.max_generations,
-            max_probes_per_pid=args.max_probes_per_pid,
-            max_probes_total=args.max_probes_total,
-            max_probes_per_uid=args.max_probes_per_uid,
-            max_raw_bytes_per_pid=args.max_raw_bytes_per_pid,
-            max_raw_bytes_per_uid=args.max_raw_bytes_per_uid,
-            max_raw_bytes_total=args.max_raw_bytes_total,
-        )
+        quotas = quotas_from_args(args)
     except (TypeError, ValueError) as err:  # msgspec's bounds (e.g. above 2^24 probes)
         log.error("cannot start: bad quota: %s", err)
         return EXIT_START
