@@ -22,20 +22,20 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Final
 
-EHDR: Final = struct.Struct("<16sHHIQQQIHHHHHH")
-SHDR: Final = struct.Struct("<IIQQQQIIQQ")
-NHDR: Final = struct.Struct("<III")
-ET_EXEC: Final = 2
-ET_DYN: Final = 3
-EM_X86_64: Final = 62
-SHT_PROGBITS: Final = 1
-SHT_STRTAB: Final = 3
-SHT_NOTE: Final = 7
-NOTE_PROBE: Final = 1
-NOTE_ENABLED: Final = 2
-NOTE_PROV: Final = 1
+from common.elf_abi import (
+    EHDR,
+    EM_X86_64,
+    ET_DYN,
+    NHDR,
+    NOTE_ENABLED,
+    NOTE_PROBE,
+    NOTE_PROV,
+    SHDR,
+    SHT_NOTE,
+    SHT_PROGBITS,
+    SHT_STRTAB,
+)
 
 
 def _pad4(data: bytes) -> bytes:

@@ -133,6 +133,27 @@ from errno import E2BIG, EEXIST, EINVAL, ENOENT
 from typing import Final, NamedTuple
 
 from common.dof_abi import DOF_HELPER, DTRACE_FUNCNAMELEN, DTRACE_MODNAMELEN
+from common.elf_abi import (
+    EHDR,
+    ELFCLASS64,
+    ELFDATA2LSB,
+    ELFMAG,
+    EM_X86_64,
+    ET_DYN,
+    ET_EXEC,
+    EV_CURRENT,
+    NHDR,
+    NOTE_ENABLED,
+    NOTES_SECTION,
+    RODATA_SECTION,
+    SHDR,
+    SHN_LORESERVE,
+    SHN_UNDEF,
+    SHN_XINDEX,
+    SHT_NOTE,
+    SHT_PROGBITS,
+    SHT_STRTAB,
+)
 from common.limits import MAX_OBJECT_READ, ParseLimits
 from common.names import NameRefused, check_probespec, decode_name, printable
 from common.records import (
@@ -152,30 +173,9 @@ from parserd.rejection import ELLIPSIS, Rejected, clamp, reject
 
 ReadFn = Callable[[int, int], bytes]
 
-_EHDR: Final = struct.Struct("<16sHHIQQQIHHHHHH")  # Elf64_Ehdr, 64 bytes
-_SHDR: Final = struct.Struct("<IIQQQQIIQQ")  # Elf64_Shdr, 64 bytes
-_NHDR: Final = struct.Struct("<III")  # Elf64_Nhdr: namesz, descsz, type
-_HELPER: Final = struct.Struct("<64sQQ")
 _U32: Final = struct.Struct("<I")
 _U64X2: Final = struct.Struct("<QQ")
 _U64_MAX: Final = (1 << 64) - 1
-
-ELFMAG: Final = b"\x7fELF"
-ELFCLASS64: Final = 2
-ELFDATA2LSB: Final = 1
-EV_CURRENT: Final = 1
-ET_EXEC: Final = 2
-ET_DYN: Final = 3
-EM_X86_64: Final = 62
-SHT_PROGBITS: Final = 1
-SHT_STRTAB: Final = 3
-SHT_NOTE: Final = 7
-SHN_UNDEF: Final = 0
-SHN_LORESERVE: Final = 0xFF00
-SHN_XINDEX: Final = 0xFFFF
-USDT_EN_NOTE_TYPE: Final = 2  # is-enabled probe (sys/usdt_note_defs.h)
-NOTES_SECTION: Final = ".note.usdt"
-RODATA_SECTION: Final = ".rodata"
 #: Notes allowed beyond one per tracepoint and provider: ``dver``/``utsn`` (one pair per
 #: ``dtrace -G`` run linked into the object).  Bounds the walk's CPU time: without it 60 MiB
 #: of tiny ignored notes take seconds of Python.
@@ -424,7 +424,7 @@ class _NotesParser:
     def _helper(self, helper: bytes) -> tuple[bytes, str, int]:
         if len(helper) != DOF_HELPER.size:
             reject(f"helper size incorrect: expected {DOF_HELPER.size}, not {len(helper)}")
-        mod_field, dofhp_addr, _dof = _HELPER.unpack(helper)
+        mod_field, dofhp_addr, _dof = DOF_HELPER.unpack_from(helper)
         nul = mod_field.find(0)
         if nul < 0:
             reject(
@@ -479,7 +479,7 @@ class _NotesParser:
     def _elf(self) -> tuple[int, list[_Section], bytes]:
         mod = self.module
         size = self.file_size
-        head = self.reader.get(0, min(size, _EHDR.size), "ELF header") if size else b""
+        head = self.reader.get(0, min(size, EHDR.size), "ELF header") if size else b""
         if len(head) < 4 or head[:4] != ELFMAG:
             reject(f"{mod}: not an ELF file")
         if len(head) < 16:
@@ -490,21 +490,21 @@ class _NotesParser:
             reject(f"{mod}: unsupported ELF data encoding {head[5]} (only little-endian)")
         if head[6] != EV_CURRENT:
             reject(f"{mod}: unsupported ELF version {head[6]}")
-        if len(head) < _EHDR.size:
+        if len(head) < EHDR.size:
             reject(f"{mod}: truncated ELF header ({size} bytes)")
         (
             _ident, e_type, e_machine, _e_version, _entry, _phoff, e_shoff, _flags,
             _ehsize, _phentsize, _phnum, e_shentsize, e_shnum, e_shstrndx,
-        ) = _EHDR.unpack(head)  # fmt: skip
+        ) = EHDR.unpack(head)  # fmt: skip
         if e_machine != EM_X86_64:
             reject(f"{mod}: unsupported ELF machine {e_machine} (only x86_64)")
         if e_type not in (ET_EXEC, ET_DYN):
             reject(f"{mod}: unsupported ELF type {e_type} (only ET_EXEC and ET_DYN)")
         if e_shoff == 0:
             reject(f"no {NOTES_SECTION} section in {mod}")
-        if e_shentsize != _SHDR.size:
-            reject(f"{mod}: invalid section header size {e_shentsize}, expected {_SHDR.size}")
-        if e_shoff >= size or size - e_shoff < _SHDR.size:
+        if e_shentsize != SHDR.size:
+            reject(f"{mod}: invalid section header size {e_shentsize}, expected {SHDR.size}")
+        if e_shoff >= size or size - e_shoff < SHDR.size:
             reject(
                 f"{mod}: section header table offset {e_shoff:#x} past the end of the file "
                 f"({size} bytes)"
@@ -520,7 +520,7 @@ class _NotesParser:
             reject(f"{mod}: invalid section name table index {shstrndx:#x}")
         if shnum == 0:
             reject(f"no {NOTES_SECTION} section in {mod}")
-        if shnum > (size - e_shoff) // _SHDR.size:
+        if shnum > (size - e_shoff) // SHDR.size:
             reject(
                 f"{mod}: section header table ({shnum} entries at offset {e_shoff:#x}) extends "
                 f"past the end of the file ({size} bytes)"
@@ -538,10 +538,10 @@ class _NotesParser:
         return e_type, sections, shstrtab
 
     def _shdrs(self, offset: int, count: int) -> list[_Section]:
-        raw = self.reader.get(offset, count * _SHDR.size, "section header table")
+        raw = self.reader.get(offset, count * SHDR.size, "section header table")
         out = []
         for i, (name, kind, _flags, addr, off, sz, link, _info, _align, _entsize) in enumerate(
-            _SHDR.iter_unpack(raw)
+            SHDR.iter_unpack(raw)
         ):
             out.append(_Section(i, name, kind, addr, off, sz, link))
         return out
@@ -827,7 +827,7 @@ class _NotesParser:
         if nul < 0:
             reject("Incomplete note data")
         sargs_raw = desc[p:nul]
-        site = _Site(prv, fun, prb, off, ntype == USDT_EN_NOTE_TYPE, sargc, "")
+        site = _Site(prv, fun, prb, off, ntype == NOTE_ENABLED, sargc, "")
         prbmap.insert(_probe_hval(prv, mod, fun, prb, off32), site)
         # our policy, after upstream's checks of this note
         site.text = (
@@ -879,10 +879,10 @@ def _walk(data: bytes) -> Iterator[tuple[bytes, int, int, int]]:
     size = len(data)
     off = 0
     while True:
-        if off >= size or _NHDR.size > size - off:
+        if off >= size or NHDR.size > size - off:
             reject(f"Invalid ELF note offset {off}")
-        namesz, descsz, ntype = _NHDR.unpack_from(data, off)
-        off += _NHDR.size
+        namesz, descsz, ntype = NHDR.unpack_from(data, off)
+        off += NHDR.size
         if off >= size or namesz > size - off:
             reject(f"Invalid name size {_s32(namesz)}")
         name_at = off

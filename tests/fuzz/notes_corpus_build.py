@@ -22,7 +22,8 @@ from pathlib import Path
 import msgspec
 
 from common.dof_build import build_helper
-from common.notes_build import ET_EXEC, NoteProbe, NoteProvider, NoteSite, build_object
+from common.elf_abi import ET_EXEC
+from common.notes_build import NoteProbe, NoteProvider, NoteSite, build_object
 from tests.fuzz.notes_generator import mutate_blocks, note_list, random_object, targeted
 from tests.fuzz.notes_harness import BlocksSeed
 

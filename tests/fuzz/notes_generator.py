@@ -23,19 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from common.dof_build import build_helper
-from common.notes_build import (
-    EHDR,
-    ET_DYN,
-    ET_EXEC,
-    NHDR,
-    SHDR,
-    BuiltObject,
-    NoteProbe,
-    NoteProvider,
-    NoteSite,
-    build_object,
-    note,
-)
+from common.elf_abi import EHDR, ET_DYN, ET_EXEC, NHDR, SHDR
+from common.notes_build import BuiltObject, NoteProbe, NoteProvider, NoteSite, build_object, note
 
 _NAMES = ["p", "probe", "tick", "a-b", "x" * 63, "x" * 64, "ünï", ".", "..", "a/b", "a:b", "",
           "\x01ctl", "f" * 127, "f" * 128, "a__b"]  # fmt: skip

@@ -13,12 +13,9 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from common.dof_build import build_helper
+from common.elf_abi import EHDR, ET_DYN, ET_EXEC, SHDR
 from common.limits import ParseLimits
 from common.notes_build import (
-    EHDR,
-    ET_DYN,
-    ET_EXEC,
-    SHDR,
     BuiltObject,
     NoteProbe,
     NoteProvider,
