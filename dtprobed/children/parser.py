@@ -29,7 +29,7 @@ from typing import Final, NamedTuple, Protocol
 
 import msgspec
 
-from common.dof_abi import DOF_HELPER
+from common.dof_abi import DOF_HELPER, DTRACE_MODNAMELEN
 from common.errors import (
     ChildFailed,
     ProtocolError,
@@ -77,6 +77,59 @@ class ParseResult(NamedTuple):
 
     def tracepoint_addrs(self) -> Iterator[int]:
         return (rec.addr for rec in self.records if type(rec) is Tracepoint)
+
+
+class NotesObject(NamedTuple):
+    """An ELF object's notes as a HASUSDT registration parses and stores them."""
+
+    helper: bytes  # dofhp_mod = the module, dofhp_addr = the load base, dofhp_dof = 0
+    where: NotesLocation
+    notes: bytes  # the whole .note.usdt, read once: raw block 0
+    rodata: bytes  # the whole .rodata: raw block 1
+    result: ParseResult
+
+
+def notes_helper(module: str, load_addr: int) -> bytes:
+    """The ``dof_helper_t`` of an object, as upstream 2.0.7 builds it (zeros after the name)."""
+    name = module.encode("utf-8", "surrogateescape")[: DTRACE_MODNAMELEN - 1]
+    return DOF_HELPER.pack(name.ljust(DTRACE_MODNAMELEN, b"\0"), load_addr, 0)
+
+
+class NotesParser(Protocol):
+    """What :func:`parse_object_notes` needs of a parser (:class:`ParserChild` has it)."""
+
+    def locate_notes(self, helper: bytes, size: int, read: ReadFn) -> NotesLocation: ...
+    def parse_note_blocks(
+        self, helper: bytes, notes_addr: int, notes: bytes, rodata_addr: int, rodata: bytes
+    ) -> ParseResult: ...
+
+
+def parse_object_notes(
+    locator: NotesParser,
+    parser_for: Callable[[int], NotesParser],
+    module: str,
+    first_mapping: int,
+    size: int,
+    read: ReadFn,
+) -> NotesObject:
+    """Locate (in *locator*), read once, and parse (in ``parser_for(block bytes)``) an object.
+
+    The child interprets the object; *read* answers its ``ReadAt`` and then reads
+    the two sections it located.  Raises :class:`RequestRejected` when the parser
+    refused the object or the file shrank while it was read.
+    """
+    where = locator.locate_notes(notes_helper(module, first_mapping), size, read)
+    notes = read(where.notes_offset, where.notes_size)
+    rodata = read(where.rodata_offset, where.rodata_size)
+    if len(notes) != where.notes_size or len(rodata) != where.rodata_size:
+        raise RequestRejected(errno.EINVAL, f"object {module} shrank while it was read")
+    # dofhp_addr is the load base as upstream stores it: the first mapping of an
+    # ET_DYN object, 0 for ET_EXEC (the parser told which)
+    helper = notes_helper(module, where.base)
+    result = parser_for(len(notes) + len(rodata)).parse_note_blocks(
+        helper, where.notes_addr, notes, where.rodata_addr, rodata
+    )
+    return NotesObject(helper, where, notes, rodata, result)
 
 
 def size_error(size: int, limits: ParseLimits) -> Err | None:

@@ -38,7 +38,7 @@ from typing import Any, Final
 import msgspec
 
 from common.argtypes import positive_int, positive_seconds
-from common.dof_abi import DOF_HELPER, DTRACE_MODNAMELEN
+from common.dof_abi import DOF_HELPER
 from common.errors import ChildFailed, RequestRejected
 from common.limits import ParseLimits
 from common.names import printable
@@ -53,7 +53,7 @@ from common.records import (
     ResultRecord,
     Tracepoint,
 )
-from dtprobed.children.parser import ParserChild, size_error
+from dtprobed.children.parser import ParserChild, parse_object_notes, size_error
 
 EXIT_ACCEPTED: Final = 0
 EXIT_REJECTED: Final = 1
@@ -186,7 +186,6 @@ def _address(text: str) -> int:
 
 def _elf_records(child: ParserChild, path: str, base: int) -> list[ResultRecord]:
     """Locate, read and parse an object's notes exactly as a HASUSDT registration does."""
-    name = os.path.basename(path).encode("utf-8", "surrogateescape")[: DTRACE_MODNAMELEN - 1]
     with open(path, "rb") as f:
         fd = f.fileno()
         size = os.fstat(fd).st_size
@@ -195,17 +194,12 @@ def _elf_records(child: ParserChild, path: str, base: int) -> list[ResultRecord]
             return os.pread(fd, length, offset)
 
         try:
-            helper = DOF_HELPER.pack(name.ljust(DTRACE_MODNAMELEN, b"\0"), base, 0)
-            where = child.locate_notes(helper, size, read)
-            notes = os.pread(fd, where.notes_size, where.notes_offset)
-            rodata = os.pread(fd, where.rodata_size, where.rodata_offset)
-            helper = DOF_HELPER.pack(name.ljust(DTRACE_MODNAMELEN, b"\0"), where.base, 0)
-            result = child.parse_note_blocks(
-                helper, where.notes_addr, notes, where.rodata_addr, rodata
+            found = parse_object_notes(
+                child, lambda _: child, os.path.basename(path), base, size, read
             )
         except RequestRejected as err:
             return [Err(errno=err.errno, message=err.reason)]
-    return result.records
+    return found.result.records
 
 
 def _read_file(parser: argparse.ArgumentParser, path: str, limit: int) -> tuple[bytes, int]:

@@ -70,12 +70,12 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Final, Protocol
 
-from common.dof_abi import DOF_HDR, DOF_HELPER, DTRACE_MODNAMELEN
+from common.dof_abi import DOF_HDR, DOF_HELPER
 from common.errors import ChildFailed, DtprobedError, RequestRejected, StashError
 from common.limits import DEFAULT_MAX_QUEUED_BYTES
 from common.records import NotesLocation, ResultRecord
 from common.stash_protocol import UNKNOWN_UID, RawBlock, Registration
-from dtprobed.children.parser import ParseResult
+from dtprobed.children.parser import ParseResult, parse_object_notes
 from dtprobed.daemon.exitwatch import ExitWatcher
 from dtprobed.daemon.fairness import (
     Budget,
@@ -462,32 +462,27 @@ class Receiver:
         started = time.monotonic()
         caller, obj = identify_object(request.tid, request.address)
         try:
-            name = obj.module.encode("utf-8", "surrogateescape")[: DTRACE_MODNAMELEN - 1]
-            helper = DOF_HELPER.pack(name.ljust(DTRACE_MODNAMELEN, b"\0"), obj.first.start, 0)
-            job.in_parser = True
-            where = self._small_parser.locate_notes(helper, obj.size, partial(_pread, obj.fd))
-            job.in_parser = False
-            notes = _pread(obj.fd, where.notes_offset, where.notes_size)
-            rodata = _pread(obj.fd, where.rodata_offset, where.rodata_size)
-            if len(notes) != where.notes_size or len(rodata) != where.rodata_size:
-                raise RequestRejected(errno.EINVAL, f"object {obj.module} shrank while read")
-            # dofhp_addr is the load base as upstream stores it: the first mapping
-            # of an ET_DYN object, 0 for ET_EXEC (the parser told which).
-            helper = DOF_HELPER.pack(name.ljust(DTRACE_MODNAMELEN, b"\0"), where.base, 0)
-            size = len(notes) + len(rodata)
-            parser = self._large_parser if size >= SMALL_DOF else self._small_parser
-            job.in_parser = True
-            result = parser.parse_note_blocks(
-                helper, where.notes_addr, notes, where.rodata_addr, rodata
+            job.in_parser = True  # only the parser can break in here (reads raise OSError)
+            found = parse_object_notes(
+                self._small_parser,
+                lambda size: self._large_parser if size >= SMALL_DOF else self._small_parser,
+                obj.module,
+                obj.first.start,
+                obj.size,
+                partial(_pread, obj.fd),
             )
             job.in_parser = False
             parsed = time.monotonic()
-            blocks = [RawBlock(where.notes_addr, notes), RawBlock(where.rodata_addr, rodata)]
-            gen = self._commit(caller, helper, blocks, result, (caller.dev, caller.ino))
+            where, result = found.where, found.result
+            blocks = [
+                RawBlock(where.notes_addr, found.notes),
+                RawBlock(where.rodata_addr, found.rodata),
+            ]
+            gen = self._commit(caller, found.helper, blocks, result, (caller.dev, caller.ino))
         finally:
             obj.close()
             caller.close()
-        sizes = f"{size} bytes of notes and .rodata"
+        sizes = f"{len(found.notes) + len(found.rodata)} bytes of notes and .rodata"
         return gen, self._report(
             request.uid,
             caller,

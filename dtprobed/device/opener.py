@@ -110,7 +110,7 @@ def open_device(
     if not os.path.isabs(path):
         raise DeviceError(f"helper path {path!r} is not absolute")
     path = os.path.normpath(path)
-    if mode == "cuse":
+    def cuse() -> HelperDevice:
         return CuseDevice.open(
             path,
             handler,
@@ -120,17 +120,12 @@ def open_device(
             max_pending_per_uid=max_pending_per_uid,
             sequence_expiry=sequence_expiry,
         )
+
+    if mode == "cuse":
+        return cuse()
     if mode == "auto" and devname_for(path) is not None and os.path.exists(CUSE_PATH):
         try:
-            return CuseDevice.open(
-                path,
-                handler,
-                max_dof_size=max_dof_size,
-                log=log,
-                max_pending_bytes=max_pending_bytes,
-                max_pending_per_uid=max_pending_per_uid,
-                sequence_expiry=sequence_expiry,
-            )
+            return cuse()
         except DeviceBusy:
             raise
         except DeviceError as err:
