@@ -110,6 +110,7 @@ def open_device(
     if not os.path.isabs(path):
         raise DeviceError(f"helper path {path!r} is not absolute")
     path = os.path.normpath(path)
+
     def cuse() -> HelperDevice:
         return CuseDevice.open(
             path,
