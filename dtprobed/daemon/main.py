@@ -72,7 +72,7 @@ from common.stash_protocol import (
 )
 from dtprobed.children.parser import ParserChild, ParseResult
 from dtprobed.children.writer import DEFAULT_BACKSTOP, StashWriterChild, WriterCommandFailed
-from dtprobed.daemon import fairness, statedir
+from dtprobed.daemon import fairness, statedir, unmapped
 from dtprobed.daemon.exitwatch import ExitWatcher
 from dtprobed.daemon.logsetup import setup_logging
 from dtprobed.daemon.notify import Notifier
@@ -89,7 +89,8 @@ EXIT_RESTART: Final = 2
 DEFAULT_DEVNAME: Final = "dtrace/helper"
 DEFAULT_STATE_DIR: Final = "/run/dtrace"
 DEFAULT_TIMEOUT: Final = 5.0
-#: Prune dead processes this often, to catch what pidfds can't see (exec, pid reuse).
+#: Prune dead processes this often, to catch what pidfds can't see (exec, pid reuse), and
+#: drop objects their processes unmapped (``--prune-interval``).
 PRUNE_INTERVAL: Final = 60.0
 #: Without a watchdog, start-up extends the service manager's start timeout this often.
 STARTUP_PING: Final = 1.0
@@ -176,6 +177,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="bound on one whole stash-writer command that keeps reporting progress "
         f"(default {DEFAULT_BACKSTOP:g}; -t bounds its silence)",
+    )
+    ap.add_argument(
+        "--prune-interval",
+        type=positive_seconds,
+        default=PRUNE_INTERVAL,
+        metavar="SECONDS",
+        help="prune dead and exec'd processes and drop unmapped objects this often "
+        f"(default {PRUNE_INTERVAL:g})",
     )
     fairness.add_arguments(ap)
     ap.add_argument("--version", action="version", version=f"dtprobed {VERSION}")
@@ -487,7 +496,7 @@ class Daemon:
         sel.register(self.device.fileno(), selectors.EVENT_READ)
         interval = self.notifier.watchdog_interval
         next_watchdog = time.monotonic() if interval else float("inf")
-        next_prune = time.monotonic() + PRUNE_INTERVAL
+        next_prune = time.monotonic() + self.args.prune_interval
         try:
             while self._exit_status is None:
                 now = time.monotonic()
@@ -496,7 +505,7 @@ class Daemon:
                     next_watchdog = now + interval  # type: ignore[operator]
                 if now >= next_prune:
                     self.maintenance.post("prune")  # on the maintenance thread
-                    next_prune = now + PRUNE_INTERVAL
+                    next_prune = now + self.args.prune_interval
                 timeout = max(0.0, min(next_watchdog, next_prune) - time.monotonic())
                 for key, _ in sel.select(timeout):
                     if key.fileobj is self._wake_r:
@@ -525,6 +534,11 @@ class Daemon:
             return
         if pruned:
             log.info("pruned %d dead or exec'd processes: %s", len(pruned), _pid_list(pruned))
+        # FUSE mode never sees a dlclose's REMOVE (docs/operations.md): unmapped.py
+        dropped = unmapped.drop_unmapped(
+            self.args.state_dir, self.writer, stopping=self.maintenance.stopping
+        )
+        log.debug("periodic prune done: %d unmapped objects dropped", len(dropped))
 
     def _forced_reparse(self) -> None:
         log.info("SIGUSR2: forced reparse of the whole stash")
