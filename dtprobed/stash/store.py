@@ -933,17 +933,33 @@ class Stash:
         its undo stack has run), the parsed files; nothing else.  It reopens
         the probes/ directories by name (O_NOFOLLOW), since it may run after
         this call's directory fds are closed.
+
+        Without *undo_files* the caller has just created *parsed* in a mapping
+        directory that no generation names yet and that its undo removes
+        whole: no reader can reach a file in it before the generation symlink
+        (the commit point, written after ``version``), and recovery rolls back
+        such a mapping.  Its files are then created by name and written in
+        place (``O_CREAT|O_EXCL``: open, write, close, link — four syscalls a
+        probe) instead of as anonymous ``O_TMPFILE`` files linked in through
+        ``/proc/self/fd`` (five, and the costliest path walk).  A probes/
+        entry is linked only once its file is complete and closed, in both
+        cases.
         """
         spid = str(pid)
         created_files: list[str] = []
         created_links: list[tuple[str, ...]] = []
         created_dirs: list[tuple[str, ...]] = []
-        # probes/<pid>/<prv pid>/<mod>/<fun> currently open, outermost first.  Only
+        # probes/<pid>/<prv pid>/<mod> currently open, outermost first.  Only
         # one chain is held: a DOF may name 10^5 functions, one fd each would
         # exhaust RLIMIT_NOFILE.  Probes of one function are adjacent, so
         # reopening on a change of path is rare.
         chain: list[tuple[str, DirFd]] = []
         provider_records: dict[Provider, bytes] = {}
+        # the <fun> directory of the current probe: the fd its entries are linked
+        # relative to, and the prefix of their names there (see fun_target)
+        fun_path: tuple[str, ...] = ()
+        fun_open: DirFd | None = None
+        link_dir, link_prefix = -1, ""
 
         def unwind() -> None:
             for path in reversed(created_links):
@@ -972,12 +988,39 @@ class Stash:
                 chain.append((path[depth], DirFd(parent.fd, path[depth])))
             return chain[-1][1]
 
+        def fun_target(path: tuple[str, ...]) -> tuple[int, str]:
+            """(dir fd, name prefix) for entries of probes/<path…>.
+
+            A <fun> directory this call creates is reached as ``fun/prb`` from
+            its parent's fd: it is a plain directory that only this process
+            writes in, made a moment ago, and a DOF often has one function per
+            probe (an open and a close saved each).  One that already existed
+            is opened ``O_NOFOLLOW`` as every other directory is.
+            """
+            nonlocal fun_open
+            mod_dir = subdir(path[:-1])
+            if fun_open is not None:
+                fun_open.close()
+                fun_open = None
+            try:
+                self._mkdir_new(mod_dir.fd, path[-1])
+            except FileExistsError:
+                fun_open = DirFd(mod_dir.fd, path[-1])
+                return fun_open.fd, ""
+            created_dirs.append(path)
+            return mod_dir.fd, path[-1] + "/"
+
+        in_place = not undo_files
+        create_flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        parsed_fd = parsed.fd
         undo.add(unwind)
         try:
             for probe in probes:
                 prv, prb = probe.provider.name, probe.probe.prb
                 dir_path = (spid, f"{prv}{spid}", probe.probe.mod, probe.probe.fun)
-                fun_dir = subdir(dir_path)
+                if dir_path != fun_path:
+                    link_dir, link_prefix = fun_target(dir_path)
+                    fun_path = dir_path
                 provider_record = provider_records.get(probe.provider)
                 if provider_record is None:
                     provider_record = provider_records[probe.provider] = encode_record(
@@ -990,26 +1033,45 @@ class Stash:
                     probe.tracepoints,
                     provider_record=provider_record,
                 )
-                fd = self._tmpfile(parsed.fd, data)
-                try:
-                    self._link_fd(fd, parsed.fd, probe.spec)
-                    created_files.append(probe.spec)
+                spec = probe.spec
+                if in_place:
+                    fd = os.open(spec, create_flags, FILE_MODE, dir_fd=parsed_fd)
                     try:
-                        self._link_fd(fd, fun_dir.fd, prb)
-                        created_links.append((*dir_path, prb))
-                    except FileExistsError:
-                        # another mapping of this process has the same probe: it stays bound there
-                        st = os.lstat(prb, dir_fd=fun_dir.fd)
-                        if not stat.S_ISREG(st.st_mode):
-                            raise OSError(
-                                errno.EINVAL, f"probes entry {printable(prb)} is not a file"
-                            ) from None
-                finally:
-                    os.close(fd)
+                        write_all(fd, data)
+                        if self._fix_modes:
+                            os.fchmod(fd, FILE_MODE)
+                    finally:
+                        os.close(fd)
+                    created_files.append(spec)
+                else:
+                    fd = self._tmpfile(parsed_fd, data)
+                    try:
+                        self._link_fd(fd, parsed_fd, spec)
+                    finally:
+                        os.close(fd)
+                    created_files.append(spec)
+                try:
+                    os.link(
+                        spec,
+                        link_prefix + prb,
+                        src_dir_fd=parsed_fd,
+                        dst_dir_fd=link_dir,
+                        follow_symlinks=False,
+                    )
+                    created_links.append((*dir_path, prb))
+                except FileExistsError:
+                    # another mapping of this process has the same probe: it stays bound there
+                    st = os.lstat(link_prefix + prb, dir_fd=link_dir)
+                    if not stat.S_ISREG(st.st_mode):
+                        raise OSError(
+                            errno.EINVAL, f"probes entry {printable(prb)} is not a file"
+                        ) from None
                 self._tick()
-            self._write_file(parsed.fd, "version", VERSION_BYTES)
+            self._write_file(parsed_fd, "version", VERSION_BYTES)
             created_files.append("version")
         finally:
+            if fun_open is not None:
+                fun_open.close()
             for _, d in reversed(chain):
                 d.close()
 
