@@ -44,7 +44,10 @@ def quantile(values: list[float], q: float) -> float:
 
 def measure(rounds: int, tmp: Path) -> None:
     kind = client_kinds(build_c_client(tmp))["c"]
-    dofs = {"3-probe": probes_dof("bench3"), "2000-probe": many_probes_dof(2000).data}
+    dofs = {
+        "3-probe": probes_dof("bench3"),
+        "2000-probe": many_probes_dof(2000, relocate=True).data,
+    }
     daemons: dict[str, PrivateDaemon] = {}
     clients: list[ClientProcess] = []
     try:

@@ -47,8 +47,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common.dof_build import ProbeSpec, ProviderSpec, build_dof, build_helper
 from common.ioctl import DTRACEHIOC_ADDDOF
 from tests.realkernel.harness import build_c_client, probes_dof
-from tests.support.client import CODE_ADDR, CODE_SIZE, map_file
+from tests.support.client import CODE_ADDR, CODE_SIZE, map_file, object_bytes
 from tests.support.daemon import finish, start_daemon
+
+#: Where the huge DOF's object text goes, while the small one's stays at CODE_ADDR.
+HUGE_BASE = CODE_ADDR + 0x1000_0000
 
 
 def small_dof() -> bytes:
@@ -58,14 +61,14 @@ def small_dof() -> bytes:
     return build_dof([ProviderSpec("bench", probes)]).data
 
 
-def many_dof(nprobes: int, nargs: int) -> bytes:
+def many_dof(nprobes: int, nargs: int, base: int = CODE_ADDR) -> bytes:
     args = ["int", "char *", "long"][:nargs]
     probes = [
         ProbeSpec(
             f"test_function_{i:05d}",
             f"test_probe_{i:05d}",
             [0x4],
-            addr=CODE_ADDR + 2 * (i % (CODE_SIZE // 2 - 8)),
+            addr=base + 2 * (i % (CODE_SIZE // 2 - 8)),
             native=args,
         )
         for i in range(nprobes)
@@ -82,12 +85,15 @@ class Bench:
         map_file(str(code), CODE_SIZE, mmap.PROT_READ | mmap.PROT_EXEC, CODE_ADDR)
         self._n = 0
 
-    def mapped_helper(self, data: bytes) -> bytearray:
-        """Write *data* to a file, map it (file-backed, like an ELF object), return the helper."""
+    def mapped_helper(self, data: bytes, base: int = CODE_ADDR) -> bytearray:
+        """Write an object file (text, then *data*), map its text at *base* and its DOF
+        after it (file-backed, like an ELF object); return the helper."""
         self._n += 1
         path = self.workdir / f"dof{self._n}.dof"
-        path.write_bytes(data)
-        addr = map_file(str(path), len(data), mmap.PROT_READ)
+        path.write_bytes(object_bytes(data))
+        text = mmap.PROT_READ | mmap.PROT_EXEC
+        map_file(str(path), CODE_SIZE, text, base, replace=True)
+        addr = map_file(str(path), len(data), mmap.PROT_READ, offset=CODE_SIZE)
         return bytearray(build_helper("bench", addr=0, dof=addr))
 
     def register_timed(self, helper: bytearray) -> tuple[float, int]:
@@ -277,7 +283,7 @@ def main() -> None:
             report["prune_p99_ms"] = pct(delays, 0.99) * 1000
 
             # 4. small registrations while a 20000-probe one is in flight
-            huge = bench.mapped_helper(many_dof(20000, 3))
+            huge = bench.mapped_helper(many_dof(20000, 3, HUGE_BASE), HUGE_BASE)
             small = bench.mapped_helper(small_dof())
             baseline = [t for t, r, _ in bench.in_children(small, 100, 1) if r >= 0]
             outcome: dict[str, object] = {}

@@ -32,7 +32,7 @@ from common.dof_build import ProbeSpec, ProviderSpec, build_dof
 from dtprobed.stash.layout import XATTR_UID
 from tests.stash.support import many_records, registration, sleepers
 from tests.support.client import CODE_ADDR
-from tests.support.clients import ClientHandle, Clients, code_dof, wait_until, write_dof
+from tests.support.clients import ClientHandle, Clients, code_dof, dof_bytes, wait_until, write_dof
 from tests.support.daemon import DaemonFactory, DaemonHandle
 
 pytestmark = pytest.mark.timeout(300)
@@ -313,7 +313,7 @@ def test_raw_bytes_are_bounded_per_process_and_per_user(
     user's), while root's registrations keep succeeding.
     """
     dofs = [write_dof(shared, f"raw{i}", probes_dof(1000, f"raw{i}")) for i in range(8)]
-    size = dofs[0].stat().st_size
+    size = len(dof_bytes(dofs[0]))  # raw bytes: the DOF, not the object's text
     assert 50_000 < size < 70_000, size
     device = shared / "helper"
     daemon = daemon_factory.start(

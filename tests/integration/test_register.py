@@ -11,7 +11,7 @@ from common.dof_abi import DOF_PROBE, DOF_SEC, DOF_SECT_PROBES
 from common.dof_build import ProbeSpec, ProviderSpec, build_dof
 from common.records import ArgsNative, Tracepoint
 from tests.support.client import ANON_ADDR, CODE_ADDR, DATA_ADDR
-from tests.support.clients import Clients, code_dof, write_dof
+from tests.support.clients import Clients, code_dof, dof_bytes, write_dof
 from tests.support.daemon import DaemonFactory, DaemonHandle
 from tests.support.stash_view import file_key, generations, probe_files, snapshot
 
@@ -44,7 +44,7 @@ def test_register_one_provider(daemon: DaemonHandle, clients: Clients, tmp_path:
     assert go.tracepoints == _tracepoints(0)
     assert files["testprov:prog:main:done"].tracepoints == _tracepoints(1)
     raw = daemon.state_dir / "stash" / "dof-pid" / str(client.pid) / key / "raw"
-    assert raw.read_bytes()[8:] == dof.read_bytes()  # 8-byte base prefix, then the DOF
+    assert raw.read_bytes()[8:] == dof_bytes(dof)  # 8-byte base prefix, then the DOF
     daemon.verify()
     # the client has its answer before the daemon writes the log line
     daemon.wait_for("the log line", lambda: "registered generation 0" in daemon.log_text())

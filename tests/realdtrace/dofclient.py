@@ -2,10 +2,12 @@
 
 ``python -m tests.realdtrace.dofclient --device H --code-file F --dof-file D [--anon]``
 
-The registration is ``tests.support.client.Client``'s (``DTRACEHIOC_ADDDOF``; the "text"
-is ``--code-file`` mapped ``PROT_READ|PROT_EXEC`` at ``CODE_ADDR``; ``--anon``: the DOF
-copied into anonymous memory and ``dofhp_addr = dofhp_dof``, as libusdt does). What this
-adds: the code file holds real machine code (:func:`code_bytes`): one tiny function per
+The registration is ``tests.support.client.Client``'s (``DTRACEHIOC_ADDDOF``; the DOF
+file is an object file (:func:`object_file`) whose text is mapped ``PROT_READ|PROT_EXEC``
+at ``CODE_ADDR`` and whose DOF follows; ``--anon``: the DOF copied into anonymous memory
+and ``dofhp_addr = dofhp_dof``, the text copied into an unlinked file mapped at
+``CODE_ADDR``, as libusdt does). What this adds: the text (and ``--code-file``, mapped
+there before) holds real machine code (:func:`code_bytes`): one tiny function per
 probe, ``nop`` × 16, the probe site (one more ``nop``, at ``+SITE``), ``ret``; ``fire N``
 calls them through ctypes with C arguments in the registers the ABI puts them in, so a
 uprobe on the site sees them as ``arg0``, ``arg1``, as at a ``dtrace -G`` call site.
@@ -27,7 +29,7 @@ import os
 import sys
 
 from common.dof_build import ProbeSpec, ProviderSpec, build_dof
-from tests.support.client import CODE_ADDR, CODE_SIZE, Client
+from tests.support.client import CODE_ADDR, CODE_SIZE, Client, object_bytes
 
 PROVIDER = "rdtdof"
 #: Offset of the probe site in each function (dofpr_offs).
@@ -71,6 +73,11 @@ def probes(relocate: bool) -> bytes:
     return build_dof([ProviderSpec(PROVIDER, specs, relocate=relocate)]).data
 
 
+def object_file(relocate: bool) -> bytes:
+    """What ``--dof-file`` holds: :func:`code_bytes` as the text, then :func:`probes`."""
+    return object_bytes(probes(relocate), code_bytes())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", required=True)
@@ -80,7 +87,9 @@ def main() -> None:
     ap.add_argument("--anon", action="store_true")
     args = ap.parse_args()
     client = Client(args.device, args.code_file)
-    result = client.register({"dof_file": args.dof_file, "mod": args.mod, "anon": args.anon})
+    result = client.register(
+        {"dof_file": args.dof_file, "mod": args.mod, "anon": args.anon, "anon_text": "unlinked"}
+    )
     fn0 = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p)(client.code_addr + FUNCS[0])
     fn1 = ctypes.CFUNCTYPE(None, ctypes.c_int)(client.code_addr + FUNCS[1])
     print(json.dumps({"pid": os.getpid(), "register": result}), flush=True)

@@ -260,7 +260,7 @@ def test_adddof_client_listed_and_fired(daemon: DaemonHandle, root: Path, anon: 
     code = work / "dofclient.code"
     code.write_bytes(dofclient.code_bytes())
     dof = work / f"dofclient-{'anon' if anon else 'file'}.dof"
-    dof.write_bytes(dofclient.probes(relocate=not anon))
+    dof.write_bytes(dofclient.object_file(relocate=not anon))
     proc = subprocess.Popen(
         [
             *(sys.executable, "-m", "tests.realdtrace.dofclient", "--device", str(daemon.device)),

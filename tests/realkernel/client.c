@@ -1,20 +1,24 @@
 /*
- * A DTrace helper client that registers DOF exactly as a program linked with
+ * A DTrace helper client that registers DOF as a program linked with
  * `dtrace -G` does (libdtrace/drti.c): open(dev, O_RDWR), then
- * gen = ioctl(fd, DTRACEHIOC_ADDDOF, &dh) with the DOF in the process's own
- * file-backed memory, later ioctl(fd, DTRACEHIOC_REMOVE, gen) with the
- * generation passed BY VALUE.
+ * gen = ioctl(fd, DTRACEHIOC_ADDDOF, &dh) with the DOF in a file-backed
+ * mapping of the same object as the probe sites, later
+ * ioctl(fd, DTRACEHIOC_REMOVE, gen) with the generation passed BY VALUE.
  *
- * Build it non-PIE with a large text section (the tests do):
- *   gcc -O1 -no-pie -o client client.c
- * so that the tracepoint addresses the tests put in their DOF (0x401000 and
- * up, dofhp_addr 0 as for ET_EXEC) fall inside this program's own executable
- * mapping, which the daemon checks.
+ * The object is built at start-up in a memfd, laid out like a shared library:
+ * TEXT_SIZE bytes of text (nops), mapped r-x where the kernel likes, then the
+ * DOF file's bytes, mapped read-only from the same memfd.  dofhp_addr is
+ * text - 0x401000, so the tests' tracepoint addresses (0x401000 and up, each
+ * with a SETX relocation as dtrace -G emits) land in that text after the
+ * parser's relocation, as the probes of a library loaded there would.  The
+ * daemon refuses tracepoints outside the object the DOF is in.
+ *
+ *   gcc -O1 -o client client.c
  *
  * usage: client DEVICE DOF-FILE [COMMAND...]
- * The DOF file is mapped read-only, MAP_PRIVATE, with the length the DOF
- * header's loadsz says (or the file size if larger): a file shorter than
- * loadsz leaves the tail unmapped-beyond-EOF, so the kernel's copy of it fails.
+ * The DOF is mapped with the length the DOF header's loadsz says (or the file
+ * size if larger): a file shorter than loadsz leaves the tail
+ * unmapped-beyond-EOF, so the kernel's copy of it fails.
  * Commands run in order; "stdin" then reads one command per line from stdin.
  *   open              open(DEVICE, O_RDWR)             -> "open OK|ERR errno"
  *   add [MOD]         ioctl ADDDOF, dofhp_mod MOD       -> "add RESULT ERRNO"
@@ -54,26 +58,38 @@ typedef struct dof_helper {
 	uint64_t dofhp_dof;
 } dof_helper_t;
 
-/* Text padding so that tracepoint addresses 0x401000.. 0x481000 lie in our
- * own r-x mapping, like the probe sites of a real USDT program. */
-__asm__(".text\n.globl client_probe_sites\nclient_probe_sites:\n.fill 524288,1,0x90\n");
+#define TRACEPOINT_BASE 0x401000UL
+#define TEXT_SIZE (512UL << 10) /* the probe sites: tracepoint offsets below 512 KiB */
 
 static const char *device;
 static int fd = -1;
 static const unsigned char *dof;
-static dof_helper_t dh; /* static, as in drti.c: bytes after the NUL are zero */
+static uint64_t load_base; /* dofhp_addr: the object's text minus TRACEPOINT_BASE */
+static dof_helper_t dh;	   /* static, as in drti.c: bytes after the NUL are zero */
 
+static void die(const char *what)
+{
+	perror(what);
+	exit(2);
+}
+
+/* The object: a memfd holding TEXT_SIZE bytes of nops, then the DOF file. */
 static void map_dof(const char *path)
 {
 	int dfd = open(path, O_RDONLY | O_CLOEXEC);
+	int ofd = memfd_create("dtprobed-test-object", MFD_CLOEXEC);
+	static unsigned char buf[1 << 16];
 	struct stat st;
 	uint64_t loadsz = 0;
 	size_t len;
+	off_t at = TEXT_SIZE;
+	ssize_t n;
+	void *text;
 
-	if (dfd < 0 || fstat(dfd, &st) < 0) {
-		perror(path);
-		exit(2);
-	}
+	if (dfd < 0 || fstat(dfd, &st) < 0)
+		die(path);
+	if (ofd < 0)
+		die("memfd_create");
 	if (pread(dfd, &loadsz, sizeof(loadsz), 40) != sizeof(loadsz)) /* dofh_loadsz */
 		loadsz = 0;
 	len = (size_t)st.st_size > loadsz ? (size_t)st.st_size : loadsz;
@@ -81,19 +97,33 @@ static void map_dof(const char *path)
 		fprintf(stderr, "%s: unusable DOF size %zu\n", path, len);
 		exit(2);
 	}
-	dof = mmap(NULL, len, PROT_READ, MAP_PRIVATE, dfd, 0);
-	if (dof == MAP_FAILED) {
-		perror("mmap");
-		exit(2);
+	memset(buf, 0x90, sizeof(buf));
+	for (off_t off = 0; off < (off_t)TEXT_SIZE; off += sizeof(buf))
+		if (pwrite(ofd, buf, sizeof(buf), off) != (ssize_t)sizeof(buf))
+			die("pwrite text");
+	while ((n = read(dfd, buf, sizeof(buf))) > 0) {
+		if (pwrite(ofd, buf, n, at) != n)
+			die("pwrite dof");
+		at += n;
 	}
+	if (n < 0)
+		die(path);
 	close(dfd);
+	text = mmap(NULL, TEXT_SIZE, PROT_READ | PROT_EXEC, MAP_PRIVATE, ofd, 0);
+	if (text == MAP_FAILED)
+		die("mmap text");
+	dof = mmap(NULL, len, PROT_READ, MAP_PRIVATE, ofd, TEXT_SIZE);
+	if (dof == MAP_FAILED)
+		die("mmap dof");
+	close(ofd);
+	load_base = (uintptr_t)text - TRACEPOINT_BASE;
 }
 
 static long add(const char *mod)
 {
 	memset(&dh, 0, sizeof(dh));
 	strncpy(dh.dofhp_mod, mod, sizeof(dh.dofhp_mod) - 1);
-	dh.dofhp_addr = 0; /* ET_EXEC */
+	dh.dofhp_addr = load_base; /* ET_DYN: the load base */
 	dh.dofhp_dof = (uintptr_t)dof;
 	return ioctl(fd, DTRACEHIOC_ADDDOF, &dh);
 }

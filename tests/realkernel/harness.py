@@ -3,7 +3,8 @@
 Used by the in-VM CUSE suite (tests/realkernel/guest/), the host-side FUSE run of the
 same scenarios and bench/bench_cuse_vs_fuse.py.  Nothing here is mocked: the daemon is
 ``python -m dtprobed`` in a given ``--device-mode``, the clients are client.c (compiled
-with gcc) and pyclient.py, each registering DOF that lies in its own file mapping.
+with gcc) and pyclient.py, each registering DOF that lies in an object of its own: a memfd
+holding text, then the DOF, as a shared library holds both.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 CLIENT_SOURCE = HERE / "client.c"
 PYCLIENT = HERE / "pyclient.py"
-#: client.c is linked non-PIE with 512 KiB of text from here; the tests' tracepoints go there.
+#: The tests' tracepoints start here; each client loads 512 KiB of text and relocates them into it.
 TRACEPOINT_BASE = 0x401000
 #: Emulated kernels are slow: generous bounds for waits (never asserted as timings).
 WAIT_S = float(os.environ.get("DTPROBED_TEST_WAIT", "60"))
@@ -40,7 +41,7 @@ def probes_dof(provider: str, nprobes: int = 3) -> bytes:
     """A ``dtrace -G``-like DOF whose tracepoints lie in client.c's text.
 
     Each probe address carries a SETX relocation, as ``dtrace -G`` emits: the parser
-    adds ``dofhp_addr`` to it (0 for client.c, the code mapping's offset for pyclient.py).
+    adds ``dofhp_addr`` to it (the clients' text minus ``TRACEPOINT_BASE``).
     """
     probes = [
         ProbeSpec(
@@ -106,7 +107,7 @@ def build_c_client(out_dir: Path) -> Path:
         return Path(prebuilt)
     binary = out_dir / "dtprobed-test-client"
     subprocess.run(
-        ["gcc", "-O1", "-Wall", "-no-pie", "-o", str(binary), str(CLIENT_SOURCE)],
+        ["gcc", "-O1", "-Wall", "-o", str(binary), str(CLIENT_SOURCE)],
         check=True,
     )
     return binary

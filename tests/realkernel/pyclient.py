@@ -1,16 +1,16 @@
 """The Python twin of client.c: registers DOF through ``fcntl.ioctl``, same commands, same answers.
 
 Run it as a script (``python -S pyclient.py DEVICE DOF-FILE [COMMAND...]``; only the
-standard library, so ``-S`` keeps start-up short under emulation).  The DOF file is
-mapped read-only and private, ``loadsz`` bytes long (or the file size if larger),
-like the ``__SUNW_dof`` section of a linked object.
+standard library, so ``-S`` keeps start-up short under emulation).  Like client.c it
+builds an object in a memfd: ``TEXT_SIZE`` bytes of text, mapped ``PROT_READ|PROT_EXEC``,
+then the DOF file's bytes, mapped read-only and private from the same memfd, ``loadsz``
+bytes long (or the file size if larger), as a shared library holds its probe sites and
+its DOF.
 
-The tests' DOF puts its tracepoints at 0x401000 and up, where client.c (non-PIE)
-has its text.  A Python process has no code there, so this client sets
-``dofhp_addr`` to ``start - 0x401000`` of its largest executable file mapping
-(libpython or the interpreter): the parser adds ``dofhp_addr`` to every probe
-address not above it (reference §2.5, relocation rule), which moves the
-tracepoints into that mapping, as the load base of a shared object would.
+The tests' DOF puts its tracepoints at 0x401000 and up (with SETX relocations), so
+``dofhp_addr`` is the text's address minus 0x401000: the parser adds ``dofhp_addr`` to
+every probe address not above it (reference §2.5, relocation rule), which moves the
+tracepoints into that text, as the load base of a shared object would.
 """
 
 from __future__ import annotations
@@ -29,8 +29,11 @@ DTRACEHIOC_ADDDOF = 0x4050D803
 TRACEPOINT_BASE = 0x401000
 
 
-def libc_mmap(length: int, fd: int) -> int:
-    """mmap(NULL, length, PROT_READ, MAP_PRIVATE, fd, 0); mapped for the process's life."""
+TEXT_SIZE = 512 << 10  # tracepoint offsets stay below 512 KiB
+
+
+def libc_mmap(length: int, prot: int, fd: int, offset: int) -> int:
+    """mmap(NULL, length, prot, MAP_PRIVATE, fd, offset); mapped for the process's life."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.mmap.restype = ctypes.c_void_p
     libc.mmap.argtypes = [
@@ -41,23 +44,10 @@ def libc_mmap(length: int, fd: int) -> int:
         ctypes.c_int,
         ctypes.c_long,
     ]
-    addr = libc.mmap(None, length, mmap.PROT_READ, mmap.MAP_PRIVATE, fd, 0)
+    addr = libc.mmap(None, length, prot, mmap.MAP_PRIVATE, fd, offset)
     if addr in (None, ctypes.c_void_p(-1).value):
         raise SystemExit(f"mmap failed: {os.strerror(ctypes.get_errno())}")
     return int(addr)
-
-
-def largest_code_mapping_start() -> int:
-    best_start, best_size = 0, 0
-    with open("/proc/self/maps") as maps:
-        for line in maps:
-            fields = line.split()
-            if len(fields) < 6 or "x" not in fields[1] or not fields[5].startswith("/"):
-                continue
-            start, end = (int(x, 16) for x in fields[0].split("-"))
-            if end - start > best_size:
-                best_start, best_size = start, end - start
-    return best_start
 
 
 class Client:
@@ -65,13 +55,19 @@ class Client:
         self.device = device
         self.fd = -1
         with open(dof_path, "rb") as f:
-            head = f.read(48)
-            size = os.fstat(f.fileno()).st_size
-            loadsz = struct.unpack_from("<Q", head, 40)[0] if len(head) >= 48 else 0
+            data = f.read()
+        loadsz = struct.unpack_from("<Q", data, 40)[0] if len(data) >= 48 else 0
+        obj = os.memfd_create("dtprobed-test-object", os.MFD_CLOEXEC)
+        try:
+            os.write(obj, b"\x90" * TEXT_SIZE)
+            os.pwrite(obj, data, TEXT_SIZE)
+            text = libc_mmap(TEXT_SIZE, mmap.PROT_READ | mmap.PROT_EXEC, obj, 0)
             # libc's mmap, not the mmap module: the mapping may reach beyond the end of
             # the file (a truncated DOF), which the mmap module refuses.
-            self.dof_addr = libc_mmap(max(size, loadsz), f.fileno())
-        self.base = largest_code_mapping_start() - TRACEPOINT_BASE
+            self.dof_addr = libc_mmap(max(len(data), loadsz, 1), mmap.PROT_READ, obj, TEXT_SIZE)
+        finally:
+            os.close(obj)
+        self.base = text - TRACEPOINT_BASE
 
     def helper(self, mod: str) -> bytes:
         return struct.pack("<64sQQ", mod.encode()[:63], self.base, self.dof_addr)

@@ -2,17 +2,34 @@
 
 Run as ``python -m tests.support.client --device PATH --code-file F``.  It
 behaves like a program linked with ``dtrace -G`` as far as the daemon can
-tell: the DOF lies in a file-backed mapping of the process (a file mapped
-``PROT_READ``, like an ELF object's data), and its tracepoints point into an
-executable file-backed mapping (a file mapped ``PROT_READ|PROT_EXEC``, like
-the object's text) whose address the client reports at start-up.
+tell.  What it registers is an *object file* (:func:`object_bytes`), laid out
+like an ELF object: its first ``CODE_SIZE`` bytes are its text, mapped
+``PROT_READ|PROT_EXEC`` at ``CODE_ADDR`` (replacing what was there), and its
+DOF follows, mapped ``PROT_READ`` from the same file; so the tracepoints lie in
+the same file as the DOF, which the daemon requires.  Every object's text is
+mapped at the same address, so tracepoint addresses are known before the
+client starts.  At start-up ``CODE_ADDR`` holds ``--code-file``, a named file
+of the same size (what a DOF aimed at another file's text finds there).
+
+A file that starts with the DOF magic is a *plain DOF file*: mapped read-only
+alone, its text left as it is (a DOF whose tracepoints are in another file).
+
+With ``anon`` the DOF is copied into anonymous memory (``dofhp_addr`` =
+``dofhp_dof``, like libusdt) and the text is the code file's bytes copied into
+an executable private mapping at ``CODE_ADDR`` of, per ``anon_text``:
+``memfd`` (the default), ``unlinked`` (a file unlinked after mapping, as
+libusdt does), or the refused ones: ``keep`` (leave the named code file),
+``shared`` (a memfd mapped ``MAP_SHARED``), ``zero`` (``/dev/zero``),
+``named-deleted`` (a named file called ``text (deleted)``).
 
 Protocol: one JSON object per line.  At start-up the client prints
-``{"ready": true, "pid": N, "code_addr": A, "code_size": S}``; then it reads
+``{"ready": true, "pid": N, "code_addr": A, "code_size": S, "libc_text": L}`` (``L``:
+the start of libc's executable mapping); then it reads
 commands on stdin and answers each with one line:
 
 * ``{"op": "register", "dof_file": P, "mod": M, "anon": false, "helper_file": H}`` —
-  map the DOF (file-backed, or copied into anonymous memory with ``anon``),
+  map the object (its text too, unless ``"text": "keep"``) or the plain DOF file, or
+  copy the DOF into anonymous memory with ``anon`` (and map text as ``anon_text`` says),
   ``ioctl(DTRACEHIOC_ADDDOF)`` with a mutable 80-byte ``dof_helper_t``
   (``dofhp_addr = 0``, or the DOF's own address with ``anon`` like libusdt);
   answers ``{"gen": G}`` or ``{"errno": E}``, plus ``"dof_addr"``.
@@ -51,13 +68,16 @@ from common.ioctl import DTRACEHIOC_ADDDOF, DTRACEHIOC_REMOVE
 CODE_SIZE = 1 << 16
 #: Where the client maps its "text": fixed, so tests can build DOF before starting it.
 CODE_ADDR = 0x2_0000_0000
+MAP_FIXED = 0x10  # not in the mmap module before Python 3.13
 MAP_FIXED_NOREPLACE = 0x100000
-#: The same file mapped again read-only (file-backed, not executable): a place
+#: The code file mapped again read-only (file-backed, not executable): a place
 #: tracepoints must not point at.
 DATA_ADDR = 0x3_0000_0000
 #: Anonymous DOF goes below CODE_ADDR, so dofpr_addr > dofhp_addr (= the DOF's own
 #: address, as libusdt passes it) and the parser's relocation leaves it alone.
 ANON_ADDR = 0x1_0000_0000
+DOF_MAGIC = b"\x7fDOF"
+ANON_TEXTS = ("memfd", "unlinked", "keep", "shared", "zero", "named-deleted")
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _libc.mmap.restype = ctypes.c_void_p
@@ -72,17 +92,40 @@ _libc.mmap.argtypes = [
 MAP_FAILED = ctypes.c_void_p(-1).value
 
 
-def map_file(path: str, size: int, prot: int, at: int | None = None) -> int:
-    """mmap *path* privately with *prot* (at *at* if given); the address, mapped for life."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    flags = mmap.MAP_PRIVATE | (MAP_FIXED_NOREPLACE if at is not None else 0)
-    try:
-        addr = _libc.mmap(at, size, prot, flags, fd, 0)
-    finally:
-        os.close(fd)
+def object_bytes(dof: bytes, text: bytes = b"\xcc" * CODE_SIZE) -> bytes:
+    """An object file: *text* (``CODE_SIZE`` bytes, mapped at ``CODE_ADDR``), then *dof*."""
+    if len(text) != CODE_SIZE:
+        raise ValueError(f"text must be {CODE_SIZE} bytes, not {len(text)}")
+    return text + dof
+
+
+def map_fd(fd: int, size: int, prot: int, flags: int, at: int | None, offset: int = 0) -> int:
+    """mmap *size* bytes of *fd* from *offset*; the address, mapped for life."""
+    addr = _libc.mmap(at, size, prot, flags, fd, offset)
     if addr in (None, MAP_FAILED):
         raise OSError(ctypes.get_errno(), "mmap failed")
     return int(addr)
+
+
+def map_file(
+    path: str,
+    size: int,
+    prot: int,
+    at: int | None = None,
+    *,
+    offset: int = 0,
+    replace: bool = False,
+) -> int:
+    """mmap *path* privately with *prot* (at *at* if given, over what is there with
+    *replace*); the address, mapped for life."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    flags = mmap.MAP_PRIVATE
+    if at is not None:
+        flags |= MAP_FIXED if replace else MAP_FIXED_NOREPLACE
+    try:
+        return map_fd(fd, size, prot, flags, at, offset)
+    finally:
+        os.close(fd)
 
 
 _anon_next = ANON_ADDR
@@ -91,36 +134,85 @@ _anon_next = ANON_ADDR
 def map_anonymous(data: bytes) -> int:
     global _anon_next
     size = (max(len(data), 1) + 0xFFF) & ~0xFFF
-    addr = _libc.mmap(
-        _anon_next,
+    addr = map_fd(
+        -1,
         size,
         mmap.PROT_READ | mmap.PROT_WRITE,
         mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_FIXED_NOREPLACE,
-        -1,
-        0,
+        _anon_next,
     )
     _anon_next += size + 0x10000  # a gap: never merged with the previous one
-    if addr in (None, MAP_FAILED):
-        raise OSError(ctypes.get_errno(), "mmap failed")
     ctypes.memmove(addr, data, len(data))
-    return int(addr)
+    return addr
+
+
+def libc_text() -> int:
+    """The start of libc's executable mapping in this process (0 if none is found)."""
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            if len(fields) >= 6 and "x" in fields[1] and "/libc.so" in fields[5]:
+                return int(fields[0].split("-")[0], 16)
+    return 0
 
 
 class Client:
     def __init__(self, device: str, code_file: str) -> None:
         self.device = device
-        # The "text" file is shared by every client (like one ELF executable); each
-        # maps it at CODE_ADDR, so tracepoint addresses are known in advance.
+        self.code_file = code_file
+        with open(code_file, "rb") as f:
+            self.code = f.read(CODE_SIZE)
         self.code_addr = map_file(code_file, CODE_SIZE, mmap.PROT_READ | mmap.PROT_EXEC, CODE_ADDR)
         self.data_addr = map_file(code_file, CODE_SIZE, mmap.PROT_READ, DATA_ADDR)
         self.children: list[tuple[int, int]] = []  # (pid, write end keeping it alive)
 
     def _dof_address(self, cmd: dict[str, Any]) -> int:
+        """Map what *cmd* registers (the DOF, and the text it points at); the DOF's address."""
         path = cmd["dof_file"]
         if cmd.get("anon"):
             with open(path, "rb") as f:
-                return map_anonymous(f.read())
-        return map_file(path, os.path.getsize(path), mmap.PROT_READ)
+                data = f.read()
+            if data[:4] != DOF_MAGIC:
+                data = data[CODE_SIZE:]  # an object file: its DOF
+            self._map_anonymous_text(cmd.get("anon_text", "memfd"))
+            return map_anonymous(data)
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            plain = f.read(4) == DOF_MAGIC
+        if plain:
+            return map_file(path, size, mmap.PROT_READ)
+        if cmd.get("text", "own") == "own":
+            exec_prot = mmap.PROT_READ | mmap.PROT_EXEC
+            map_file(path, CODE_SIZE, exec_prot, CODE_ADDR, replace=True)
+        return map_file(path, max(size - CODE_SIZE, 1), mmap.PROT_READ, offset=CODE_SIZE)
+
+    def _map_anonymous_text(self, how: str) -> None:
+        """Map the code file's bytes at CODE_ADDR from a file that is not the code file."""
+        if how == "keep":
+            return
+        if how not in ANON_TEXTS:
+            raise ValueError(f"anon_text {how!r} is not one of {ANON_TEXTS}")
+        prot = mmap.PROT_READ | mmap.PROT_EXEC
+        flags = MAP_FIXED | (mmap.MAP_SHARED if how == "shared" else mmap.MAP_PRIVATE)
+        directory = os.path.dirname(os.path.abspath(self.code_file))
+        if how == "zero":
+            fd = os.open("/dev/zero", os.O_RDONLY | os.O_CLOEXEC)
+        elif how in ("memfd", "shared"):
+            fd = os.memfd_create("usdt-text", os.MFD_CLOEXEC)
+        else:
+            name = "text (deleted)" if how == "named-deleted" else f"text.{os.getpid()}.tmp"
+            fd = os.open(
+                os.path.join(directory, name), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
+            )
+        try:
+            if how != "zero":
+                os.ftruncate(fd, 0)
+                os.write(fd, self.code)
+            map_fd(fd, CODE_SIZE, prot, flags, CODE_ADDR)
+            if how == "unlinked":
+                os.unlink(os.path.join(directory, f"text.{os.getpid()}.tmp"))
+        finally:
+            os.close(fd)
 
     def _helper(self, cmd: dict[str, Any], dof_addr: int) -> bytearray:
         if "helper_file" in cmd:
@@ -260,6 +352,7 @@ def main() -> None:
         "pid": os.getpid(),
         "code_addr": client.code_addr,
         "code_size": CODE_SIZE,
+        "libc_text": libc_text(),
     }
     if args.register:
         hello["register"] = client.register(json.loads(args.register))

@@ -1,8 +1,9 @@
 """Test-side handles for fake USDT clients (:mod:`tests.support.client`) and their DOF.
 
-Every client maps the same "text" file at :data:`~tests.support.client.CODE_ADDR`,
-so DOF whose tracepoints land in it can be built before the client starts
-(:func:`code_dof`).  :class:`ClientHandle` runs one client process and talks
+What a client registers is an object file (:func:`write_dof`): text, then DOF, in
+one file, like an ELF object; every client maps an object's text at
+:data:`~tests.support.client.CODE_ADDR`, so DOF whose tracepoints land in it can be
+built before the client starts (:func:`code_dof`).  :class:`ClientHandle` runs one client process and talks
 JSON lines with it; :class:`Clients` tracks them all and kills leftovers.
 """
 
@@ -23,7 +24,7 @@ from typing import Any
 import pytest
 
 from common.dof_build import BuiltDof, ProbeSpec, ProviderSpec, build_dof
-from tests.support.client import CODE_ADDR, CODE_SIZE
+from tests.support.client import CODE_ADDR, CODE_SIZE, object_bytes
 from tests.support.daemon import REPO
 
 ANSWER_TIMEOUT = 30.0
@@ -63,10 +64,24 @@ def code_dof(
     return build_dof(specs)
 
 
-def write_dof(tmp_path: Path, name: str, data: bytes) -> Path:
+def write_dof(tmp_path: Path, name: str, data: bytes, *, text: bytes | None = None) -> Path:
+    """An object file ``name.dof``: ``CODE_SIZE`` bytes of text (*text*, or ``int3``s),
+    then the DOF *data*; the client maps the text at ``CODE_ADDR`` and the DOF after it."""
     path = tmp_path / f"{name}.dof"
+    path.write_bytes(object_bytes(data) if text is None else object_bytes(data, text))
+    return path
+
+
+def write_plain_dof(tmp_path: Path, name: str, data: bytes) -> Path:
+    """A file holding only the DOF *data*: its tracepoints point into another file."""
+    path = tmp_path / f"{name}.plain.dof"
     path.write_bytes(data)
     return path
+
+
+def dof_bytes(path: Path) -> bytes:
+    """The DOF of an object file that :func:`write_dof` wrote."""
+    return path.read_bytes()[CODE_SIZE:]
 
 
 class ClientHandle:

@@ -239,7 +239,7 @@ def test_cuse_adddof_client_listed_and_fired(daemon: PrivateDaemon, root: Path) 
     code = work / "dofclient.code"
     code.write_bytes(dofclient.code_bytes())
     dof = work / "dofclient.dof"
-    dof.write_bytes(dofclient.probes(relocate=True))
+    dof.write_bytes(dofclient.object_file(relocate=True))
     proc = subprocess.Popen(
         [
             *(sys.executable, "-m", "tests.realdtrace.dofclient", "--device", daemon.device),
