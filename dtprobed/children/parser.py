@@ -49,6 +49,7 @@ from common.records import (
     Tracepoint,
 )
 from common.requests import LocateNotes, ObjectBytes, ParseNoteBlocks, ParseRequest, ParserRequest
+from dtprobed.children.parsecache import ParseCache, dof_key, notes_key
 from dtprobed.children.process import ChildSlot, RunningChild
 
 #: ``read(offset, size)``: the object's bytes there (shorter only at its end).
@@ -100,7 +101,14 @@ class NotesParser(Protocol):
 
     def locate_notes(self, helper: bytes, size: int, read: ReadFn) -> NotesLocation: ...
     def parse_note_blocks(
-        self, helper: bytes, notes_addr: int, notes: bytes, rodata_addr: int, rodata: bytes
+        self,
+        helper: bytes,
+        notes_addr: int,
+        notes: bytes,
+        rodata_addr: int,
+        rodata: bytes,
+        *,
+        requester: int | None = None,
     ) -> ParseResult: ...
 
 
@@ -111,12 +119,15 @@ def parse_object_notes(
     first_mapping: int,
     size: int,
     read: ReadFn,
+    *,
+    requester: int | None = None,
 ) -> NotesObject:
     """Locate (in *locator*), read once, and parse (in ``parser_for(block bytes)``) an object.
 
     The child interprets the object; *read* answers its ``ReadAt`` and then reads
     the two sections it located.  Raises :class:`RequestRejected` when the parser
-    refused the object or the file shrank while it was read.
+    refused the object or the file shrank while it was read.  *requester*: see
+    :meth:`ParserChild.parse_result` (the parse of the blocks may come from the cache).
     """
     where = locator.locate_notes(notes_helper(module, first_mapping), size, read)
     notes = read(where.notes_offset, where.notes_size)
@@ -127,7 +138,7 @@ def parse_object_notes(
     # ET_DYN object, 0 for ET_EXEC (the parser told which)
     helper = notes_helper(module, where.base)
     result = parser_for(len(notes) + len(rodata)).parse_note_blocks(
-        helper, where.notes_addr, notes, where.rodata_addr, rodata
+        helper, where.notes_addr, notes, where.rodata_addr, rodata, requester=requester
     )
     return NotesObject(helper, where, notes, rodata, result)
 
@@ -152,9 +163,12 @@ class ParserChild:
         restart_after_requests: int = 10000,
         restart_after_cpu: float = 600.0,
         command: Sequence[str] | None = None,
+        cache: ParseCache | None = None,
     ) -> None:
         """*command* replaces the child's argv (default: this interpreter running
-        ``parserd`` with the limits); it lets a debugger or ``strace`` wrap the child."""
+        ``parserd`` with the limits); it lets a debugger or ``strace`` wrap the child.
+        *cache*: accepted results by request content (:mod:`.parsecache`), so a
+        byte-identical request (a fork child re-registering) skips the child."""
         if timeout <= 0:
             raise ValueError("timeout must be positive")
         self.limits = limits
@@ -173,6 +187,7 @@ class ParserChild:
         )
         self._encoder = msgspec.msgpack.Encoder()
         self._frames = FrameEncoder()
+        self.cache = cache
 
     # --- lifecycle ----------------------------------------------------------------
     @property
@@ -231,13 +246,34 @@ class ParserChild:
         return self.parse_result(helper, dof, meanwhile=meanwhile).probes
 
     def parse_result(
-        self, helper: bytes, dof: bytes, *, meanwhile: Callable[[], object] | None = None
+        self,
+        helper: bytes,
+        dof: bytes,
+        *,
+        meanwhile: Callable[[], object] | None = None,
+        requester: int | None = None,
     ) -> ParseResult:
-        """:meth:`parse`, answering the record stream too (what the receiver stashes)."""
+        """:meth:`parse`, answering the record stream too (what the receiver stashes).
+
+        *requester* (the calling thread id) uses the cache, if this child has
+        one: an accepted result is kept, and a byte-identical request of
+        another requester is answered from it.
+        """
+        cache = self.cache if requester is not None else None
+        key = dof_key(helper, dof) if cache is not None else b""
+        if cache is not None and requester is not None:
+            hit = cache.get(key, requester)
+            if hit is not None:
+                if meanwhile is not None:
+                    meanwhile()
+                return hit
         checked = self._run(helper, dof, meanwhile)
         if checked.error is not None:
             raise RequestRejected(checked.error.errno, checked.error.message)
-        return ParseResult(checked.records, checked.probes)
+        result = ParseResult(checked.records, checked.probes)
+        if cache is not None and requester is not None:
+            cache.put(key, result, requester)
+        return result
 
     def parse_records(self, helper: bytes, dof: bytes) -> list[ResultRecord]:
         """The checked record stream (ending in Eof or Err), for tools that print it."""
@@ -279,8 +315,12 @@ class ParserChild:
         rodata: bytes,
         *,
         meanwhile: Callable[[], object] | None = None,
+        requester: int | None = None,
     ) -> ParseResult:
-        """Parse the two blocks of a notes object (``helper``'s ``dofhp_addr`` is the base)."""
+        """Parse the two blocks of a notes object (``helper``'s ``dofhp_addr`` is the base).
+
+        *requester*: as for :meth:`parse_result`.
+        """
         if len(helper) != DOF_HELPER.size:
             raise ValueError(f"dof_helper_t is {DOF_HELPER.size} bytes, got {len(helper)}")
         if len(notes) + len(rodata) > self.limits.max_object_bytes:
@@ -289,6 +329,15 @@ class ParserChild:
                 f"notes and .rodata of {len(notes) + len(rodata)} bytes exceed "
                 f"max_object_bytes {self.limits.max_object_bytes}",
             )
+        cache = self.cache if requester is not None else None
+        key = b""
+        if cache is not None and requester is not None:
+            key = notes_key(helper, notes_addr, notes, rodata_addr, rodata)
+            hit = cache.get(key, requester)
+            if hit is not None:
+                if meanwhile is not None:
+                    meanwhile()
+                return hit
         checked = _Checked(self.limits, notes=True)
         request = ParseNoteBlocks(
             helper=helper,
@@ -300,7 +349,10 @@ class ParserChild:
         self._request(request, checked, meanwhile)
         if checked.error is not None:
             raise RequestRejected(checked.error.errno, checked.error.message)
-        return ParseResult(checked.records, checked.probes)
+        result = ParseResult(checked.records, checked.probes)
+        if cache is not None and requester is not None:
+            cache.put(key, result, requester)
+        return result
 
     def _run(
         self, helper: bytes, dof: bytes, meanwhile: Callable[[], object] | None = None

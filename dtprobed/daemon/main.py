@@ -70,6 +70,7 @@ from common.stash_protocol import (
     add_quota_arguments,
     quotas_from_args,
 )
+from dtprobed.children.parsecache import ParseCache
 from dtprobed.children.parser import ParserChild, ParseResult
 from dtprobed.children.writer import DEFAULT_BACKSTOP, StashWriterChild, WriterCommandFailed
 from dtprobed.daemon import fairness, statedir, unmapped
@@ -398,6 +399,8 @@ class Daemon:
             timeout=self.args.timeout,
             sandbox=not self.args.no_sandbox,
             log=logging.getLogger("dtprobed.parser"),
+            # a fork child's re-registration (same bytes, same helper) skips the child
+            cache=ParseCache(),
         )
 
     def _live_stash_pids(self) -> list[int]:

@@ -109,13 +109,25 @@ Reply = Callable[[int], None]
 
 class Parser(Protocol):
     def parse_result(
-        self, helper: bytes, dof: bytes, *, meanwhile: Callable[[], object] | None = None
+        self,
+        helper: bytes,
+        dof: bytes,
+        *,
+        meanwhile: Callable[[], object] | None = None,
+        requester: int | None = None,
     ) -> ParseResult: ...
     def locate_notes(
         self, helper: bytes, size: int, read: Callable[[int, int], bytes]
     ) -> NotesLocation: ...
     def parse_note_blocks(
-        self, helper: bytes, notes_addr: int, notes: bytes, rodata_addr: int, rodata: bytes
+        self,
+        helper: bytes,
+        notes_addr: int,
+        notes: bytes,
+        rodata_addr: int,
+        rodata: bytes,
+        *,
+        requester: int | None = None,
     ) -> ParseResult: ...
 
 
@@ -424,7 +436,10 @@ class Receiver:
         parse_started = time.monotonic()
         job.in_parser = True
         try:
-            result = parser.parse_result(helper, job.dof, meanwhile=identify_caller)
+            # requester: a fork child's identical request is answered from the parse cache
+            result = parser.parse_result(
+                helper, job.dof, meanwhile=identify_caller, requester=request.tid
+            )
         except BaseException:
             for caller in identified:
                 caller.close()
@@ -470,6 +485,7 @@ class Receiver:
                 obj.first.start,
                 obj.size,
                 partial(_pread, obj.fd),
+                requester=request.tid,
             )
             job.in_parser = False
             parsed = time.monotonic()

@@ -1,0 +1,130 @@
+"""Accepted parse results by content, so a fork child's re-registration skips the parser.
+
+drti registers again from a ``pthread_atfork`` child handler: the child sends
+its parent's ``dof_helper_t`` and DOF bytes, unchanged (the mapping, its
+relocation base and its bytes are inherited).  The parser is a pure function
+of the request (helper, bytes) and of its limits, which are fixed for a
+:class:`~dtprobed.children.parser.ParserChild`; so the checked record stream
+of identical request bytes is the one the child sent before, and is answered
+from here.
+
+What a cached result still goes through is unchanged: the receiver checks its
+tracepoints against the *caller's* maps and the stash writer re-checks the
+stream and commits it for the caller.  Only an accepted parse is kept (a
+rejected one costs its sender the parse again, and the penalties apply).
+
+A result is served only to another requester (the calling thread id) than
+the one whose request stored it: a fork child is a new thread, while a thread
+that sends the same request again (a constructor run twice, a retry after a
+failure) has it parsed again, as it would have without the cache.
+
+The key is a BLAKE2b-256 digest of the request kind, the
+80-byte helper and every byte the parser would read: two requests share an
+entry only if they are byte-identical (a collision would need a second
+preimage).  Sharing across processes and users reveals nothing the stash
+does not show: whether the same bytes were registered before is listed,
+world-readable, under the state directory.
+
+Bounded: at most *max_entries* results and *max_records* records in all,
+least recently used first out; a result larger than a quarter of the record
+budget is not kept (a huge DOF is rare, and would evict everything else).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+import threading
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Final
+
+if TYPE_CHECKING:
+    from dtprobed.children.parser import ParseResult
+
+#: Defaults the daemon uses: a forking server's few DOFs, and room for upstream's
+#: largest test (2000 probes, ~6000 records) several times over.
+DEFAULT_MAX_ENTRIES: Final = 128
+DEFAULT_MAX_RECORDS: Final = 1 << 17
+
+_ADDRS: Final = struct.Struct("<QQQ")
+
+
+def dof_key(helper: bytes, dof: bytes) -> bytes:
+    """The key of a ParseRequest (the helper has a fixed size: no separator needed)."""
+    h = hashlib.blake2b(b"dof\0", digest_size=32)
+    h.update(helper)
+    h.update(dof)
+    return h.digest()
+
+
+def notes_key(
+    helper: bytes, notes_addr: int, notes: bytes, rodata_addr: int, rodata: bytes
+) -> bytes:
+    """The key of a ParseNoteBlocks request (sizes included: the block boundary is part of it)."""
+    h = hashlib.blake2b(b"notes\0", digest_size=32)
+    h.update(helper)
+    h.update(_ADDRS.pack(notes_addr, rodata_addr, len(notes)))
+    h.update(notes)
+    h.update(rodata)
+    return h.digest()
+
+
+class ParseCache:
+    """A bounded LRU of accepted parse results; thread-safe."""
+
+    def __init__(
+        self, max_entries: int = DEFAULT_MAX_ENTRIES, max_records: int = DEFAULT_MAX_RECORDS
+    ) -> None:
+        if max_entries < 0 or max_records < 0:
+            raise ValueError("cache bounds must not be negative")
+        self.max_entries = max_entries
+        self.max_records = max_records
+        self._entries: OrderedDict[bytes, tuple[ParseResult, int]] = OrderedDict()
+        self._records = 0
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def records(self) -> int:
+        """Records held in all (what the bound counts)."""
+        return self._records
+
+    def get(self, key: bytes, requester: int) -> ParseResult | None:
+        """The result stored under *key* by another requester (fresh lists: a caller
+        may not alter ours), or None."""
+        with self._lock:
+            found = self._entries.get(key)
+            if found is None or found[1] == requester:
+                self.misses += 1
+                return None
+            self._entries.move_to_end(key)
+            self.hits += 1
+        result = found[0]
+        return type(result)(list(result.records), list(result.probes))
+
+    def put(self, key: bytes, result: ParseResult, requester: int) -> None:
+        size = len(result.records)
+        if self.max_entries == 0 or size > self.max_records // 4:
+            return
+        kept = type(result)(list(result.records), list(result.probes))
+        with self._lock:
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self._records -= len(old[0].records)
+            self._entries[key] = (kept, requester)
+            self._records += size
+            while len(self._entries) > self.max_entries or self._records > self.max_records:
+                _, (gone, _) = self._entries.popitem(last=False)
+                self._records -= len(gone.records)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self._records = 0
+
+
+__all__ = ["DEFAULT_MAX_ENTRIES", "DEFAULT_MAX_RECORDS", "ParseCache", "dof_key", "notes_key"]

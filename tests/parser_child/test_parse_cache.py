@@ -1,0 +1,137 @@
+"""The parse cache: a byte-identical request of another requester skips the real parser child.
+
+Every test runs the real sandboxed parser; the child's own request counter
+(``RunningChild.requests``) tells whether a request reached it.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Iterator
+
+import pytest
+
+from common.dof_build import ProbeSpec, ProviderSpec, build_dof, build_helper
+from common.errors import RequestRejected
+from common.limits import ParseLimits
+from dtprobed.children.parsecache import ParseCache
+from dtprobed.children.parser import ParserChild
+
+HELPER = build_helper("a.out", 0)
+PARENT, FORK_CHILD, OTHER = 1001, 1002, 1003
+
+
+def _dof(tag: str = "c", nprobes: int = 3) -> bytes:
+    probes = [ProbeSpec("main", f"p{i}", [0x10 * (i + 1)], native=["int"]) for i in range(nprobes)]
+    return build_dof([ProviderSpec(tag, probes)]).data
+
+
+@pytest.fixture
+def cached() -> Iterator[tuple[ParserChild, ParseCache]]:
+    cache = ParseCache()
+    pc = ParserChild(limits=ParseLimits(), timeout=10, cache=cache)
+    try:
+        yield pc, cache
+    finally:
+        pc.stop()
+
+
+def _requests(pc: ParserChild) -> int:
+    child = pc._child
+    assert child is not None
+    return child.requests
+
+
+def test_fork_child_request_is_answered_from_the_cache(
+    cached: tuple[ParserChild, ParseCache],
+) -> None:
+    pc, cache = cached
+    dof = _dof()
+    first = pc.parse_result(HELPER, dof, requester=PARENT)
+    sent = _requests(pc)
+    ran: list[int] = []
+    again = pc.parse_result(HELPER, dof, requester=FORK_CHILD, meanwhile=lambda: ran.append(1))
+    assert _requests(pc) == sent  # the child never saw it
+    assert again.records == first.records and again.probes == first.probes
+    assert ran == [1]  # the receiver's /proc reads still run
+    assert cache.hits == 1
+    assert list(again.tracepoint_addrs()) == list(first.tracepoint_addrs())
+
+
+def test_same_requester_is_parsed_again(cached: tuple[ParserChild, ParseCache]) -> None:
+    pc, cache = cached
+    dof = _dof()
+    pc.parse_result(HELPER, dof, requester=PARENT)
+    sent = _requests(pc)
+    pc.parse_result(HELPER, dof, requester=PARENT)
+    assert _requests(pc) == sent + 1 and cache.hits == 0
+
+
+def test_other_bytes_or_helper_miss(cached: tuple[ParserChild, ParseCache]) -> None:
+    pc, cache = cached
+    dof = _dof()
+    pc.parse_result(HELPER, dof, requester=PARENT)
+    sent = _requests(pc)
+    # another relocation base, another module name, one byte of DOF changed
+    pc.parse_result(build_helper("a.out", 0x1000), dof, requester=FORK_CHILD)
+    pc.parse_result(build_helper("b.out", 0), dof, requester=FORK_CHILD)
+    pc.parse_result(HELPER, _dof("d"), requester=FORK_CHILD)
+    assert _requests(pc) == sent + 3 and cache.hits == 0
+
+
+def test_rejected_request_is_not_kept(cached: tuple[ParserChild, ParseCache]) -> None:
+    pc, cache = cached
+    bad = bytearray(_dof())
+    bad[0] = 0  # not DOF magic
+    for requester in (PARENT, FORK_CHILD):
+        with pytest.raises(RequestRejected) as err:
+            pc.parse_result(HELPER, bytes(bad), requester=requester)
+        assert err.value.errno == errno.EINVAL
+    assert _requests(pc) == 2 and len(cache) == 0
+
+
+def test_no_requester_no_cache(cached: tuple[ParserChild, ParseCache]) -> None:
+    pc, cache = cached
+    dof = _dof()
+    pc.parse_result(HELPER, dof)
+    pc.parse_result(HELPER, dof)
+    assert _requests(pc) == 2 and len(cache) == 0
+
+
+def test_a_caller_cannot_alter_the_cached_result(cached: tuple[ParserChild, ParseCache]) -> None:
+    pc, _ = cached
+    dof = _dof()
+    first = pc.parse_result(HELPER, dof, requester=PARENT)
+    expected = list(first.records)
+    first.records.clear()
+    first.probes.clear()
+    hit = pc.parse_result(HELPER, dof, requester=FORK_CHILD)
+    assert hit.records == expected
+    hit.records.pop()
+    assert pc.parse_result(HELPER, dof, requester=OTHER).records == expected
+
+
+def test_bounds_evict_least_recently_used() -> None:
+    cache = ParseCache(max_entries=2, max_records=1000)
+    pc = ParserChild(limits=ParseLimits(), timeout=10, cache=cache)
+    try:
+        a, b, c = _dof("a"), _dof("b"), _dof("c")
+        for dof in (a, b):
+            pc.parse_result(HELPER, dof, requester=PARENT)
+        pc.parse_result(HELPER, a, requester=FORK_CHILD)  # a is now the most recent
+        pc.parse_result(HELPER, c, requester=PARENT)  # evicts b
+        assert len(cache) == 2
+        sent = _requests(pc)
+        pc.parse_result(HELPER, a, requester=OTHER)
+        assert _requests(pc) == sent  # kept
+        pc.parse_result(HELPER, b, requester=OTHER)
+        assert _requests(pc) == sent + 1  # evicted: parsed again
+        # a result over a quarter of the record budget is never kept
+        big = _dof("big", nprobes=100)  # 1 + 100 * 3 + 1 records > 250
+        pc.parse_result(HELPER, big, requester=PARENT)
+        sent = _requests(pc)
+        pc.parse_result(HELPER, big, requester=OTHER)
+        assert _requests(pc) == sent + 1
+        assert cache.records <= cache.max_records
+    finally:
+        pc.stop()
