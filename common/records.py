@@ -32,6 +32,7 @@ from typing import Annotated, Final
 
 import msgspec
 
+from common.dof_abi import DOF_MAXSZ
 from common.limits import MAX_OBJECT_BYTES, MAX_OBJECT_READ, MAX_OBJECT_SIZE
 from common.names import MAX_SARGS_BYTES, NameRefused, check_argtype, check_name, check_sargs
 
@@ -187,6 +188,12 @@ class NotesLocation(Record, tag=NOTES_LOCATION_TAG, frozen=True):
     size, checks again).  The two sizes together are at most
     :data:`~common.limits.MAX_OBJECT_BYTES` (the configured ``max_object_bytes``
     is the parser's to apply).
+
+    Catch-up asks for ``.SUNW_dof`` too (``LocateNotes.dof``): ``dof_addr`` /
+    ``dof_size`` are that allocated section's ``sh_addr`` and size (0: none),
+    whose bytes the host reads from the process's memory at ``base + dof_addr``
+    (ET_DYN) or ``dof_addr`` (ET_EXEC); ``notes_found`` is false when the object
+    has ``.SUNW_dof`` but no ``.note.usdt`` (the notes fields are then 0).
     """
 
     base: U64
@@ -196,6 +203,9 @@ class NotesLocation(Record, tag=NOTES_LOCATION_TAG, frozen=True):
     rodata_addr: U64
     rodata_offset: FileOffset
     rodata_size: BlockSize
+    dof_addr: U64 = 0
+    dof_size: Annotated[int, msgspec.Meta(ge=0, le=DOF_MAXSZ)] = 0
+    notes_found: bool = True
 
     def __post_init__(self) -> None:
         if self.notes_offset + self.notes_size > MAX_OBJECT_SIZE:
@@ -204,6 +214,8 @@ class NotesLocation(Record, tag=NOTES_LOCATION_TAG, frozen=True):
             raise ValueError("rodata block extends past the largest file size")
         if self.notes_size + self.rodata_size > MAX_OBJECT_BYTES:
             raise ValueError(f"blocks of {self.notes_size + self.rodata_size} bytes in all")
+        if not self.notes_found and not self.dof_size:
+            raise ValueError("neither .note.usdt nor .SUNW_dof located")
 
 
 ParserRecord = (

@@ -87,11 +87,13 @@ class LocateNotes(Request, tag=LOCATE_NOTES_TAG, frozen=True):
     the object's mapping path, ``dofhp_addr`` = start of the object's first
     mapping in the caller, ``dofhp_dof`` = 0); ``size`` is the file's size from
     ``fstat``.  The child reads the file only through ``ReadAt`` and answers one
-    ``NotesLocation`` or one ``Err``.
+    ``NotesLocation`` or one ``Err``.  With ``dof`` (catch-up) it also looks for an
+    allocated ``.SUNW_dof`` and accepts an object that has only that.
     """
 
     helper: Helper
     size: Annotated[int, msgspec.Meta(ge=0, le=MAX_OBJECT_SIZE)]
+    dof: bool = False
 
 
 class ObjectBytes(Request, tag=OBJECT_BYTES_TAG, frozen=True):

@@ -156,6 +156,11 @@ class Registration(_Msg, frozen=True):
     changes when the process execs, even into the same binary (a heuristic:
     e.g. the AT_RANDOM address; empty when unknown).  ``uid`` is the caller's
     real uid (per-uid quotas; kept as the ``trusted.dtprobed.uid`` xattr).
+    ``caught_up``: registered by catch-up on the process's behalf (docs/stash.md,
+    "Catch-up"): a new process directory starts at generation 1, the generation
+    is listed in ``trusted.dtprobed.caught_up``, an object the process already
+    has is not registered again (its generation is answered), and a later live
+    registration of the same object replaces the caught-up generation.
     """
 
     pid: Pid
@@ -168,6 +173,7 @@ class Registration(_Msg, frozen=True):
     helper: Helper
     raw: RawBlocks
     uid: Uid = UNKNOWN_UID
+    caught_up: bool = False
 
     @property
     def raw_bytes(self) -> int:

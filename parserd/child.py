@@ -204,7 +204,9 @@ class ChildLoop:
     # --- the loop -------------------------------------------------------------
     def answer(self, request: ParserRequest) -> bytes:
         if isinstance(request, LocateNotes):
-            records = locate_notes(request.helper, request.size, self.read_object, self.limits)
+            records = locate_notes(
+                request.helper, request.size, self.read_object, self.limits, dof=request.dof
+            )
             return self.encode_answer(records)
         if isinstance(request, ParseNoteBlocks):
             records = parse_note_blocks(
@@ -229,12 +231,15 @@ class ChildLoop:
             self.answer(self._requests.decode_body(frame))
         notes_helper = DOF_HELPER.pack(b"warm.so", 0x7F0000000000, 0)
         for obj in warm_up_objects():
-            frame = self._encoder.encode(LocateNotes(helper=notes_helper, size=len(obj)))
-            self._warm_object = obj
-            try:
-                self.answer(self._requests.decode_body(frame))
-            finally:
-                self._warm_object = None
+            for want_dof in (False, True):  # catch-up's locate (dof) too
+                frame = self._encoder.encode(
+                    LocateNotes(helper=notes_helper, size=len(obj), dof=want_dof)
+                )
+                self._warm_object = obj
+                try:
+                    self.answer(self._requests.decode_body(frame))
+                finally:
+                    self._warm_object = None
             for loc in self._warm_locations(obj, notes_helper):
                 blocks = ParseNoteBlocks(
                     helper=DOF_HELPER.pack(b"warm.so", loc.base, 0),

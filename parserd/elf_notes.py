@@ -172,6 +172,9 @@ from common.records import (
 from parserd.rejection import ELLIPSIS, Rejected, clamp, reject
 
 ReadFn = Callable[[int, int], bytes]
+#: dtrace -G <= 2.0.2's section of DOF (allocated: drti read it in memory).
+DOF_SECTION: Final = ".SUNW_dof"
+SHF_ALLOC: Final = 0x2
 
 _U32: Final = struct.Struct("<I")
 _U64X2: Final = struct.Struct("<QQ")
@@ -254,6 +257,7 @@ class _Section(NamedTuple):
     offset: int
     size: int
     link: int
+    flags: int = 0
 
 
 class _Defined:
@@ -358,7 +362,12 @@ class _Reader:
 
 
 def locate_notes(
-    helper: bytes, file_size: int, read: ReadFn, limits: ParseLimits | None = None
+    helper: bytes,
+    file_size: int,
+    read: ReadFn,
+    limits: ParseLimits | None = None,
+    *,
+    dof: bool = False,
 ) -> list[ResultRecord]:
     """The ELF phase (``LocateNotes``): ``[NotesLocation]`` or ``[Err]``.
 
@@ -366,10 +375,15 @@ def locate_notes(
     table, through *read(offset, size)*, which must return the file's bytes
     there (exceptions it raises propagate: they are the transport's, not the
     input's).  Nothing in the file's contents makes this raise.
+
+    With *dof* (catch-up of an object nobody registered yet) an allocated
+    ``.SUNW_dof`` (SHT_PROGBITS, SHF_ALLOC, 1 byte to ``max_dof_size``) is
+    located too, and an object with only that is accepted; its bytes are
+    not in the request: the host reads them from the process's memory.
     """
     try:
         parser = _NotesParser(helper, limits or ParseLimits())
-        return [parser.locate(_Reader(read, file_size, parser.limits))]
+        return [parser.locate(_Reader(read, file_size, parser.limits), dof=dof)]
     except Rejected as rejected:
         return [Err(errno=rejected.errno, message=clamp(rejected.message))]
 
@@ -435,10 +449,24 @@ class _NotesParser:
 
     # --- the two phases --------------------------------------------------------------
 
-    def locate(self, reader: _Reader) -> NotesLocation:
+    def locate(self, reader: _Reader, *, dof: bool = False) -> NotesLocation:
         self.reader = reader
         self.file_size = reader.file_size
         e_type, sections, shstrtab = self._elf()
+        dof_sec = self._sunw_dof(sections, shstrtab) if dof else None
+        if dof_sec is not None and not self._has(sections, shstrtab, NOTES_SECTION, SHT_NOTE):
+            return NotesLocation(
+                base=self.dofhp_addr if e_type == ET_DYN else 0,
+                notes_addr=0,
+                notes_offset=0,
+                notes_size=0,
+                rodata_addr=0,
+                rodata_offset=0,
+                rodata_size=0,
+                dof_addr=dof_sec.addr,
+                dof_size=dof_sec.size,
+                notes_found=False,
+            )
         notes_sec = self._find(sections, shstrtab, NOTES_SECTION, SHT_NOTE)
         rodata_sec = self._find(sections, shstrtab, RODATA_SECTION, SHT_PROGBITS)
         self._bounds(notes_sec, NOTES_SECTION)
@@ -461,7 +489,29 @@ class _NotesParser:
             rodata_addr=rodata_sec.addr,
             rodata_offset=rodata_sec.offset,
             rodata_size=rodata_sec.size,
+            dof_addr=dof_sec.addr if dof_sec is not None else 0,
+            dof_size=dof_sec.size if dof_sec is not None else 0,
         )
+
+    def _has(self, sections: list[_Section], shstrtab: bytes, name: str, kind: int) -> bool:
+        return self._lookup(sections, shstrtab, name, kind) is not None
+
+    def _sunw_dof(self, sections: list[_Section], shstrtab: bytes) -> _Section | None:
+        """The object's ``.SUNW_dof``, checked; None when it has none."""
+        sec = self._lookup(sections, shstrtab, DOF_SECTION, SHT_PROGBITS)
+        if sec is None:
+            return None
+        if not sec.flags & SHF_ALLOC:
+            reject(f"{self.module}: section {DOF_SECTION} is not allocated (no SHF_ALLOC)")
+        if sec.size == 0:
+            reject(f"{self.module}: section {DOF_SECTION} is empty")
+        if sec.size > self.limits.max_dof_size:
+            reject(
+                f"{self.module}: section {DOF_SECTION} of {sec.size} bytes exceeds maximum "
+                f"{self.limits.max_dof_size}",
+                E2BIG,
+            )
+        return sec
 
     def parse_blocks(self, notes: bytes, rodata: _Rodata) -> list[ResultRecord]:
         total = len(notes) + len(rodata.data)
@@ -540,10 +590,10 @@ class _NotesParser:
     def _shdrs(self, offset: int, count: int) -> list[_Section]:
         raw = self.reader.get(offset, count * SHDR.size, "section header table")
         out = []
-        for i, (name, kind, _flags, addr, off, sz, link, _info, _align, _entsize) in enumerate(
+        for i, (name, kind, flags, addr, off, sz, link, _info, _align, _entsize) in enumerate(
             SHDR.iter_unpack(raw)
         ):
-            out.append(_Section(i, name, kind, addr, off, sz, link))
+            out.append(_Section(i, name, kind, addr, off, sz, link, flags))
         return out
 
     def _bounds(self, sec: _Section, what: str) -> None:
@@ -554,6 +604,14 @@ class _NotesParser:
             )
 
     def _find(self, sections: list[_Section], shstrtab: bytes, name: str, kind: int) -> _Section:
+        sec = self._lookup(sections, shstrtab, name, kind)
+        if sec is None:
+            reject(f"no {name} section in {self.module}")
+        return sec
+
+    def _lookup(
+        self, sections: list[_Section], shstrtab: bytes, name: str, kind: int
+    ) -> _Section | None:
         want = name.encode()
         for sec in sections:
             if sec.num == 0:
@@ -571,7 +629,7 @@ class _NotesParser:
                 )
             if sec.type == kind and shstrtab[sec.name : end] == want:
                 return sec
-        reject(f"no {name} section in {self.module}")
+        return None
 
     # --- the notes -------------------------------------------------------------------
 

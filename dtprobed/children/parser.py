@@ -286,6 +286,7 @@ class ParserChild:
         read: ReadFn,
         *,
         meanwhile: Callable[[], object] | None = None,
+        dof: bool = False,
     ) -> NotesLocation:
         """Where an ELF object's ``.note.usdt`` and ``.rodata`` lie (the ELF phase).
 
@@ -294,13 +295,14 @@ class ParserChild:
         (a bounded ``pread`` on the object the receiver holds), within the file
         size and the request's budgets (``max_object_reads``,
         ``max_object_bytes``).  Raises :class:`RequestRejected` when the parser
-        refused the object.
+        refused the object.  *dof* (catch-up): locate ``.SUNW_dof`` too, and
+        accept an object that has only that (``NotesLocation.notes_found``).
         """
         if len(helper) != DOF_HELPER.size:
             raise ValueError(f"dof_helper_t is {DOF_HELPER.size} bytes, got {len(helper)}")
         reads = _ObjectReads(read, size, self.limits)
         located = _Located()
-        self._request(LocateNotes(helper=helper, size=size), located, meanwhile, reads)
+        self._request(LocateNotes(helper=helper, size=size, dof=dof), located, meanwhile, reads)
         if located.error is not None:
             raise RequestRejected(located.error.errno, located.error.message)
         assert located.location is not None

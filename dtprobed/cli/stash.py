@@ -1,4 +1,4 @@
-"""``dtprobed-stash [-s STATEDIR] list|show PID|verify [--json]``: inspect the DOF stash.
+"""``dtprobed-stash [-s STATEDIR] list|show PID|verify [--json]|catch-up``: the DOF stash.
 
 Reads the tree directly and read-only and takes no lock: the state directory
 is world-readable, so a lock there is one any user could hold against the
@@ -7,6 +7,14 @@ The tree may change while it is read: an entry that vanishes meanwhile is
 skipped, and ``verify`` reports only the problems that persist over repeated
 passes (:func:`verify_settled`).  Exit status: 0 ok, 1 inconsistent
 (``verify``), nothing to show or an unreadable stash, 2 usage error.
+
+``catch-up`` is the one command that asks something of the daemon: it finds
+the daemon serving STATEDIR by its pid file in root's ``/run/dtprobed``
+(:mod:`dtprobed.stash.rundir`; so only root can use it), checks that the pid
+still is that daemon (its start time), sends it SIGHUP and waits for the
+completion marker of a catch-up that started after the signal, then prints its
+summary line.  Exit 1 when no daemon serves STATEDIR or none finished within
+``--timeout``.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ import json
 import os
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any, Final, NoReturn
 
@@ -24,6 +33,7 @@ from common.records import ArgsMap, ArgsNative, ArgsXlat
 from common.stash_format import VERSION, decode_probe_file
 from dtprobed.oslib.dirfd import DirFd
 from dtprobed.oslib.procfs import start_time_of
+from dtprobed.stash import rundir
 from dtprobed.stash.layout import (
     MAX_EXEC_MAPPING,
     XATTR_START_TIME,
@@ -38,6 +48,8 @@ EXIT_OK: Final = 0
 EXIT_PROBLEM: Final = 1
 EXIT_USAGE: Final = 2
 DEFAULT_STATE_DIR: Final = "/run/dtrace"
+#: How long ``catch-up`` waits for the daemon's run to finish (a scan of a busy host).
+CATCH_UP_WAIT: Final = 600.0
 
 
 class _Parser(argparse.ArgumentParser):
@@ -57,7 +69,48 @@ def _build_parser() -> argparse.ArgumentParser:
     show.add_argument("--json", action="store_true")
     ver = sub.add_parser("verify", help="check every invariant of the stash")
     ver.add_argument("--json", action="store_true")
+    cup = sub.add_parser(
+        "catch-up", help="make the running daemon register the probes of running programs"
+    )
+    cup.add_argument(
+        "--timeout", type=float, default=CATCH_UP_WAIT, help=f"default {CATCH_UP_WAIT:g} s"
+    )
+    cup.add_argument("--json", action="store_true")
     return p
+
+
+def _cmd_catch_up(state_dir: str, timeout: float, as_json: bool) -> int:
+    try:
+        run_dir = rundir.open_run_dir()
+    except OSError as err:
+        print(f"dtprobed-stash: no daemon to ask ({rundir.RUN_DIR}: {err})", file=sys.stderr)
+        return EXIT_PROBLEM
+    try:
+        raw = rundir.read_small(run_dir, rundir.pid_file_name(state_dir))
+        fields = raw.split() if raw is not None else []
+        if len(fields) != 2 or not all(f.isdigit() for f in fields):
+            print(f"dtprobed-stash: no daemon serves {state_dir}", file=sys.stderr)
+            return EXIT_PROBLEM
+        pid, start = int(fields[0]), int(fields[1])
+        if start_time_of(pid) != start:  # a stale pid file: that pid is not our daemon
+            print(f"dtprobed-stash: the daemon of {state_dir} (pid {pid}) is gone", file=sys.stderr)
+            return EXIT_PROBLEM
+        asked = time.monotonic()  # CLOCK_MONOTONIC: the daemon's marker uses the same clock
+        os.kill(pid, signal.SIGHUP)
+        deadline = asked + timeout
+        while True:
+            marker = rundir.read_marker(run_dir, state_dir)
+            started = marker.get("started") if marker is not None else None
+            if marker is not None and isinstance(started, float) and started >= asked:
+                break
+            if time.monotonic() >= deadline:
+                print(f"dtprobed-stash: no catch-up finished within {timeout:g} s", file=sys.stderr)
+                return EXIT_PROBLEM
+            time.sleep(0.05)
+    finally:
+        os.close(run_dir)
+    print(json.dumps(marker) if as_json else marker.get("summary", ""))
+    return EXIT_OK
 
 
 def _executable(pid: int, pid_fd: int) -> str:
@@ -230,6 +283,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # A reader that goes away (`| head`) ends us quietly, as any Unix filter.
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     args = _build_parser().parse_args(argv)
+    if args.command == "catch-up":
+        return _cmd_catch_up(os.path.abspath(args.state_dir), args.timeout, args.json)
     try:
         root = DirFd(None, args.state_dir, readable=True)
     except OSError as err:

@@ -12,10 +12,17 @@ rebuild of a stash at its quotas' maximum take seconds), ``-t`` bounds only its
 silence, and every frame of it (and every reparsed mapping) feeds the watchdog
 until READY=1 (``WATCHDOG=1`` with ``EXTEND_TIMEOUT_USEC``).
 
-Signals: SIGTERM, SIGINT and SIGHUP stop the daemon cleanly (queued requests
+Once ready, the daemon catches up (:mod:`dtprobed.daemon.catchup`, unless
+``--no-catch-up``): it registers, on their behalf, the probes of running
+programs that started while no daemon served the helper, as a maintenance job.
+
+Signals: SIGTERM and SIGINT stop the daemon cleanly (queued requests
 answered, children stopped, device removed, stash left intact, ``STOPPING=1``,
-exit 0).  SIGUSR2 forces a reparse of the whole stash (upstream only does
-this in its test mode; here it is always on).
+exit 0).  SIGHUP runs a catch-up (what ``dtprobed-stash catch-up`` and the
+unit's ``ExecReload=`` send; upstream's daemon stops on SIGHUP, we do not: a
+reload that stopped the helper would leave every program started meanwhile
+without probes).  SIGUSR2 forces a reparse of the whole stash (upstream only
+does this in its test mode; here it is always on).
 
 The main loop only reads the device, feeds the watchdog (``WATCHDOG=1``) and
 schedules housekeeping; it never waits for the stash.  The periodic prune
@@ -42,6 +49,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import json
 import logging
 import os
 import queue
@@ -74,6 +82,7 @@ from dtprobed.children.parsecache import ParseCache
 from dtprobed.children.parser import ParserChild, ParseResult
 from dtprobed.children.writer import DEFAULT_BACKSTOP, StashWriterChild, WriterCommandFailed
 from dtprobed.daemon import fairness, statedir, unmapped
+from dtprobed.daemon.catchup import CatchUp, boot_ticks
 from dtprobed.daemon.exitwatch import ExitWatcher
 from dtprobed.daemon.logsetup import setup_logging
 from dtprobed.daemon.notify import Notifier
@@ -82,6 +91,8 @@ from dtprobed.device.cuse import SEQUENCE_EXPIRY_TIMEOUTS
 from dtprobed.device.errors import DeviceError, DeviceGone
 from dtprobed.device.opener import open_device
 from dtprobed.device.request import HelperRequest
+from dtprobed.oslib.procfs import start_time_of
+from dtprobed.stash import rundir
 
 EXIT_OK: Final = 0
 EXIT_FATAL: Final = 1
@@ -180,6 +191,11 @@ def build_parser() -> argparse.ArgumentParser:
         f"(default {DEFAULT_BACKSTOP:g}; -t bounds its silence)",
     )
     ap.add_argument(
+        "--no-catch-up",
+        action="store_true",
+        help="do not register running programs' probes at start-up (SIGHUP still does)",
+    )
+    ap.add_argument(
         "--prune-interval",
         type=positive_seconds,
         default=PRUNE_INTERVAL,
@@ -249,6 +265,8 @@ class Daemon:
         self._wake_w.setblocking(False)
         self.maintenance = Maintenance(self)
         self._next_startup_ping = 0.0
+        self._run_dir: int | None = None  # /run/dtprobed: pid file, catch-up marker
+        self._serving_since = 0  # boot ticks when the helper was set up
 
     # --- the watchdog during start-up -------------------------------------------------
 
@@ -287,6 +305,8 @@ class Daemon:
     def _on_signal(self, signum: int, _frame: object) -> None:
         if signum == signal.SIGUSR2:
             self.maintenance.post("reparse")  # lock-free: a queue put and a set add
+        elif signum == signal.SIGHUP:
+            self.maintenance.post("catch-up")
         else:
             self.request_stop(EXIT_OK, f"{signal.Signals(signum).name} received")
 
@@ -328,6 +348,7 @@ class Daemon:
         self.small_parser = self._parser()
         self.large_parser = self._parser()
         # Device first: a bad or already-served device is fatal before anything else.
+        self._serving_since = boot_ticks()  # a program started later reaches us itself
         try:
             self.device = open_device(
                 args.device_mode,
@@ -376,6 +397,16 @@ class Daemon:
         for pid in self._live_stash_pids():
             if not self.watcher.watch_pid(pid):
                 self.receiver.prune_exited(pid)
+        self.catch_up = CatchUp(
+            self.receiver,
+            remover=self.writer,
+            device=args.device,
+            state_dir=args.state_dir,
+            max_dof_size=args.limits.max_dof_size,
+            stopping=self.maintenance.stopping,
+        )
+        self.receiver.ambiguous_remove = self.catch_up.on_ambiguous_remove
+        self._open_run_dir(stack)  # before the maintenance thread: closed after it stops
         self.watcher.start()
         self.maintenance.start()
         stack.callback(self.maintenance.stop)  # runs first: before the receiver closes
@@ -392,6 +423,51 @@ class Daemon:
             args.state_dir,
             len(self.watcher),
         )
+        self._write_pid_file(stack)
+        if not args.no_catch_up:
+            self.maintenance.post("start-up catch-up")
+
+    def _open_run_dir(self, stack: contextlib.ExitStack) -> None:
+        """Root's ``/run/dtprobed`` (rundir.py), closed only after the maintenance thread."""
+        try:
+            self._run_dir = rundir.open_run_dir()
+        except OSError as err:
+            log.warning(
+                "no pid file in %s (dtprobed-stash catch-up won't find us): %s", rundir.RUN_DIR, err
+            )
+            return
+        stack.callback(os.close, self._run_dir)
+
+    def _write_pid_file(self, stack: contextlib.ExitStack) -> None:
+        """``/run/dtprobed/daemon-$dev-$ino.pid`` for ``dtprobed-stash catch-up``."""
+        run_dir = self._run_dir
+        if run_dir is None:
+            return
+        try:
+            name = rundir.pid_file_name(self.args.state_dir)
+            start = start_time_of(os.getpid())
+            rundir.write_atomically(run_dir, name, f"{os.getpid()} {start}\n".encode())
+        except OSError as err:
+            log.warning("cannot write the pid file in %s: %s", rundir.RUN_DIR, err)
+            return
+
+        def remove() -> None:
+            with contextlib.suppress(OSError):
+                os.unlink(name, dir_fd=run_dir)
+
+        stack.callback(remove)
+
+    def _catch_up(self, *, start_up: bool = False) -> None:
+        """One catch-up run (maintenance thread); its summary goes to the completion marker."""
+        summary = self.catch_up.run(self._serving_since if start_up else None)
+        run_dir = self._run_dir
+        if run_dir is None:
+            return
+        try:
+            data = json.dumps(summary.as_json()).encode()
+            rundir.write_atomically(run_dir, rundir.marker_name(self.args.state_dir), data)
+        except OSError as err:
+            log.warning("cannot write the catch-up marker: %s", err)
 
     def _parser(self) -> ParserChild:
         return ParserChild(
@@ -599,6 +675,10 @@ class Maintenance:
                     self._daemon._periodic_prune()
                 elif job == "reparse":
                     self._daemon._forced_reparse()
+                elif job == "catch-up":
+                    self._daemon._catch_up()
+                elif job == "start-up catch-up":
+                    self._daemon._catch_up(start_up=True)
             except Exception:
                 log.exception("maintenance job %s failed (a bug)", job)
 

@@ -70,12 +70,13 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Final, Protocol
 
-from common.dof_abi import DOF_HDR, DOF_HELPER
+from common.dof_abi import DOF_HDR, DOF_HELPER, DTRACE_MODNAMELEN
 from common.errors import ChildFailed, DtprobedError, RequestRejected, StashError
 from common.limits import DEFAULT_MAX_QUEUED_BYTES
 from common.records import NotesLocation, ResultRecord
 from common.stash_protocol import UNKNOWN_UID, RawBlock, Registration
-from dtprobed.children.parser import ParseResult, parse_object_notes
+from dtprobed.children.parser import ParseResult, notes_helper, parse_object_notes
+from dtprobed.daemon.catchup import AMBIGUOUS_GENS
 from dtprobed.daemon.exitwatch import ExitWatcher
 from dtprobed.daemon.fairness import (
     Budget,
@@ -117,7 +118,7 @@ class Parser(Protocol):
         requester: int | None = None,
     ) -> ParseResult: ...
     def locate_notes(
-        self, helper: bytes, size: int, read: Callable[[int, int], bytes]
+        self, helper: bytes, size: int, read: Callable[[int, int], bytes], *, dof: bool = False
     ) -> NotesLocation: ...
     def parse_note_blocks(
         self,
@@ -212,6 +213,9 @@ class Receiver:
         self._lock = threading.Lock()
         self._writer_failures = 0
         self._closed = False
+        #: Set by the daemon when catch-up runs: REMOVE(0 or -1) from *pid* goes there first
+        #: (:meth:`dtprobed.daemon.catchup.CatchUp.on_ambiguous_remove`).
+        self.ambiguous_remove: Callable[[int], int | None] | None = None
 
     # --- entry point from the device layer (must not block) --------------------------
 
@@ -517,18 +521,26 @@ class Receiver:
         raw: list[RawBlock],
         result: ParseResult,
         object_key: tuple[int, int] | None,
+        *,
+        caught_up: bool = False,
     ) -> int:
         """Check the tracepoints, stash the registration, watch the process; the generation."""
         self._watcher.settle(caller.pid)
         caller.space.check_tracepoints(result.tracepoint_addrs(), object_key=object_key)
         if not caller.still_alive():
             raise RequestRejected(errno.EINVAL, f"process {caller.pid} exited")
-        gen = self._register(caller, helper, raw, result.records)
+        gen = self._register(caller, helper, raw, result.records, caught_up=caught_up)
         self._watcher.watch(caller.pid, caller.take_pidfd())
         return gen
 
     def _register(
-        self, caller: Caller, helper: bytes, raw: list[RawBlock], records: list[ResultRecord]
+        self,
+        caller: Caller,
+        helper: bytes,
+        raw: list[RawBlock],
+        records: list[ResultRecord],
+        *,
+        caught_up: bool = False,
     ) -> int:
         uid = fsuid_of(caller.pid)  # per-uid stash quotas; the pidfd was checked just before
         reg = Registration(
@@ -542,6 +554,7 @@ class Receiver:
             helper=helper,
             raw=raw,
             uid=UNKNOWN_UID if uid is None else uid,
+            caught_up=caught_up,
         )
         return self._writer_call(lambda: self._writer.register_records(reg, records))
 
@@ -599,6 +612,23 @@ class Receiver:
     # --- REMOVE -------------------------------------------------------------------
 
     def _remove(self, request: HelperRequest) -> tuple[int, Callable[[], object]]:
+        hook = self.ambiguous_remove
+        if hook is not None and request.gen in AMBIGUOUS_GENS:
+            # 0 or -1: what a constructor that got no answer holds; from a process
+            # that catch-up registered, it names no generation of ours
+            try:
+                pid = tgid_of(request.tid)
+            except RequestRejected:
+                pid = 0
+            removed = hook(pid) if pid else None
+            if removed is not None:
+                return 0, partial(
+                    log.info,
+                    "%d: REMOVE(%d) from a caught-up process: %d unmapped registrations removed",
+                    pid,
+                    request.gen,
+                    removed,
+                )
         if not 0 <= request.gen <= 0x7FFFFFFF:  # no such generation (e.g. REMOVE(-1)):
             # 0 as upstream, and nothing the writer's Gen bound would refuse leaves us
             return 0, partial(
@@ -609,6 +639,91 @@ class Receiver:
         if existed:
             return 0, partial(log.info, "%d: removed generation %d", pid, request.gen)
         return 0, partial(log.debug, "%d: REMOVE of unknown generation %d", pid, request.gen)
+
+    # --- catch-up (dtprobed.daemon.catchup; on the maintenance thread) ---------------
+
+    def catch_up_locate(
+        self, module: str, first_start: int, size: int, read: Callable[[int, int], bytes]
+    ) -> NotesLocation:
+        """Where an object's ``.note.usdt`` or ``.SUNW_dof`` lies (the large lane's parser).
+
+        Catch-up uses the large lane's parser throughout, so the small lane's
+        registrations never wait behind a scan.
+        """
+        return self._large_parser.locate_notes(
+            notes_helper(module, first_start), size, read, dof=True
+        )
+
+    def catch_up_notes(self, pid: int, address: int) -> int:
+        """Register, on *pid*'s behalf, the notes object *address* lies in, as HASUSDT does."""
+        caller, obj = identify_object(pid, address)
+        try:
+            found = parse_object_notes(
+                self._large_parser,
+                lambda _size: self._large_parser,
+                obj.module,
+                obj.first.start,
+                obj.size,
+                partial(_pread, obj.fd),
+            )
+            blocks = [
+                RawBlock(found.where.notes_addr, found.notes),
+                RawBlock(found.where.rodata_addr, found.rodata),
+            ]
+            return self._commit(
+                caller, found.helper, blocks, found.result, (caller.dev, caller.ino), caught_up=True
+            )
+        finally:
+            obj.close()
+            caller.close()
+
+    def catch_up_dof(
+        self,
+        pid: int,
+        module: str,
+        load_base: int,
+        dof_addr: int,
+        max_size: int,
+        key: tuple[int, int],
+    ) -> int:
+        """Register, on *pid*'s behalf, the DOF at *dof_addr* in object *key*, as old drti did.
+
+        The ``dof_helper_t`` is what drti's constructor built: ``dofhp_mod`` the
+        object's basename, ``dofhp_addr`` its load base (0 for ET_EXEC),
+        ``dofhp_dof`` the section's run-time address.  The DOF is fetched from
+        the process's memory by a fetch helper (a page on a stalled file system
+        cannot hang this thread), at most *max_size* bytes (the section's size).
+        """
+        uid = fsuid_of(pid)
+        data = self._fetch.fetch(
+            pid,
+            UNKNOWN_UID if uid is None else uid,
+            dof_addr,
+            max_size=self.fairness.max_dof_size,
+            stream_limit=max_size,
+        )
+        loadsz = check_dof_header(data[: DOF_HDR.size], self.fairness.max_dof_size)
+        if loadsz > max_size or len(data) != loadsz:
+            raise RequestRejected(
+                errno.EINVAL, f"DOF at {dof_addr:#x}: loadsz {loadsz} does not fit its section"
+            )
+        name = module.encode("utf-8", "surrogateescape")[: DTRACE_MODNAMELEN - 1]
+        helper = DOF_HELPER.pack(name.ljust(DTRACE_MODNAMELEN, b"\0"), load_base, dof_addr)
+        caller = identify(pid, dof_addr)
+        try:
+            if (caller.dev, caller.ino) != key:
+                raise RequestRejected(
+                    errno.EINVAL, f"DOF at {dof_addr:#x} is not in object {key[0]}-{key[1]}"
+                )
+            result = self._large_parser.parse_result(helper, data)
+            # the DOF lies in the object's file: its tracepoints must be in that file's code
+            return self._commit(caller, helper, [RawBlock(0, data)], result, key, caught_up=True)
+        finally:
+            caller.close()
+
+    def remove_generation(self, pid: int, gen: int) -> bool:
+        """Remove one generation of *pid* (catch-up undoing, or an unmapped object's)."""
+        return bool(self._writer_call(lambda: int(self._writer.remove(pid, gen))))
 
     # --- exits --------------------------------------------------------------------
 

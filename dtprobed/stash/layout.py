@@ -101,6 +101,11 @@ XATTR_START_TIME: Final = "trusted.dtprobed.start_time"
 XATTR_EXEC_TOKEN: Final = "trusted.dtprobed.exec_token"
 #: The registering caller's real uid (decimal), for the per-uid quotas.
 XATTR_UID: Final = "trusted.dtprobed.uid"
+#: Generations that catch-up registered on the process's behalf (decimal, space-separated;
+#: a number whose symlink is gone means nothing: generations are never reused).
+XATTR_CAUGHT_UP: Final = "trusted.dtprobed.caught_up"
+#: Longest caught-up list kept (a process with more objects than fit is not marked further).
+MAX_CAUGHT_UP_XATTR: Final = 4096
 MAX_EXEC_MAPPING: Final = 64
 
 _KEY_RE: Final = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
@@ -187,6 +192,12 @@ def split_key(name: str) -> tuple[int, int] | None:
 
 def is_number(name: str) -> bool:
     return _NUM_RE.fullmatch(name) is not None
+
+
+def parse_caught_up(value: bytes) -> set[int]:
+    """The generations in a ``trusted.dtprobed.caught_up`` value (malformed words ignored)."""
+    words = value.decode("ascii", "replace").split()
+    return {int(w) for w in words if is_number(w)}
 
 
 def split_spec(name: str) -> tuple[str, str, str, str] | None:

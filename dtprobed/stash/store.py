@@ -46,15 +46,18 @@ from dtprobed.stash.layout import (
     DIR_MODE,
     FILE_MODE,
     HELPER_SIZE,
+    MAX_CAUGHT_UP_XATTR,
     MAX_EXEC_MAPPING,
     MAX_RAW_BLOCKS,
     RAW_PREFIX,
+    XATTR_CAUGHT_UP,
     XATTR_EXEC_TOKEN,
     XATTR_START_TIME,
     XATTR_UID,
     exec_mapping_bytes,
     is_number,
     mapping_key,
+    parse_caught_up,
     parse_exec_mapping,
     raw_name,
     read_small,
@@ -756,6 +759,9 @@ class Stash:
         pid, key = reg.pid, mapping_key(reg.dev, reg.ino)
         stale = self._is_other_process(reg)
         existing = self._index.get(pid)
+        if reg.caught_up and not stale and existing is not None and key in existing.nprobes:
+            # catch-up raced with the process's own registration: keep that one
+            return min(g for g, k in existing.gens.items() if k == key)
         entry = _PidEntry(uid=reg.uid) if stale or existing is None else existing
         # quotas, against the state after a pending exec/reuse prune, before any change
         new = key not in entry.nprobes
@@ -782,7 +788,10 @@ class Stash:
                     if key not in entry.nprobes:
                         self._add_mapping(pdir, reg, key, probes, inner)
                     gen = self._add_generation(pdir, key, inner)
+                    if reg.caught_up:
+                        self._mark_caught_up(pdir.fd, gen, inner)
                     inner.commit()
+                    replaced = [] if reg.caught_up else self._drop_caught_up(pdir.fd, key, gen)
                 undo.commit()
         except OSError as err:
             raise StashError(
@@ -790,6 +799,8 @@ class Stash:
             ) from err
         entry = self._index.setdefault(pid, _PidEntry(uid=reg.uid))
         entry.gens[gen] = key
+        for old in replaced:
+            entry.gens.pop(old, None)
         if key not in entry.nprobes:
             entry.nprobes[key] = len(probes)
             entry.raw[key] = reg.raw_bytes
@@ -853,7 +864,8 @@ class Stash:
         os.setxattr(pdir.fd, XATTR_START_TIME, str(reg.start_time).encode())
         os.setxattr(pdir.fd, XATTR_EXEC_TOKEN, reg.exec_token.encode())
         os.setxattr(pdir.fd, XATTR_UID, str(reg.uid).encode())
-        self._write_file(pdir.fd, "next-gen", b"")
+        # a caught-up process may hold generation 0 from its failed ioctl: start at 1
+        self._write_file(pdir.fd, "next-gen", b"\0" if reg.caught_up else b"")
         self._write_file(pdir.fd, "exec-mapping", exec_mapping_bytes(reg.exec_dev, reg.exec_ino))
 
     def _complete_pid_dir(self, pdir: DirFd, reg: Registration, undo: _Undo) -> None:
@@ -1118,6 +1130,41 @@ class Stash:
         finally:
             os.close(fd)
         return gen
+
+    def _mark_caught_up(self, pid_fd: int, gen: int, undo: _Undo) -> None:
+        """List *gen* in the process's caught-up xattr (after its symlink: never ahead)."""
+        old = self._getxattr(pid_fd, XATTR_CAUGHT_UP)
+        value = f"{old} {gen}" if old else str(gen)
+        if len(value) > MAX_CAUGHT_UP_XATTR:
+            raise OSError(errno.EDQUOT, f"more than {MAX_CAUGHT_UP_XATTR} bytes of caught-up gens")
+        os.setxattr(pid_fd, XATTR_CAUGHT_UP, value.encode())
+        if old:
+            undo.add(os.setxattr, pid_fd, XATTR_CAUGHT_UP, old.encode())
+        else:
+            undo.add(os.removexattr, pid_fd, XATTR_CAUGHT_UP)
+
+    def _drop_caught_up(self, pid_fd: int, key: str, gen: int) -> list[int]:
+        """A live registration of *key* replaces its caught-up generations; those removed.
+
+        Runs after the new generation's commit: it names the same mapping
+        directory, which stays.  A crash in between leaves two generations of
+        one mapping, which is valid.
+        """
+        raw = self._getxattr(pid_fd, XATTR_CAUGHT_UP)
+        if not raw:
+            return []
+        dropped = []
+        for old in sorted(parse_caught_up(raw.encode())):
+            if old == gen:
+                continue
+            try:
+                if os.readlink(str(old), dir_fd=pid_fd) != key:
+                    continue
+                os.unlink(str(old), dir_fd=pid_fd)
+            except OSError:
+                continue  # gone already (removed, or never there)
+            dropped.append(old)
+        return dropped
 
     # ------------------------------------------------------------ removal
 

@@ -1,0 +1,275 @@
+"""Catch-up: programs started while no daemon served the helper get their probes afterwards.
+
+With no daemon running, programs built like ``dtrace -G`` <= 2.0.2 made them
+(:mod:`tests.support.sunw_dof`: ``.SUNW_dof`` and an old-drti constructor) start and
+their constructor's ``open()`` of the helper fails. Then a private FUSE-mode daemon
+starts on that helper path; it must register each one as its constructor would have
+(the same checks as a live registration: ``check_stash`` of ``test_sunw_dof``, i.e.
+``dh``, raw DOF and every parsed file), skip the processes that asked not to be
+registered with it, never register anything twice, and leave a stash ``verify`` accepts.
+
+The second half drives :class:`~dtprobed.daemon.catchup.CatchUp` in this process with
+the daemon's real receiver, sandboxed parsers, stash writer and exit watcher, and a
+fake CUSE kernel for the REMOVEs (FUSE mode never delivers REMOVE): it interleaves the
+programs' actions with the scan at exact points (exit, dlclose, exec, their own
+registration) to check the races, and REMOVE(0) / REMOVE(-1) from a caught-up process.
+The real dtrace 2.0.7 side is ``tests/realdtrace/test_catchup_real.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dtprobed.daemon.catchup import parse_environ
+from dtprobed.stash.layout import XATTR_CAUGHT_UP
+from tests.integration.test_sunw_dof import LIB, MAIN, Running, check_stash
+from tests.support import sunw_dof as sd
+from tests.support.daemon import REPO, DaemonHandle, finish, start_daemon
+from tests.support.stash_view import file_key, generations
+
+pytestmark = pytest.mark.timeout(600)
+
+SUMMARY = "catch-up: "
+
+
+def _build(providers: tuple[sd.SunwProvider, ...], kind: str, name: str) -> sd.BuiltObject:
+    try:
+        return sd.build_sunw_object(providers, kind=kind, name=name)
+    except sd.BuildError as err:
+        pytest.fail(str(err), pytrace=False)
+
+
+@pytest.fixture(scope="module")
+def objects() -> dict[str, sd.BuiltObject]:
+    return {
+        "exe": _build(MAIN, "exe", "sunwexe"),
+        "pie": _build(MAIN, "pie", "sunwpie"),
+        "lib": _build(LIB, "lib", "libsunwlib.so"),
+        "driver": _build((), "pie", "sunwdriver"),
+    }
+
+
+def caught_up_gens(state_dir: Path, pid: int) -> set[int]:
+    try:
+        raw = os.getxattr(state_dir / "stash" / "dof-pid" / str(pid), XATTR_CAUGHT_UP)
+    except OSError:
+        return set()
+    return {int(w) for w in raw.split()}
+
+
+def summaries(daemon: DaemonHandle) -> list[str]:
+    return [ln for ln in daemon.log_text().splitlines() if f"{SUMMARY}" in ln and "scanned" in ln]
+
+
+def wait_summaries(daemon: DaemonHandle, count: int) -> str:
+    daemon.wait_for(f"{count} catch-up summaries", lambda: len(summaries(daemon)) >= count, 120)
+    return summaries(daemon)[count - 1]
+
+
+class Programs:
+    """Programs started for one test, all killed at its end."""
+
+    def __init__(self, objects: dict[str, sd.BuiltObject]) -> None:
+        self.objects = objects
+        self.running: list[sd.SunwProgram] = []
+
+    def start(self, kind: str, devname: Path | str, env: dict[str, str] | None = None) -> Running:
+        obj = self.objects[kind]
+        exe = self.objects["driver"] if kind == "lib" else obj
+        prog = sd.SunwProgram.start(exe.path, devname=devname, env=env)
+        self.running.append(prog)
+        if kind == "lib":
+            assert prog.command(f"o {obj.path}") == f"o {obj.path}"
+        return Running(prog, obj)
+
+    def stop_all(self) -> None:
+        for prog in self.running:
+            prog.kill()
+
+
+@pytest.fixture
+def programs(objects: dict[str, sd.BuiltObject]) -> Iterator[Programs]:
+    progs = Programs(objects)
+    try:
+        yield progs
+    finally:
+        progs.stop_all()
+
+
+# ------------------------------------------------------------------ the daemon starting
+
+
+def test_start_up_registers_what_constructors_could_not(programs: Programs, tmp_path: Path) -> None:
+    helper = tmp_path / "helper"  # nothing there yet: every constructor's open() fails
+    other = tmp_path / "other-helper"
+    other.write_bytes(b"")  # exists, but is not the helper the daemon will serve
+    runs = {kind: programs.start(kind, helper) for kind in ("exe", "pie", "lib")}
+    disabled = programs.start("pie", helper, env={"DTRACE_DOF_INIT_DISABLE": "1"})
+    elsewhere = programs.start("pie", other)
+    default = programs.start("pie", "/dev/dtrace/helper-none-here")
+    for run in runs.values():
+        info = run.info()
+        assert (info["gen"], info["errno"]) == ("0", "2"), info  # ENOENT: no ioctl
+    daemon = start_daemon(tmp_path, device=helper)
+    try:
+        line = wait_summaries(daemon, 1)
+        assert "3 objects registered" in line, line
+        for kind, run in runs.items():
+            pid = run.prog.pid
+            # what a live registration makes (dh, raw DOF, every parsed file), at gen 1
+            check_stash(daemon, run, pid, 1)
+            assert generations(daemon.state_dir, pid) == {1: file_key(run.obj.path)}, kind
+            assert caught_up_gens(daemon.state_dir, pid) == {1}
+            # the constructor's dof_helper_t is what the stash holds
+            info = run.info()
+            dh = run.obj.helper(run.base)
+            assert (info["addr"], info["dof"]) == (
+                hex(int.from_bytes(dh[64:72], "little")),
+                hex(int.from_bytes(dh[72:80], "little")),
+            )
+        for skipped in (disabled, elsewhere, default):
+            assert skipped.prog.pid not in daemon.stash_pids()
+        # (every other process of the machine names another helper too)
+        assert "1 DTRACE_DOF_INIT_DISABLE" in line and "another helper" in line, line
+        daemon.verify()
+        # the same programs started now register live: the same files, at generation 0
+        for kind, run in runs.items():
+            live = programs.start(kind, helper)
+            check_stash(daemon, live, live.prog.pid, 0)
+            assert generations(daemon.state_dir, live.prog.pid) == {0: file_key(live.obj.path)}
+            assert caught_up_gens(daemon.state_dir, live.prog.pid) == set()
+            if kind == "exe":  # no ASLR for an ET_EXEC's addresses: byte-identical dh
+                key = file_key(run.obj.path)
+                a = daemon.state_dir / "stash" / "dof-pid" / str(run.prog.pid) / key
+                b = daemon.state_dir / "stash" / "dof-pid" / str(live.prog.pid) / key
+                assert (a / "dh").read_bytes() == (b / "dh").read_bytes()
+                assert (a / "raw").read_bytes() == (b / "raw").read_bytes()
+        # a second catch-up finds everything registered: nothing twice
+        os.kill(daemon.pid, signal.SIGHUP)
+        line = wait_summaries(daemon, 2)
+        assert "0 objects registered" in line, line
+        for run in runs.values():
+            assert len(generations(daemon.state_dir, run.prog.pid)) == 1
+        daemon.verify()
+        # exit: the exit watcher prunes a caught-up process like any other
+        pid = runs["pie"].prog.pid
+        status, _err = runs["pie"].prog.quit()
+        assert status == 0
+        daemon.wait_for("exit pruning", lambda: pid not in daemon.stash_pids())
+        daemon.verify()
+    except BaseException:
+        daemon.cleanup_hard()
+        raise
+    finish(daemon)
+
+
+def test_no_catch_up_then_sighup_and_the_subcommand(programs: Programs, tmp_path: Path) -> None:
+    helper = tmp_path / "helper"
+    first = programs.start("pie", helper)
+    daemon = start_daemon(tmp_path, device=helper, extra_args=["--no-catch-up"])
+    try:
+        # no catch-up at start-up: nothing but what registers live
+        assert first.prog.pid not in daemon.stash_pids()
+        result = daemon.stash_cli("catch-up", "--timeout", "120")
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "1 objects registered" in result.stdout, result.stdout
+        check_stash(daemon, first, first.prog.pid, 1)
+        # a program whose helper name resolves to ours only later: SIGHUP catches it up
+        link = tmp_path / "later-helper"
+        second = programs.start("exe", link)
+        assert second.info()["errno"] == "2"
+        link.symlink_to(helper)
+        os.kill(daemon.pid, signal.SIGHUP)
+        wait_summaries(daemon, 2)
+        check_stash(daemon, second, second.prog.pid, 1)
+        assert generations(daemon.state_dir, first.prog.pid) == {1: file_key(first.obj.path)}
+        # --json: the completion marker itself
+        result = daemon.stash_cli("catch-up", "--json")
+        assert result.returncode == 0, result.stderr
+        marker = json.loads(result.stdout)
+        assert marker["registered"] == 0 and marker["already_registered"] >= 2, marker
+        daemon.verify()
+    except BaseException:
+        daemon.cleanup_hard()
+        raise
+    finish(daemon)
+    # the daemon is gone: the subcommand says so instead of signalling anything
+    result = subprocess.run(
+        [sys.executable, "-m", "dtprobed.cli.stash", "-s", str(daemon.state_dir), "catch-up"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
+    assert result.returncode == 1 and "no daemon serves" in result.stderr, result.stderr
+
+
+def test_live_registration_replaces_the_caught_up_one(programs: Programs, tmp_path: Path) -> None:
+    """dlclose and dlopen again: the library's constructor registers it live, once."""
+    helper = tmp_path / "helper"
+    run = programs.start("lib", helper)
+    pid = run.prog.pid
+    daemon = start_daemon(tmp_path, device=helper)
+    try:
+        wait_summaries(daemon, 1)
+        key = file_key(run.obj.path)
+        assert generations(daemon.state_dir, pid) == {1: key}
+        assert run.prog.command("c") == "c"  # its REMOVE faults in FUSE mode
+        assert run.prog.command(f"o {run.obj.path}") == f"o {run.obj.path}"
+        info = run.info()
+        assert (info["gen"], info["errno"]) == ("2", "0"), info
+        assert generations(daemon.state_dir, pid) == {2: key}  # gen 1 replaced, not doubled
+        check_stash(daemon, run, pid, 2)
+        daemon.verify()
+        # a fork child re-registers live in its own directory; the parent is unchanged
+        child = int(run.prog.command("k").split()[1])
+        assert run.prog.expect(f"{child} ") == f"{child} ready"
+        daemon.wait_for("the child's registration", lambda: child in daemon.stash_pids())
+        assert generations(daemon.state_dir, child) == {0: key}
+        assert caught_up_gens(daemon.state_dir, child) == set()
+        assert generations(daemon.state_dir, pid) == {2: key}
+        assert run.prog.command("w") == "w 0"
+        daemon.verify()
+    except BaseException:
+        daemon.cleanup_hard()
+        raise
+    finish(daemon)
+
+
+def test_fork_child_started_before_the_daemon(programs: Programs, tmp_path: Path) -> None:
+    helper = tmp_path / "helper"
+    run = programs.start("exe", helper)
+    child = int(run.prog.command("k").split()[1])
+    assert run.prog.expect(f"{child} ") == f"{child} ready"
+    daemon = start_daemon(tmp_path, device=helper)
+    try:
+        wait_summaries(daemon, 1)
+        key = file_key(run.obj.path)
+        # parent and child each caught up once, each in its own directory
+        assert generations(daemon.state_dir, run.prog.pid) == {1: key}
+        assert generations(daemon.state_dir, child) == {1: key}
+        check_stash(daemon, Running(run.prog, run.obj), child, 1)
+        assert run.prog.command("w") == "w 0"
+        daemon.wait_for("the child's pruning", lambda: child not in daemon.stash_pids())
+        daemon.verify()
+    except BaseException:
+        daemon.cleanup_hard()
+        raise
+    finish(daemon)
+
+
+def test_environment_parsing() -> None:
+    env = b"A=1\0DTRACE_DOF_INIT_DEVNAME=/x\0DTRACE_DOF_INIT_DEVNAME=/y\0DTRACE_DOF_INIT_DISABLE=\0"
+    assert parse_environ(env) == {
+        b"DTRACE_DOF_INIT_DEVNAME": b"/x",  # first wins, as getenv()
+        b"DTRACE_DOF_INIT_DISABLE": b"",  # set, even empty: drti tests for NULL only
+    }
+    assert parse_environ(b"DTRACE_DOF_INIT_DISABLEX=1\0NOEQUALS\0") == {}
