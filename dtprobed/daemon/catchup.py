@@ -14,7 +14,8 @@ leaves nothing behind):
 1. a pidfd first: everything read afterwards is checked against it, so a pid
    reused mid-scan is never registered under the wrong process;
 2. ``/proc/PID/stat``: kernel threads (``PF_KTHREAD``) and our own children
-   (parser, stash writer, fetch helpers) are skipped;
+   (parser, stash writer, fetch helpers: our parent pid and our interpreter) are
+   skipped;
 3. ``/proc/PID/environ`` (at most :data:`MAX_ENVIRON` bytes; larger: skipped):
    ``DTRACE_DOF_INIT_DISABLE`` set → skipped, as drti would have done nothing;
    ``DTRACE_DOF_INIT_DEVNAME`` (default ``/dev/dtrace/helper``) is resolved
@@ -228,6 +229,8 @@ class CatchUp:
         self._max_dof_size = max_dof_size
         self._stopping = stopping
         self._own_pid = os.getpid()
+        own = os.stat("/proc/self/exe")
+        self._own_exe = (own.st_dev, own.st_ino)
         self._started_before: int | None = None
 
     def _open_pid_dir(self, pid: int) -> int | None:
@@ -299,7 +302,7 @@ class CatchUp:
                 raise _Skip("kernel threads")
             if self._started_before is not None and start_time > self._started_before:
                 raise _Skip("started while we served")
-            if ppid == self._own_pid:
+            if ppid == self._own_pid and self._same_program(pid):
                 raise _Skip("ours")
             self._check_wishes(pid, ours)
             try:
@@ -321,6 +324,14 @@ class CatchUp:
                 self._object(pid, first, cache, summary)
         finally:
             os.close(pidfd)
+
+    def _same_program(self, pid: int) -> bool:
+        """*pid* runs our interpreter: one of our children (parser, writer, fetch helper)."""
+        try:
+            theirs = os.stat(f"/proc/{pid}/exe")
+        except OSError:
+            return False
+        return (theirs.st_dev, theirs.st_ino) == self._own_exe
 
     def _check_wishes(self, pid: int, ours: tuple[str, int, int]) -> None:
         """Skip a process whose environment says drti would not have registered with us."""
@@ -402,6 +413,11 @@ class CatchUp:
             self._registrar.remove_generation(pid, gen)
             summary.skipped["objects gone meanwhile"] += 1
             return
+        if gen not in self._caught_up_gens(pid):
+            # the process registered it itself meanwhile: the writer answered that generation
+            summary.present += 1
+            log.info("catch-up: %d: %s registered by the process meanwhile", pid, first.path)
+            return
         summary.registered += 1
         log.info("catch-up: %d: registered %s as generation %d", pid, first.path, gen)
 
@@ -460,13 +476,16 @@ class CatchUp:
 
     def caught_up(self, pid: int) -> bool:
         """True when *pid* has (or had) generations registered by catch-up."""
+        return bool(self._caught_up_gens(pid))
+
+    def _caught_up_gens(self, pid: int) -> set[int]:
         fd = self._open_pid_dir(pid)
         if fd is None:
-            return False
+            return set()
         try:
-            return bool(parse_caught_up(os.getxattr(fd, XATTR_CAUGHT_UP)))
+            return parse_caught_up(os.getxattr(fd, XATTR_CAUGHT_UP))
         except OSError:
-            return False
+            return set()
         finally:
             os.close(fd)
 

@@ -18,18 +18,32 @@ The real dtrace 2.0.7 side is ``tests/realdtrace/test_catchup_real.py``.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from dtprobed.daemon.catchup import parse_environ
+from common.ioctl import DTRACEHIOC_ADDDOF, DTRACEHIOC_REMOVE
+from common.limits import ParseLimits
+from common.records import NotesLocation
+from dtprobed.children.parser import ParserChild
+from dtprobed.children.writer import StashWriterChild
+from dtprobed.daemon.catchup import CatchUp, parse_environ
+from dtprobed.daemon.exitwatch import ExitWatcher
+from dtprobed.daemon.receiver import Receiver
+from dtprobed.device.cuse import CuseDevice
 from dtprobed.stash.layout import XATTR_CAUGHT_UP
+from tests.device.fake_kernel import FakeCuseKernel, FakeMemory
 from tests.integration.test_sunw_dof import LIB, MAIN, Running, check_stash
 from tests.support import sunw_dof as sd
 from tests.support.daemon import REPO, DaemonHandle, finish, start_daemon
@@ -273,3 +287,306 @@ def test_environment_parsing() -> None:
         b"DTRACE_DOF_INIT_DISABLE": b"",  # set, even empty: drti tests for NULL only
     }
     assert parse_environ(b"DTRACE_DOF_INIT_DISABLEX=1\0NOEQUALS\0") == {}
+
+
+# ------------------------------------------------- the scan itself, with exact interleavings
+
+
+class Interleave:
+    """The receiver as catch-up's registrar, with actions at exact points of the scan.
+
+    ``before[pid]`` runs just before catch-up registers an object of *pid*, ``after[pid]``
+    just after (before catch-up's own check that the process still maps it); everything
+    else is the real receiver.
+    """
+
+    def __init__(self, receiver: Receiver) -> None:
+        self.receiver = receiver
+        self.before: dict[int, Callable[[], None]] = {}
+        self.after: dict[int, Callable[[], None]] = {}
+
+    def catch_up_locate(
+        self, module: str, first_start: int, size: int, read: Callable[[int, int], bytes]
+    ) -> NotesLocation:
+        return self.receiver.catch_up_locate(module, first_start, size, read)
+
+    def _around(self, pid: int, register: Callable[[], int]) -> int:
+        if pid in self.before:
+            self.before.pop(pid)()
+        gen = register()
+        if pid in self.after:
+            self.after.pop(pid)()
+        return gen
+
+    def catch_up_notes(self, pid: int, address: int) -> int:
+        return self._around(pid, lambda: self.receiver.catch_up_notes(pid, address))
+
+    def catch_up_dof(
+        self,
+        pid: int,
+        module: str,
+        load_base: int,
+        dof_addr: int,
+        max_size: int,
+        key: tuple[int, int],
+    ) -> int:
+        return self._around(
+            pid,
+            lambda: self.receiver.catch_up_dof(pid, module, load_base, dof_addr, max_size, key),
+        )
+
+    def remove_generation(self, pid: int, gen: int) -> bool:
+        return self.receiver.remove_generation(pid, gen)
+
+
+@dataclass
+class Stack:
+    """The daemon's receiver, children and exit watcher in this process; a fake CUSE kernel."""
+
+    helper: Path  # a plain file the programs name: their ioctl gets ENOTTY (gen -1)
+    state_dir: Path
+    writer: StashWriterChild
+    interleave: Interleave
+    catch_up: CatchUp
+    kernel: FakeCuseKernel
+
+    def remove(self, pid: int, gen: int) -> int:
+        """DTRACEHIOC_REMOVE(gen) from *pid*, as the CUSE kernel would deliver it."""
+        return self.kernel.ioctl(pid, DTRACEHIOC_REMOVE, gen & 0xFFFFFFFF, FakeMemory())
+
+    def adddof(self, pid: int, helper: bytes, dof_addr: int, dof: bytes) -> int:
+        """DTRACEHIOC_ADDDOF from *pid*: the kernel copies its dof_helper_t and DOF in."""
+        memory = FakeMemory()
+        memory.map(HELPER_AT, helper)
+        memory.map(dof_addr, dof)
+        return self.kernel.ioctl(pid, DTRACEHIOC_ADDDOF, HELPER_AT, memory)
+
+    def verify(self) -> None:
+        result = subprocess.run(
+            [sys.executable, "-m", "dtprobed.cli.stash", "-s", str(self.state_dir), "verify"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=REPO,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+
+    def gens(self, pid: int) -> dict[int, str]:
+        return generations(self.state_dir, pid)
+
+
+HELPER_AT = 0x7F00_0000_1000  # where the fake kernel "copies" the dof_helper_t from
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Iterator[Stack]:
+    helper = tmp_path / "helper"
+    helper.write_bytes(b"")
+    state_dir = tmp_path / "run"
+    state_dir.mkdir()
+    limits = ParseLimits()
+    writer = StashWriterChild(str(state_dir), timeout=30.0, log=logging.getLogger("t.stash"))
+    small = ParserChild(limits=limits, timeout=30.0, log=logging.getLogger("t.parser"))
+    large = ParserChild(limits=limits, timeout=30.0, log=logging.getLogger("t.parser"))
+    holder: dict[str, Receiver] = {}
+    watcher = ExitWatcher(lambda pid: holder["receiver"].prune_exited(pid))
+    writer.start()
+    receiver = Receiver(
+        small_parser=small,
+        large_parser=large,
+        writer=writer,
+        watcher=watcher,
+        on_fatal=lambda status, reason: None,
+    )
+    holder["receiver"] = receiver
+    interleave = Interleave(receiver)
+    catch_up = CatchUp(
+        interleave,
+        remover=writer,
+        device=str(helper),
+        state_dir=str(state_dir),
+        max_dof_size=limits.max_dof_size,
+    )
+    receiver.ambiguous_remove = catch_up.on_ambiguous_remove
+    watcher.start()
+    kernel = FakeCuseKernel()
+    fd = kernel.daemon_fd()
+    devs: list[CuseDevice] = []
+    starter = threading.Thread(
+        target=lambda: devs.append(
+            CuseDevice.serve_fd(
+                fd, "dtrace/helper", receiver.handle, max_dof_size=1 << 20, log=None
+            )
+        )
+    )
+    starter.start()
+    kernel.cuse_init()
+    starter.join(5)
+    [dev] = devs
+    stop = threading.Event()
+    server = threading.Thread(target=dev.run, args=(stop,), kwargs={"poll_interval": 0.05})
+    server.start()
+    try:
+        yield Stack(helper, state_dir, writer, interleave, catch_up, kernel)
+    finally:
+        stop.set()
+        server.join(5)
+        receiver.close()
+        watcher.stop()
+        small.stop()
+        large.stop()
+        writer.stop()
+        dev.close()
+        kernel.close()
+
+
+def test_remove_zero_or_minus_one_removes_only_what_is_unmapped(
+    programs: Programs, stack: Stack
+) -> None:
+    main = programs.start("pie", stack.helper)
+    pid = main.prog.pid
+    lib = Running(main.prog, programs.objects["lib"])
+    assert main.prog.command(f"o {lib.obj.path}") == f"o {lib.obj.path}"
+    assert (lib.info()["gen"], lib.info()["errno"]) == ("-1", "25")  # ENOTTY: no answer
+    summary = stack.catch_up.run()
+    assert summary.registered == 2, summary.line()
+    main_key, lib_key = file_key(main.obj.path), file_key(lib.obj.path)
+    assert stack.gens(pid) == {1: main_key, 2: lib_key}
+    assert caught_up_gens(stack.state_dir, pid) == {1, 2}
+    # what the destructors would send: both objects still mapped, nothing goes
+    for gen in (-1, 0):
+        assert stack.remove(pid, gen) == 0
+    assert stack.gens(pid) == {1: main_key, 2: lib_key}
+    # the library unmapped (its own REMOVE(-1) hit the plain file); a late REMOVE(-1)
+    # removes exactly it, never the executable's generation
+    assert main.prog.command("c") == "c"
+    assert stack.remove(pid, -1) == 0
+    assert stack.gens(pid) == {1: main_key}
+    assert stack.remove(pid, 0) == 0
+    assert stack.gens(pid) == {1: main_key}
+    stack.verify()
+    # an ordinary REMOVE of a real generation still works
+    assert stack.remove(pid, 1) == 0
+    assert stack.gens(pid) == {}
+    stack.verify()
+
+
+def test_exit_before_registration_leaves_nothing(programs: Programs, stack: Stack) -> None:
+    run = programs.start("pie", stack.helper)
+    pid = run.prog.pid
+
+    def die() -> None:
+        run.prog.proc.kill()
+        run.prog.proc.wait(30)
+
+    stack.interleave.before[pid] = die
+    summary = stack.catch_up.run()
+    assert pid not in stack.interleave.before, "the scan never reached the program"
+    assert summary.skipped["objects refused"] >= 1, summary.line()
+    assert stack.gens(pid) == {}
+    assert not (stack.state_dir / "stash" / "dof-pid" / str(pid)).exists()
+    stack.verify()
+
+
+def test_exit_after_registration_is_pruned(programs: Programs, stack: Stack) -> None:
+    run = programs.start("exe", stack.helper)
+    pid = run.prog.pid
+
+    def die() -> None:
+        run.prog.proc.kill()
+        run.prog.proc.wait(30)
+
+    stack.interleave.after[pid] = die
+    stack.catch_up.run()
+    deadline = time.monotonic() + 30
+    while (stack.state_dir / "stash" / "dof-pid" / str(pid)).exists():
+        assert time.monotonic() < deadline, "not pruned after the exit"
+        time.sleep(0.02)
+    stack.verify()
+
+
+def test_unmapped_during_registration_leaves_nothing(programs: Programs, stack: Stack) -> None:
+    run = programs.start("lib", stack.helper)  # the driver: only the library has probes
+    pid = run.prog.pid
+    stack.interleave.after[pid] = lambda: run.prog.command("c") and None
+    summary = stack.catch_up.run()
+    assert summary.skipped["objects gone meanwhile"] == 1, summary.line()
+    assert summary.registered == 0
+    assert stack.gens(pid) == {}
+    stack.verify()
+
+
+def test_exec_during_registration_leaves_nothing(
+    objects: dict[str, sd.BuiltObject], stack: Stack
+) -> None:
+    lib = objects["lib"].path
+    code = (
+        "import ctypes, os, sys; ctypes.CDLL(sys.argv[1]); print('ready', flush=True); "
+        "sys.stdin.readline(); os.execv('/bin/sleep', ['sleep', '60'])"
+    )
+    # through a shell: a child of ours running our interpreter would count as the daemon's own
+    proc = subprocess.Popen(
+        ["sh", "-c", '"$@"; exit $?', "sh", sys.executable, "-c", code, str(lib)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env={"DTRACE_DOF_INIT_DEVNAME": str(stack.helper), "PATH": "/usr/bin:/bin"},
+    )
+    pid = 0
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        assert proc.stdout.readline() == b"ready\n"
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text()
+        [pid] = [int(p) for p in children.split()]
+
+        def exec_now() -> None:
+            assert proc.stdin is not None
+            proc.stdin.write(b"go\n")
+            proc.stdin.flush()
+            deadline = time.monotonic() + 30
+            while os.readlink(f"/proc/{pid}/exe") != "/usr/bin/sleep":
+                assert time.monotonic() < deadline, "no exec"
+                time.sleep(0.01)
+
+        stack.interleave.after[pid] = exec_now
+        summary = stack.catch_up.run()
+        assert pid not in stack.interleave.after, "the scan never reached the program"
+        assert summary.skipped["objects gone meanwhile"] == 1, summary.line()
+        assert stack.gens(pid) == {}
+        stack.verify()
+    finally:
+        if pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.kill()
+        proc.wait(30)
+
+
+def test_own_registration_during_the_scan_is_not_doubled(programs: Programs, stack: Stack) -> None:
+    """The process's ADDDOF lands between catch-up's look at the stash and its registration."""
+    run = programs.start("pie", stack.helper)
+    pid, obj = run.prog.pid, run.obj
+    info = run.info()
+    dof_addr = int(info["dof"], 16)
+    helper = obj.helper(run.base)
+    dof = sd.read_memory(pid, dof_addr, len(obj.dof))
+    answers: list[int] = []
+    stack.interleave.before[pid] = lambda: answers.append(stack.adddof(pid, helper, dof_addr, dof))
+    summary = stack.catch_up.run()
+    assert answers == [0]  # its own registration: generation 0
+    assert stack.gens(pid) == {0: file_key(obj.path)}  # catch-up got that one back
+    assert caught_up_gens(stack.state_dir, pid) == set()
+    assert summary.registered == 0 and summary.present >= 1, summary.line()
+    # and the other order: caught up first, then its own registration replaces it
+    other = programs.start("pie", stack.helper)
+    summary = stack.catch_up.run()
+    assert summary.registered == 1, summary.line()
+    assert stack.gens(other.prog.pid) == {1: file_key(obj.path)}
+    gen = stack.adddof(
+        other.prog.pid,
+        obj.helper(other.base),
+        int(other.info()["dof"], 16),
+        sd.read_memory(other.prog.pid, int(other.info()["dof"], 16), len(obj.dof)),
+    )
+    assert gen == 2
+    assert stack.gens(other.prog.pid) == {2: file_key(obj.path)}
+    stack.verify()
