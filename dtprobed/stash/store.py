@@ -112,6 +112,18 @@ def _remove_tree(dir_fd: int, name: str, tick: Callable[[], None] = _no_tick) ->
     if not stat.S_ISDIR(st.st_mode):
         os.unlink(name, dir_fd=dir_fd)
         return
+    _remove_dir(dir_fd, name, tick)
+
+
+def _remove_dir(dir_fd: int, name: str, tick: Callable[[], None]) -> None:
+    """:func:`_remove_tree` of a name that was a directory when last listed.
+
+    No ``lstat`` first: the open itself refuses anything but a directory
+    (``O_DIRECTORY|O_NOFOLLOW``), and what it opened is what gets emptied; a
+    non-directory found there instead is unlinked, never followed.  Entries
+    are told apart by their ``d_type`` (no ``stat`` each): a big tree is one
+    open, one listing, one unlink per file and one rmdir per directory.
+    """
     try:
         fd = os.open(
             name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd
@@ -121,16 +133,15 @@ def _remove_tree(dir_fd: int, name: str, tick: Callable[[], None] = _no_tick) ->
     except OSError as err:
         if err.errno not in (errno.ELOOP, errno.ENOTDIR):
             raise
-        os.unlink(name, dir_fd=dir_fd)  # replaced by a non-directory meanwhile
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name, dir_fd=dir_fd)  # replaced by a non-directory meanwhile
         return
     try:
-        if os.fstat(fd).st_ino != st.st_ino:
-            raise OSError(errno.ESTALE, f"{name} replaced while being removed")
         with os.scandir(fd) as entries:
             names = [(e.name, e.is_dir(follow_symlinks=False)) for e in entries]
         for child, is_dir in names:
             if is_dir:
-                _remove_tree(fd, child, tick)
+                _remove_dir(fd, child, tick)
             else:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(child, dir_fd=fd)
