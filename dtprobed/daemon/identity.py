@@ -98,7 +98,8 @@ class AddressSpace:
     or three mappings of a process that may have hundreds.
     """
 
-    def __init__(self, mappings: list[Mapping]) -> None:
+    def __init__(self, mappings: list[Mapping], pid: int = 0) -> None:
+        self.pid = pid  # whose /proc/PID/map_files checks anonymous DOF's code; 0: none
         ordered = sorted(mappings, key=lambda m: m.start)
         self._starts = [m.start for m in ordered]
         self._ends = [m.end for m in ordered]
@@ -106,9 +107,9 @@ class AddressSpace:
         self._parsed: dict[int, Mapping] = dict(enumerate(ordered))
 
     @classmethod
-    def from_maps(cls, text: bytes) -> AddressSpace:
-        """Index ``/proc/PID/maps``; raises ``ValueError`` on a malformed or unsorted line."""
-        space = cls([])
+    def from_maps(cls, text: bytes, pid: int = 0) -> AddressSpace:
+        """Index *pid*'s ``/proc/PID/maps`` *text*; ``ValueError`` on a malformed or unsorted line."""
+        space = cls([], pid)
         lines = text.splitlines()
         starts, ends = space._starts, space._ends
         last_end = 0
@@ -148,38 +149,62 @@ class AddressSpace:
         raise ValueError(f"no mapping of {dev}-{ino}")
 
     def check_tracepoints(
-        self, addrs: Iterable[int], *, object_key: tuple[int, int] | None = None
+        self, addrs: Iterable[int], *, object_key: tuple[int, int] | None
     ) -> None:
-        """Every address must lie in an executable, file-backed mapping of the caller.
+        """Every tracepoint must lie in code of the object that registers it.
 
-        With *object_key* (an ELF object's ``(dev, ino)``) each must lie in an
-        executable mapping of that very file.  A deleted file is fine (libusdt
-        maps its probe code from an unlinked temporary file).  Raises
-        :class:`RequestRejected` (EINVAL) naming the first address that fails.
+        *object_key* is the ``(dev, ino)`` of the file the DOF (or the notes) came
+        from: each address must lie in an executable mapping of that very file.
+        ``None`` is DOF in anonymous memory (libusdt): each address must lie in an
+        executable *private* mapping of an unlinked regular file or a memfd,
+        which only its holders can reach, never of a named file (uprobes there
+        would fire in every process mapping it, as libc's text would).  "Unlinked"
+        is read from the file itself through ``/proc/PID/map_files`` (``S_ISREG``,
+        ``st_nlink == 0``), not from the `` (deleted)`` of the maps line, which a
+        file's own name can carry.  Raises :class:`RequestRejected` (EINVAL)
+        naming the first address that fails; each mapping is checked once.
         """
-        last: Mapping | None = None
+        checked: Mapping | None = None
         for addr in addrs:
-            if last is not None and addr in last:
+            if checked is not None and addr in checked:
                 continue  # tracepoints cluster in one text mapping
             m = self.find(addr)
             if m is None:
                 raise RequestRejected(errno.EINVAL, f"tracepoint {addr:#x} is not mapped")
-            other = object_key is not None and (m.dev, m.ino) != object_key
-            if not (m.executable and m.file_backed) or other:
-                what = (
-                    "not executable"
-                    if not m.executable
-                    else "not file-backed"
-                    if not m.file_backed
-                    else "not of the registering object"
-                )
+            fault = self._code_fault(m, object_key)
+            if fault:
                 where = m.path or "anonymous memory"
                 raise RequestRejected(
                     errno.EINVAL,
-                    f"tracepoint {addr:#x} lies in a mapping that is {what} "
+                    f"tracepoint {addr:#x} lies in a mapping that is {fault} "
                     f"({m.start:#x}-{m.end:#x} {m.perms} {where})",
                 )
-            last = m
+            checked = m
+
+    def _code_fault(self, m: Mapping, object_key: tuple[int, int] | None) -> str:
+        """Why *m* can't hold the registering object's tracepoints ("" if it can)."""
+        if not m.executable:
+            return "not executable"
+        if not m.file_backed:
+            return "not file-backed"
+        if object_key is not None:
+            return "" if (m.dev, m.ino) == object_key else "not of the registering object"
+        if len(m.perms) < 4 or m.perms[3] != "p":
+            return "shared, not private (anonymous DOF's code must be private)"
+        if self.pid <= 0:
+            return "not checkable (no process to read map_files of)"
+        path = f"/proc/{self.pid}/map_files/{m.start:x}-{m.end:x}"
+        try:
+            st = os.stat(path)  # follows the link without opening the file (no device open)
+        except OSError as err:
+            return f"not readable through map_files ({err.strerror})"
+        if st.st_ino != m.ino or (st.st_dev != m.dev and not _still_mapped(self.pid, m)):
+            return f"replaced meanwhile (now {st.st_dev}-{st.st_ino})"
+        if not stat.S_ISREG(st.st_mode):
+            return "not of a regular file"
+        if st.st_nlink != 0:
+            return f"of a named file ({st.st_nlink} links; anonymous DOF's code must be unlinked)"
+        return ""
 
 
 def parse_maps(text: bytes) -> list[Mapping]:
@@ -240,6 +265,11 @@ class Caller:
     exec_token: str
     space: AddressSpace
     pidfd: int = -1
+
+    @property
+    def dof_object(self) -> tuple[int, int] | None:
+        """``(dev, ino)`` of the file the DOF lies in; ``None`` for anonymous memory."""
+        return (self.dev, self.ino) if self.dev else None
 
     def take_pidfd(self) -> int:
         """Hand the pidfd over to the caller of this method (it must close it)."""
@@ -408,7 +438,7 @@ def _identify(tid: int, key: Callable[[AddressSpace], tuple[int, int]]) -> Calle
     handed_over = False
     try:
         start_time = parse_start_time(read_proc(f"/proc/{pid}/stat"))
-        space = AddressSpace.from_maps(read_proc(f"/proc/{pid}/maps"))
+        space = AddressSpace.from_maps(read_proc(f"/proc/{pid}/maps"), pid)
         try:
             auxv = parse_auxv(read_proc(f"/proc/{pid}/auxv"))
         except ValueError:

@@ -456,7 +456,8 @@ class Receiver:
             identify_caller()
         caller = identified[0]
         try:
-            gen = self._commit(caller, helper, [RawBlock(0, job.dof)], result, None)
+            # tracepoints in the DOF's own file, or (anonymous DOF) in unlinked private code
+            gen = self._commit(caller, helper, [RawBlock(0, job.dof)], result, caller.dof_object)
         finally:
             caller.close()
         job.heavy = size >= TRIM_AFTER_BYTES or len(result.records) >= TRIM_AFTER_RECORDS

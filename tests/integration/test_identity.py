@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import subprocess
 import sys
@@ -13,9 +14,11 @@ import pytest
 
 from common.errors import RequestRejected
 from dtprobed.daemon.identity import (
+    AddressSpace,
     identify,
     tgid_of,
 )
+from tests.support.client import libc_text, map_fd
 from tests.support.stash_view import glibc_dev
 
 
@@ -83,3 +86,74 @@ def test_dead_process_is_einval() -> None:
     with pytest.raises(RequestRejected) as info:
         identify(proc.pid, 0x1000)
     assert info.value.errno == errno.EINVAL
+
+
+def _map_exec(fd: int, *, shared: bool = False) -> int:
+    flags = mmap.MAP_SHARED if shared else mmap.MAP_PRIVATE
+    return map_fd(fd, 4096, mmap.PROT_READ | mmap.PROT_EXEC, flags, None)
+
+
+def test_anonymous_dof_code_is_judged_by_the_file_not_the_maps_text(tmp_path: Path) -> None:
+    """The rule for DOF in anonymous memory, on real mappings of this process.
+
+    Only an executable private mapping of an unlinked regular file (or a memfd)
+    passes; the check reads the file through /proc/PID/map_files, so a named
+    file whose name ends in " (deleted)" fails like any named file."""
+    page = b"\xcc" * 4096
+    memfd = os.memfd_create("code", os.MFD_CLOEXEC)
+    os.write(memfd, page)
+    unlinked_path = tmp_path / "unlinked"
+    unlinked_path.write_bytes(page)
+    named_path = tmp_path / "named"
+    named_path.write_bytes(page)
+    fake_path = tmp_path / "x (deleted)"
+    fake_path.write_bytes(page)
+    fds = {
+        "memfd": memfd,
+        "unlinked": os.open(unlinked_path, os.O_RDONLY | os.O_CLOEXEC),
+        "named": os.open(named_path, os.O_RDONLY | os.O_CLOEXEC),
+        "fake": os.open(fake_path, os.O_RDONLY | os.O_CLOEXEC),
+        "zero": os.open("/dev/zero", os.O_RDWR | os.O_CLOEXEC),
+    }
+    try:
+        addrs = {
+            "memfd": _map_exec(fds["memfd"]),
+            "unlinked": _map_exec(fds["unlinked"]),
+            "named": _map_exec(fds["named"]),
+            "x (deleted)": _map_exec(fds["fake"]),
+            "shared memfd": _map_exec(fds["memfd"], shared=True),
+            "private /dev/zero": _map_exec(fds["zero"]),
+            "shared /dev/zero": _map_exec(fds["zero"], shared=True),
+        }
+        unlinked_path.unlink()
+        libc = libc_text()
+        assert libc
+        space = AddressSpace.from_maps(Path("/proc/self/maps").read_bytes(), os.getpid())
+        assert space.find(addrs["x (deleted)"]).path.endswith("x (deleted)")  # type: ignore[union-attr]
+        space.check_tracepoints([addrs["memfd"] + 0x10, addrs["memfd"] + 0xFF0], object_key=None)
+        space.check_tracepoints([addrs["unlinked"] + 0x10], object_key=None)
+        refusals = {
+            "named": "of a named file",
+            "x (deleted)": "of a named file",
+            "shared memfd": "shared",
+            "private /dev/zero": "not of a regular file",
+            "shared /dev/zero": "shared",
+            "libc": "of a named file",
+        }
+        for what, why in refusals.items():
+            addr = libc if what == "libc" else addrs[what]
+            with pytest.raises(RequestRejected) as info:
+                space.check_tracepoints([addrs["memfd"], addr + 0x10], object_key=None)
+            assert info.value.errno == errno.EINVAL and why in info.value.reason, what
+        # File DOF: its own file only; libc and another file are refused.
+        memfd_map = space.find(addrs["memfd"])
+        assert memfd_map is not None
+        own = (memfd_map.dev, memfd_map.ino)
+        space.check_tracepoints([addrs["memfd"] + 4, addrs["shared memfd"] + 4], object_key=own)
+        for addr in (libc, addrs["named"], addrs["unlinked"]):
+            with pytest.raises(RequestRejected) as info:
+                space.check_tracepoints([addr + 4], object_key=own)
+            assert "not of the registering object" in info.value.reason
+    finally:
+        for fd in fds.values():
+            os.close(fd)

@@ -18,7 +18,7 @@ With ``anon`` the DOF is copied into anonymous memory (``dofhp_addr`` =
 ``dofhp_dof``, like libusdt) and the text is the code file's bytes copied into
 an executable private mapping at ``CODE_ADDR`` of, per ``anon_text``:
 ``memfd`` (the default), ``unlinked`` (a file unlinked after mapping, as
-libusdt does), or the refused ones: ``keep`` (leave the named code file),
+libusdt does), or the refused ones: ``code-file`` (the named code file),
 ``shared`` (a memfd mapped ``MAP_SHARED``), ``zero`` (``/dev/zero``),
 ``named-deleted`` (a named file called ``text (deleted)``).
 
@@ -28,7 +28,8 @@ the start of libc's executable mapping); then it reads
 commands on stdin and answers each with one line:
 
 * ``{"op": "register", "dof_file": P, "mod": M, "anon": false, "helper_file": H}`` —
-  map the object (its text too, unless ``"text": "keep"``) or the plain DOF file, or
+  map the object (its text too; ``"text": "code-file"`` maps the code file there
+  instead) or the plain DOF file, or
   copy the DOF into anonymous memory with ``anon`` (and map text as ``anon_text`` says),
   ``ioctl(DTRACEHIOC_ADDDOF)`` with a mutable 80-byte ``dof_helper_t``
   (``dofhp_addr = 0``, or the DOF's own address with ``anon`` like libusdt);
@@ -77,7 +78,7 @@ DATA_ADDR = 0x3_0000_0000
 #: address, as libusdt passes it) and the parser's relocation leaves it alone.
 ANON_ADDR = 0x1_0000_0000
 DOF_MAGIC = b"\x7fDOF"
-ANON_TEXTS = ("memfd", "unlinked", "keep", "shared", "zero", "named-deleted")
+ANON_TEXTS = ("memfd", "unlinked", "code-file", "shared", "zero", "named-deleted")
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _libc.mmap.restype = ctypes.c_void_p
@@ -181,15 +182,13 @@ class Client:
             plain = f.read(4) == DOF_MAGIC
         if plain:
             return map_file(path, size, mmap.PROT_READ)
-        if cmd.get("text", "own") == "own":
-            exec_prot = mmap.PROT_READ | mmap.PROT_EXEC
-            map_file(path, CODE_SIZE, exec_prot, CODE_ADDR, replace=True)
+        text = {"own": path, "code-file": self.code_file}[cmd.get("text", "own")]
+        exec_prot = mmap.PROT_READ | mmap.PROT_EXEC
+        map_file(text, CODE_SIZE, exec_prot, CODE_ADDR, replace=True)
         return map_file(path, max(size - CODE_SIZE, 1), mmap.PROT_READ, offset=CODE_SIZE)
 
     def _map_anonymous_text(self, how: str) -> None:
         """Map the code file's bytes at CODE_ADDR from a file that is not the code file."""
-        if how == "keep":
-            return
         if how not in ANON_TEXTS:
             raise ValueError(f"anon_text {how!r} is not one of {ANON_TEXTS}")
         prot = mmap.PROT_READ | mmap.PROT_EXEC
@@ -197,6 +196,8 @@ class Client:
         directory = os.path.dirname(os.path.abspath(self.code_file))
         if how == "zero":
             fd = os.open("/dev/zero", os.O_RDONLY | os.O_CLOEXEC)
+        elif how == "code-file":
+            fd = os.open(self.code_file, os.O_RDONLY | os.O_CLOEXEC)
         elif how in ("memfd", "shared"):
             fd = os.memfd_create("usdt-text", os.MFD_CLOEXEC)
         else:
@@ -205,7 +206,7 @@ class Client:
                 os.path.join(directory, name), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
             )
         try:
-            if how != "zero":
+            if how not in ("zero", "code-file"):
                 os.ftruncate(fd, 0)
                 os.write(fd, self.code)
             map_fd(fd, CODE_SIZE, prot, flags, CODE_ADDR)

@@ -46,16 +46,23 @@ def test_maps_line_shapes() -> None:
     assert deleted.file_backed and deleted.path == "/tmp/with space (deleted)"
     assert not heap.file_backed
     space = AddressSpace([heap, deleted, anon, lib])
-    space.check_tracepoints([0xA000, 0xA010, 0x7F00, 0x8EFF])  # deleted file is fine
+    own = (glibc_makedev(0, 0x2F), 77)
+    space.check_tracepoints([0xA000, 0xA010, 0xAFFF], object_key=own)  # deleted file is fine
     for addr, why in [
         (0x9000, "not executable"),
         (0x8F00, "not mapped"),
         (0xC100, "not executable"),
+        (0x7F00, "not of the registering object"),
     ]:
         with pytest.raises(RequestRejected) as info:
-            space.check_tracepoints([0xA000, addr])
+            space.check_tracepoints([0xA000, addr], object_key=own)
         assert info.value.errno == errno.EINVAL and why in info.value.reason
         assert f"{addr:#x}" in info.value.reason
+    # Anonymous DOF: " (deleted)" in the text proves nothing; without a process whose
+    # map_files can be read, nothing passes (tests/integration/test_identity.py has those).
+    with pytest.raises(RequestRejected) as info:
+        space.check_tracepoints([0xA000], object_key=None)
+    assert "not checkable" in info.value.reason
 
 
 def test_lazy_index_agrees_with_a_full_parse() -> None:
