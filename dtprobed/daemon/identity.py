@@ -50,7 +50,14 @@ from typing import Final
 
 from common.errors import RequestRejected
 from dtprobed.oslib.pidfd import pidfd_exited
-from dtprobed.oslib.procfs import AT_PHDR, exec_token, parse_auxv, parse_start_time, read_proc
+from dtprobed.oslib.procfs import (
+    AT_PHDR,
+    exec_token,
+    fsuid_of,
+    parse_auxv,
+    parse_start_time,
+    read_proc,
+)
 
 assert sys.platform == "linux"
 
@@ -161,7 +168,8 @@ class AddressSpace:
         would fire in every process mapping it, as libc's text would).  "Unlinked"
         is read from the file itself through ``/proc/PID/map_files`` (``S_ISREG``,
         ``st_nlink == 0``), not from the `` (deleted)`` of the maps line, which a
-        file's own name can carry.  Raises :class:`RequestRejected` (EINVAL)
+        file's own name can carry; for a caller other than root it must be the
+        caller's own file (its fsuid's).  Raises :class:`RequestRejected` (EINVAL)
         naming the first address that fails; each mapping is checked once.
         """
         checked: Mapping | None = None
@@ -204,6 +212,11 @@ class AddressSpace:
             return "not of a regular file"
         if st.st_nlink != 0:
             return f"of a named file ({st.st_nlink} links; anonymous DOF's code must be unlinked)"
+        # A file unlinked while others still map it (the old libc after an upgrade) is
+        # no private code of the caller's: its own memfd or temporary file is its fsuid's.
+        uid = fsuid_of(self.pid)
+        if uid is None or (uid != 0 and st.st_uid != uid):
+            return f"of a file of uid {st.st_uid}, not the caller's ({uid})"
         return ""
 
 

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import errno
+import json
 import mmap
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -157,3 +160,56 @@ def test_anonymous_dof_code_is_judged_by_the_file_not_the_maps_text(tmp_path: Pa
     finally:
         for fd in fds.values():
             os.close(fd)
+
+
+NOBODY = 65534
+#: Becomes nobody (after its imports: the interpreter lives under /root), maps root's file
+#: (given) and a memfd of its own, both executable and private; prints both addresses,
+#: then waits for stdin to close.
+_NOBODY_CODE = r"""
+import ctypes, json, mmap, os, sys
+os.setgroups([]); os.setresgid(65534, 65534, 65534); os.setresuid(65534, 65534, 65534)
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                      ctypes.c_int, ctypes.c_long]
+def code(fd):
+    return libc.mmap(None, 4096, mmap.PROT_READ | mmap.PROT_EXEC, mmap.MAP_PRIVATE, fd, 0)
+theirs = code(os.open(sys.argv[1], os.O_RDONLY))
+mine = os.memfd_create("mine")
+os.write(mine, b"\xcc" * 4096)
+print(json.dumps({"theirs": theirs, "mine": code(mine)}), flush=True)
+sys.stdin.read()
+"""
+
+
+def test_anonymous_dof_code_of_an_unprivileged_caller_must_be_its_own(tmp_path: Path) -> None:
+    """An unlinked file of another user (e.g. the old libc, unlinked by an upgrade while
+    every process still maps it) is no unprivileged caller's private code."""
+    shared = Path(tempfile.mkdtemp(prefix="dtprobed-identity-"))
+    try:
+        shared.chmod(0o755)
+        roots = shared / "roots-code"
+        roots.write_bytes(b"\xcc" * 4096)
+        roots.chmod(0o644)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _NOBODY_CODE, str(roots)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            cwd="/",
+        )
+        try:
+            assert proc.stdout is not None
+            addrs = json.loads(proc.stdout.readline())
+            roots.unlink()
+            maps = Path(f"/proc/{proc.pid}/maps").read_bytes()
+            space = AddressSpace.from_maps(maps, proc.pid)
+            assert space.find(addrs["theirs"]).path.endswith("roots-code (deleted)")  # type: ignore[union-attr]
+            space.check_tracepoints([addrs["mine"] + 0x10], object_key=None)
+            with pytest.raises(RequestRejected) as info:
+                space.check_tracepoints([addrs["theirs"] + 0x10], object_key=None)
+            assert f"of a file of uid 0, not the caller's ({NOBODY})" in info.value.reason
+        finally:
+            proc.communicate(b"", timeout=30)
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
