@@ -7,6 +7,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 
+from common.dof_abi import DOF_MAXSZ
 from common.errors import ProtocolError, StashFormatError
 from common.framing import MAX_REQUEST_FRAME
 from common.grammar import check_location, check_stream
@@ -127,8 +128,17 @@ def test_read_at_and_notes_location_bounds() -> None:
         with pytest.raises(msgspec.ValidationError):
             dec.decode(msgspec.msgpack.encode(bad))
     wire = [102, 0x7F00, 0x300, 0x300, 0x40, 0x2000, 0x2000, 0x100]
-    assert msgspec.msgpack.encode(LOCATION) == msgspec.msgpack.encode(wire)
+    # catch-up's fields come after, with defaults: the older 8-item form still decodes
+    assert msgspec.msgpack.encode(LOCATION) == msgspec.msgpack.encode([*wire, 0, 0, True])
     assert dec.decode(msgspec.msgpack.encode(wire)) == LOCATION
+    dof_only = dec.decode(msgspec.msgpack.encode([102, 0x7F00, 0, 0, 0, 0, 0, 0, 0x40, 8, False]))
+    assert (dof_only.dof_addr, dof_only.dof_size, dof_only.notes_found) == (0x40, 8, False)
+    for bad_dof in (
+        [102, 0, 0, 0, 0, 0, 0, 0, 0x40, 0, False],  # neither located
+        [102, 0, 0, 0, 0, 0, 0, 0, 0x40, DOF_MAXSZ + 1, False],
+    ):
+        with pytest.raises(msgspec.ValidationError):
+            dec.decode(msgspec.msgpack.encode(bad_dof))
     top = 2**64 - 1
     assert dec.decode(msgspec.msgpack.encode([102, top, top, 0, 0, top, 0, 0])).base == top
     for bad in (
