@@ -16,7 +16,7 @@ MAN = REPO / "docs" / "man"
 PAGES = [
     ("dtprobed.8", "dtprobed", []),
     ("dtprobed-parse.1", "dtprobed.cli.parse", []),
-    ("dtprobed-stash.1", "dtprobed.cli.stash", ["list", "show", "verify"]),
+    ("dtprobed-stash.1", "dtprobed.cli.stash", ["list", "show", "verify", "catch-up"]),
 ]
 
 
