@@ -21,7 +21,12 @@ What it shows:
 * the stash entry is what a host program gets (module = basename, ``dh``, probes with the
   container's run-time addresses), ``dtprobed-stash verify`` passes, a dlclosed library
   goes at the next prune, and the exit prunes it;
-* the real dtrace 2.0.7, on the host, lists the container program's probes.
+* the real dtrace 2.0.7, on the host, lists the container program's probes and fires them;
+* a container started while nothing served the helper (its constructor's ioctl failed) is
+  caught up when the daemon starts: the helper's directory is bind-mounted at
+  ``/dev/dtrace`` from a shared mount, so the daemon's FUSE mount made later reaches the
+  container (a runtime does the same with a slave bind of ``/dev/dtrace``), and catch-up
+  finds, through ``/proc/HOSTPID/root``, that its ``/dev/dtrace/helper`` is ours.
 
 The user-namespace variant runs where the kernel allows it (``/proc/sys/user/
 max_user_namespaces`` > 0; this machine allows it as root); it is skipped with the reason
@@ -61,7 +66,9 @@ LIB = (sd.SunwProvider("ctrlib", (sd.SunwProbe("call", ("int", "const char *")),
 
 #: Runs in the new pid and mount namespaces as the container's pid 1 (``$1`` … ``$6``:
 #: lower layers, upper, work, merged, helper, more overlay options; then the command).
-#: In a user namespace overlayfs can't set its ``trusted.*`` xattrs: ``userxattr``.
+#: In a user namespace overlayfs can't set its ``trusted.*`` xattrs: ``userxattr``.  A
+#: directory as the helper is bind-mounted at ``/dev/dtrace`` (a mount the daemon makes in
+#: it later reaches the container: the mounts are slaves of the host's).
 SETUP = r"""
 set -eu
 lower=$1 upper=$2 work=$3 merged=$4 helper=$5 ovlopts=$6
@@ -70,8 +77,12 @@ mount -t overlay overlay -o "lowerdir=$lower,upperdir=$upper,workdir=$work$ovlop
 mount -t proc proc "$merged/proc"
 mount -t tmpfs -o mode=755 tmpfs "$merged/dev"
 mkdir -p "$merged/dev/dtrace"
-: > "$merged/dev/dtrace/helper"
-mount --bind "$helper" "$merged/dev/dtrace/helper"
+if [ -d "$helper" ]; then
+    mount --bind "$helper" "$merged/dev/dtrace"
+else
+    : > "$merged/dev/dtrace/helper"
+    mount --bind "$helper" "$merged/dev/dtrace/helper"
+fi
 exec chroot "$merged" "$@"
 """
 
@@ -88,12 +99,12 @@ USERNS = r"""
 import ctypes, os, sys
 libc = ctypes.CDLL(None, use_errno=True)
 libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_void_p]
-MS_BIND, MS_REC, MS_PRIVATE = 0x1000, 0x4000, 0x40000
+MS_BIND, MS_REC, MS_SLAVE = 0x1000, 0x4000, 0x80000
 def check(ok, what):
     if not ok:
         raise OSError(ctypes.get_errno(), what)
 check(libc.unshare(0x20000) == 0, "unshare(CLONE_NEWNS)")
-check(libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None) == 0, "mount --make-rprivate /")
+check(libc.mount(None, b"/", None, MS_REC | MS_SLAVE, None) == 0, "mount --make-rslave /")
 for pair in sys.argv[3].split(","):
     src, dst = pair.split(":")
     check(libc.mount(src.encode(), dst.encode(), None, MS_BIND, None) == 0, f"bind {src}")
@@ -152,7 +163,7 @@ class Container:
                 d.mkdir()
             binds = ",".join(f"{src}:{dst}" for src, dst in zip(layers, staged, strict=True))
             layers = staged
-        unshare = ["unshare", "--pid", "--mount", "--fork", "--propagation", "private"]
+        unshare = ["unshare", "--pid", "--mount", "--fork", "--propagation", "slave"]
         argv = [
             *unshare,
             "sh",
@@ -470,3 +481,112 @@ def test_notes_program_in_a_container(
     assert status == 0, err
     daemon.wait_for("exit pruning", lambda: host not in daemon.stash_pids(), timeout=120)
     daemon.verify()
+
+
+@pytest.fixture
+def shared_dir(shm: Path) -> Iterator[Path]:
+    """A directory for the helper that is a *shared* mount: a FUSE mount the daemon makes
+    in it later reaches the containers (their copies are its slaves).  Nothing else on
+    this machine is a shared mount, so the test makes this one (and undoes it)."""
+    hdir = shm / "hdir"
+    hdir.mkdir()
+    hdir.chmod(0o755)
+    subprocess.run(["mount", "--bind", str(hdir), str(hdir)], check=True)
+    try:
+        subprocess.run(["mount", "--make-shared", str(hdir)], check=True)
+        yield hdir
+    finally:
+        subprocess.run(["umount", "-l", str(hdir)], check=False)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_container_started_before_the_daemon_is_caught_up(
+    shm: Path,
+    shared_dir: Path,
+    root: Path,
+    image: tuple[Path, dict[str, sd.BuiltObject]],
+    progs: partner.Programs,
+    variant: str,
+) -> None:
+    """Both programs start while nothing serves the helper (their constructors fail), then
+    the daemon starts, catches them up under their host pids, and dtrace lists them."""
+    userns = _variant(variant)
+    layer, objs = image
+    pie = objs["pie"]
+    helper = shared_dir / "helper"
+    helper.write_bytes(b"")  # an empty file, as the daemon finds it: the ioctl fails
+    helper.chmod(0o666)
+    dof_ctr = Container(
+        shm / "ctr-dof",
+        [layer, root],
+        shared_dir,
+        [f"{SUNW_DIR}/{pie.name}"],
+        userns=userns,
+        env=ENV,
+    )
+    notes_ctr = Container(
+        shm / "ctr-notes",
+        [root],
+        shared_dir,
+        [progs.in_chroot(progs.usdtprog)],
+        userns=userns,
+        env={**ENV, **partner.CLEAN_ENV},
+        text=True,
+    )
+    dof_prog = sd.SunwProgram(dof_ctr.proc)
+    dof_prog.pid = 1
+    notes_prog = partner.Program(notes_ctr.proc, 1)
+    daemon: DaemonHandle | None = None
+    try:
+        dof_ctr.ready(dof_prog.read_line)
+        notes_ctr.ready(notes_prog.read_line)
+        info = dof_prog.info()
+        assert (info["gen"], info["errno"]) == ("-1", "25"), info  # ENOTTY: a plain file
+        daemon = start_daemon(shm, device=helper, extra_args=["--prune-interval", "0.2"])
+        daemon.wait_for(
+            "the start-up catch-up",
+            lambda: "catch-up: " in daemon.log_text() and "scanned" in daemon.log_text(),
+            timeout=120,
+        )
+        log = daemon.log_text()
+        for ctr, name in ((dof_ctr, pie.name), (notes_ctr, "usdtprog")):
+            host = ctr.pid
+            assert ctr.nspid() == [host, 1]
+            key = maps_key(host, name)
+            # caught-up generations start at 1: the process holds -1 from its failed ioctl
+            assert generations(daemon.state_dir, host) == {1: key}, log
+            assert f"catch-up: {host}: registered" in log, log
+        assert set(probe_files(daemon.state_dir, dof_ctr.pid)) == {
+            "ctrmain:ctrpie:ctrmain_tick:tick"
+        }
+        assert {n.split(":")[0] for n in probe_files(daemon.state_dir, notes_ctr.pid)} == {
+            "rdtmain"
+        }
+        base = maps_base(dof_ctr.pid, pie.name)
+        dof_key = maps_key(dof_ctr.pid, pie.name)
+        mapping = daemon.state_dir / "stash" / "dof-pid" / str(dof_ctr.pid) / dof_key
+        assert (mapping / "dh").read_bytes() == pie.helper(base)  # what drti would have sent
+        daemon.verify()
+        with partner.mounted(root=root, binds=[daemon.state_dir]):
+            listed = partner.dtrace_list(daemon.state_dir, "ctr*", root=root)
+            assert (f"ctrmain{dof_ctr.pid}", "ctrpie", "ctrmain_tick", "tick") in {
+                (r.provider, r.module, r.function, r.name) for r in listed.rows
+            }, listed
+            listed = partner.dtrace_list(daemon.state_dir, f"rdtmain{notes_ctr.pid}", root=root)
+            assert len(listed.rows) == 4, listed
+    except BaseException:
+        if daemon is not None:
+            daemon.cleanup_hard()
+        raise
+    finally:
+        for prog in (dof_prog, notes_prog):
+            with contextlib.suppress(Exception):
+                prog.quit()
+    assert daemon is not None
+    daemon.wait_for(
+        "exit pruning",
+        lambda: not {dof_ctr.pid, notes_ctr.pid} & set(daemon.stash_pids()),
+        timeout=120,
+    )
+    daemon.verify()
+    finish(daemon)
