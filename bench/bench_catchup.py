@@ -28,6 +28,7 @@ Usage: ``.venv/bin/python bench/bench_catchup.py [--procs 1000] [--pool 200]
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import random
@@ -47,6 +48,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.bench_receiver import Bench, ms, pct, small_dof
+from common.errors import RequestRejected
 from tests.support.daemon import DaemonHandle, finish, start_daemon
 
 REPO = Path(__file__).resolve().parents[1]
@@ -185,12 +187,62 @@ def registrations_while(bench: Bench, helper: bytearray, busy: Callable[[], bool
             return out
 
 
+class _NoProbes:
+    """The profiled scan's registrar: every object it is asked to locate has no probes (the
+    parser's answer is left out of the profile: it is another process), nothing else may
+    be asked for (the objects with probes are registered already)."""
+
+    def __init__(self) -> None:
+        self.located = 0
+
+    def catch_up_locate(self, *_args: object) -> object:
+        self.located += 1
+        raise RequestRejected(errno.EINVAL, "no .note.usdt or .SUNW_dof (profiled scan)")
+
+    def __getattr__(self, name: str) -> Callable[..., object]:
+        raise AssertionError(f"the warm scan called the registrar's {name}")
+
+
+def profile_scan(handle: DaemonHandle) -> None:
+    """One warm scan in this process under cProfile (the daemon's own is the same code)."""
+    import cProfile
+    import pstats
+
+    from dtprobed.daemon.catchup import CatchUp
+
+    registrar = _NoProbes()
+    scan = CatchUp(
+        registrar,  # type: ignore[arg-type]
+        remover=registrar,  # type: ignore[arg-type]
+        device=str(handle.device),
+        state_dir=str(handle.state_dir),
+        max_dof_size=1 << 20,
+    )
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.enable()
+    summary = scan.run()
+    prof.disable()
+    wall = time.perf_counter() - t0
+    print(
+        f"profiled warm scan (in this process, the parser's locate answers left out: "
+        f"{registrar.located} objects asked for): {summary.line()}: {wall:.3f} s (profiled)"
+    )
+    stats = pstats.Stats(prof)
+    stats.sort_stats("tottime").print_stats(15)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--procs", type=int, default=1000)
     ap.add_argument("--pool", type=int, default=200, help="distinct objects without probes")
     ap.add_argument("--scans", type=int, default=5, help="warm scans (each with registrations)")
     ap.add_argument("--dir", default="/dev/shm", help="state dir's parent (tmpfs, like /run)")
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="also profile one warm scan, run in this process (cProfile, top functions)",
+    )
     args = ap.parse_args()
     print(f"command: {' '.join(shlex.quote(a) for a in [sys.executable, *sys.argv])}")
     print(f"machine: {os.cpu_count()} cpus, load {os.getloadavg()[0]:.1f}")
@@ -243,6 +295,8 @@ def main() -> None:
             )
             report.update(warm_scans=warm, idle=idle, during=during)
             handle.verify()
+            if args.profile:
+                profile_scan(handle)
         except BaseException:
             if handle is not None:
                 handle.cleanup_hard()
