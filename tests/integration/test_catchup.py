@@ -280,6 +280,33 @@ def test_fork_child_started_before_the_daemon(programs: Programs, tmp_path: Path
     finish(daemon)
 
 
+def test_marks_survive_a_restart_and_nothing_is_caught_up_twice(
+    programs: Programs, tmp_path: Path
+) -> None:
+    helper = tmp_path / "helper"
+    run = programs.start("pie", helper)
+    pid, key = run.prog.pid, file_key(run.obj.path)
+    daemon = start_daemon(tmp_path, device=helper)
+    try:
+        assert "1 objects registered" in wait_summaries(daemon, 1)
+    except BaseException:
+        daemon.cleanup_hard()
+        raise
+    finish(daemon)
+    assert generations(daemon.state_dir, pid) == {1: key}  # the stash outlives the daemon
+    again = start_daemon(tmp_path, device=helper, name="daemon2")
+    try:
+        line = wait_summaries(again, 1)
+        assert "0 objects registered" in line, line
+        assert generations(again.state_dir, pid) == {1: key}
+        assert caught_up_gens(again.state_dir, pid) == {1}
+        again.verify()
+    except BaseException:
+        again.cleanup_hard()
+        raise
+    finish(again)
+
+
 def test_environment_parsing() -> None:
     env = b"A=1\0DTRACE_DOF_INIT_DEVNAME=/x\0DTRACE_DOF_INIT_DEVNAME=/y\0DTRACE_DOF_INIT_DISABLE=\0"
     assert parse_environ(env) == {

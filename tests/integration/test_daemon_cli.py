@@ -92,7 +92,8 @@ def test_device_already_served_is_fatal(daemon: DaemonHandle, tmp_path: Path) ->
     assert snapshot(daemon.state_dir) == before
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP])
+# SIGHUP no longer stops: it runs a catch-up (tests/integration/test_catchup.py)
+@pytest.mark.parametrize("sig", [signal.SIGINT])
 def test_other_stop_signals_exit_cleanly(
     daemon_factory: DaemonFactory, loose_clients: Clients, tmp_path: Path, sig: int
 ) -> None:
