@@ -163,10 +163,11 @@ def _tracepoints(pid_fd: int, key: str) -> Iterable[int]:
                 yield tp.addr
 
 
-def _object_mapped(space: AddressSpace, pid_fd: int, key: str) -> bool:
+def _object_mapped(space: AddressSpace, files: set[tuple[int, int]], pid_fd: int, key: str) -> bool:
+    """*files*: the (dev, ino) of every file-backed mapping of *space*."""
     dev, ino = split_key(key) or (0, 0)
     if dev != 0:
-        return any(m.dev == dev and m.ino == ino and m.file_backed for m in space.mappings)
+        return (dev, ino) in files
     seen = False
     for addr in _tracepoints(pid_fd, key):
         seen = True
@@ -220,13 +221,14 @@ def find_unmapped(dofpid_fd: int, pid: int) -> tuple[list[Unmapped], Callable[[]
                 space = AddressSpace.from_maps(read_proc(f"/proc/{pid}/maps"))
             except (OSError, ValueError):
                 return None
+            files = {(m.dev, m.ino) for m in space.mappings if m.file_backed}
             by_key: dict[str, list[int]] = {}
             for gen, key in sorted(gens.items()):
                 by_key.setdefault(key, []).append(gen)
             found = [
                 Unmapped(pid, key, tuple(g), _module(pdir.fd, key))
                 for key, g in by_key.items()
-                if not _object_mapped(space, pdir.fd, key)
+                if not _object_mapped(space, files, pdir.fd, key)
             ]
             if not found:
                 return None
