@@ -78,6 +78,7 @@ from dtprobed.stash.layout import (
 )
 
 DEFAULT_HELPER: Final = "/dev/dtrace/helper"
+_DELETED: Final = " (deleted)"
 _CLOCK_TICKS: Final = os.sysconf("SC_CLK_TCK")
 ENV_DISABLE: Final = b"DTRACE_DOF_INIT_DISABLE"
 ENV_DEVNAME: Final = b"DTRACE_DOF_INIT_DEVNAME"
@@ -264,7 +265,7 @@ class CatchUp:
             summary.skipped["our helper unreadable"] += 1
             summary.finished = time.monotonic()
             return summary
-        cache: dict[tuple[int, int, int], _Located | None] = {}
+        cache: dict[tuple[int, int], _Located | None] = {}
         pids = sorted(int(name) for name in os.listdir("/proc") if name.isdigit())
         log.info("catch-up: scanning %d processes", len(pids))
         for pid in pids:
@@ -286,7 +287,7 @@ class CatchUp:
         self,
         pid: int,
         ours: tuple[str, int, int],
-        cache: dict[tuple[int, int, int], _Located | None],
+        cache: dict[tuple[int, int], _Located | None],
         summary: Summary,
     ) -> None:
         try:
@@ -382,32 +383,37 @@ class CatchUp:
         self,
         pid: int,
         first: Mapping,
-        cache: dict[tuple[int, int, int], _Located | None],
+        cache: dict[tuple[int, int], _Located | None],
         summary: Summary,
     ) -> None:
-        """Locate (once per file per run) and register one object of *pid*."""
-        try:
-            obj = _open_object(pid, first)
-        except DtprobedError as err:
-            log.debug("catch-up: %d: %s: %s", pid, first.path, err)
-            summary.skipped["objects unreadable"] += 1
-            return
-        try:
-            key = (first.dev, first.ino, obj.size)
-            if key in cache:
-                located = cache[key]
-            else:
-                located = cache[key] = self._locate(obj.module, first, obj.size, obj.fd)
-            if located is None:
+        """Locate (once per file per run) and register one object of *pid*.
+
+        A file already located in this run is not opened again: within one
+        scan an inode is taken to hold what it held when first located.
+        """
+        key = (first.dev, first.ino)
+        if key in cache:
+            located = cache[key]
+        else:
+            try:
+                obj = _open_object(pid, first)
+            except DtprobedError as err:
+                log.debug("catch-up: %d: %s: %s", pid, first.path, err)
+                summary.skipped["objects unreadable"] += 1
                 return
             try:
-                gen = self._register(pid, first, obj.module, located)
-            except DtprobedError as err:
-                log.warning("catch-up: %d: %s not registered: %s", pid, first.path, err)
-                summary.skipped["objects refused"] += 1
-                return
-        finally:
-            obj.close()
+                located = cache[key] = self._locate(obj.module, first, obj.size, obj.fd)
+            finally:
+                obj.close()
+        if located is None:
+            return
+        name = first.path.removesuffix(_DELETED)
+        try:
+            gen = self._register(pid, first, os.path.basename(name) or name, located)
+        except DtprobedError as err:
+            log.warning("catch-up: %d: %s not registered: %s", pid, first.path, err)
+            summary.skipped["objects refused"] += 1
+            return
         if not self._still_there(pid, first):
             # exec'd or unmapped while we registered it: nothing may stay behind
             self._registrar.remove_generation(pid, gen)
