@@ -258,6 +258,38 @@ def test_live_registration_replaces_the_caught_up_one(programs: Programs, tmp_pa
     finish(daemon)
 
 
+def test_dlclosed_caught_up_library_goes_at_the_next_prune(
+    programs: Programs, tmp_path: Path
+) -> None:
+    """FUSE mode: the library's REMOVE(0) never arrives; the unmapped-objects prune drops it."""
+    helper = tmp_path / "helper"
+    main = programs.start("pie", helper)
+    pid = main.prog.pid
+    lib = Running(main.prog, programs.objects["lib"])
+    assert main.prog.command(f"o {lib.obj.path}") == f"o {lib.obj.path}"
+    daemon = start_daemon(tmp_path, device=helper, extra_args=["--prune-interval", "0.5"])
+    try:
+        wait_summaries(daemon, 1)
+        main_key, lib_key = file_key(main.obj.path), file_key(lib.obj.path)
+        assert generations(daemon.state_dir, pid) == {1: main_key, 2: lib_key}
+        assert main.prog.command("c") == "c"
+        daemon.wait_for(
+            "the library's generation to go",
+            lambda: generations(daemon.state_dir, pid) == {1: main_key},
+            timeout=120,
+        )
+        check_stash(daemon, main, pid, 1)
+        daemon.wait_for(
+            "its mapping directory to go",
+            lambda: not (daemon.state_dir / "stash" / "dof-pid" / str(pid) / lib_key).exists(),
+        )
+        daemon.verify()
+    except BaseException:
+        daemon.cleanup_hard()
+        raise
+    finish(daemon)
+
+
 def test_fork_child_started_before_the_daemon(programs: Programs, tmp_path: Path) -> None:
     helper = tmp_path / "helper"
     run = programs.start("exe", helper)
