@@ -55,6 +55,14 @@ MAX_LOG_RECORDS: Final = 48
 #: Longest log line (code points) in a ``Log`` frame; longer ones are cut.
 MAX_LOG_MESSAGE: Final = 1000
 
+#: The priority channel (docs/protocol.md): a Register of at most this many records, or
+#: a Remove or RemovePid of a process with at most PRIORITY_MAX_PROBES probes, may run
+#: between two slices of a long Register, Remove or RemovePid of another process.
+PRIORITY_MAX_RECORDS: Final = 1024
+PRIORITY_MAX_PROBES: Final = 256
+#: Largest frame on the priority channel (a small Register: records, raw DOF, helper).
+MAX_PRIORITY_FRAME: Final = 1 << 20
+
 DEFAULT_MAX_GENERATIONS: Final = 1024
 DEFAULT_MAX_PROBES_PER_PID: Final = 65536
 #: A quarter of the total: one user's processes can't fill the stash for everyone.
@@ -340,6 +348,22 @@ class Started(Reply, tag=10, frozen=True):
     raw_bytes: Annotated[int, msgspec.Meta(ge=0)]
 
 
+class Busy(Reply, tag=11, frozen=True):
+    """Only on the priority channel: the command may not run between the slices of the
+    long command in progress (same process or mapping, or too large); nothing was done,
+    and the host sends it again on the main channel."""
+
+
 StashReply = (
-    Generation | Done | Pids | Items | Problems | Failure | Log | Removed | Progress | Started
+    Generation
+    | Done
+    | Pids
+    | Items
+    | Problems
+    | Failure
+    | Log
+    | Removed
+    | Progress
+    | Started
+    | Busy
 )

@@ -43,6 +43,7 @@ import os
 import select
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Final
@@ -84,13 +85,48 @@ def classify_exit(returncode: int, *, killed_by_us: bool) -> tuple[ExitKind, str
     return ExitKind.CRASH, f"crashed with signal {name}"
 
 
-class RunningChild:
-    """One live child and the parent's ends of its two pipes."""
+class PriorityChannel:
+    """A second pair of pipes to a child, for requests that may overtake a long one.
 
-    def __init__(self, proc: subprocess.Popen[bytes], to_child: int, from_child: int) -> None:
+    The stash writer reads it between commands and at the yield points of a long
+    command (docs/protocol.md).  Several threads may use the slot's child at once
+    through it, so its fds are closed only under :attr:`lock` (a user holds it
+    for its whole exchange): a number is never reused under a user's feet.
+    """
+
+    def __init__(self, to_child: int, from_child: int) -> None:
+        self.to_child = to_child
+        self.from_child = from_child
+        self.lock = threading.Lock()
+        self.closed = False
+        self.poll_in = select.poll()
+        self.poll_in.register(from_child, select.POLLIN)
+        self.poll_out = select.poll()
+        self.poll_out.register(to_child, select.POLLOUT)
+
+    def close(self) -> None:
+        with self.lock:
+            if not self.closed:
+                self.closed = True
+                for fd in (self.to_child, self.from_child):
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+
+
+class RunningChild:
+    """One live child and the parent's ends of its two pipes (and of its priority channel)."""
+
+    def __init__(
+        self,
+        proc: subprocess.Popen[bytes],
+        to_child: int,
+        from_child: int,
+        priority: PriorityChannel | None = None,
+    ) -> None:
         self.proc = proc
         self.to_child = to_child
         self.from_child = from_child
+        self.priority = priority
         self.requests = 0
         self.started = time.monotonic()
         self.killed_by_us = False
@@ -123,11 +159,15 @@ class ChildSlot:
         log: logging.Logger,
         *,
         timeouts_back_off: bool = True,
+        priority_channel: bool = False,
     ) -> None:
         """*timeouts_back_off* False: a child killed for a timeout does not count
         towards the back-off (a slow request is its sender's fault, not the role's:
-        the next sender gets a fresh child at once)."""
+        the next sender gets a fresh child at once).  *priority_channel*: the child
+        also gets a :class:`PriorityChannel`, its fds named by a last argument
+        ``--priority-fds=READ,WRITE``."""
         self.role = role  # "parser child", "stash writer": starts every log line
+        self._priority_channel = priority_channel
         self._timeouts_back_off = timeouts_back_off
         self._argv = argv
         self.log = log
@@ -152,22 +192,37 @@ class ChildSlot:
             )
         req_r, req_w = os.pipe()
         rec_r, rec_w = os.pipe()
+        # the priority channel's ends: host writes pri_w, reads pri_reply_r
+        extra = (*os.pipe(), *os.pipe()) if self._priority_channel else ()
         argv = list(self._argv())
+        child_ends: tuple[int, ...] = ()
+        if extra:
+            child_ends = (extra[0], extra[3])
+            argv.append(f"--priority-fds={extra[0]},{extra[3]}")
         try:
             for fd in (req_w, rec_w):
                 # over /proc/sys/fs/pipe-max-size for unprivileged users: keep 64 KiB
                 with contextlib.suppress(OSError):
                     fcntl.fcntl(fd, _F_SETPIPE_SZ, _PIPE_SIZE)
-            proc = subprocess.Popen(argv, stdin=req_r, stdout=rec_w, close_fds=True, cwd="/")
+            proc = subprocess.Popen(
+                argv, stdin=req_r, stdout=rec_w, close_fds=True, pass_fds=child_ends, cwd="/"
+            )
         except BaseException:
-            for fd in (req_r, req_w, rec_r, rec_w):
+            for fd in (req_r, req_w, rec_r, rec_w, *extra):
                 os.close(fd)
             raise
         os.close(req_r)
         os.close(rec_w)
         os.set_blocking(req_w, False)
         os.set_blocking(rec_r, False)
-        self.child = RunningChild(proc, req_w, rec_r)
+        priority = None
+        if extra:
+            for fd in child_ends:
+                os.close(fd)
+            os.set_blocking(extra[1], False)
+            os.set_blocking(extra[2], False)
+            priority = PriorityChannel(extra[1], extra[2])
+        self.child = RunningChild(proc, req_w, rec_r, priority)
         self.log.debug("%s %d started: %s", self.role, proc.pid, " ".join(argv))
         return self.child
 
@@ -187,6 +242,10 @@ class ChildSlot:
             child.killed_by_us = True
             child.proc.kill()
             return child.proc.wait()
+        finally:
+            # once it is gone: a priority exchange in flight then ends (EOF) and lets go
+            if child.priority is not None:
+                child.priority.close()
 
     def stop(self, why: str) -> None:
         """Close the request pipe (the child exits 0 at EOF), then reap it; log how it went."""

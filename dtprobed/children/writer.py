@@ -49,6 +49,8 @@ from common.records import Eof, ResultRecord
 from common.stash_protocol import (
     MAX_LOG_RECORDS,
     MAX_REPLY_FRAME,
+    PRIORITY_MAX_RECORDS,
+    Busy,
     Command,
     Done,
     Failure,
@@ -73,7 +75,7 @@ from common.stash_protocol import (
     WriteReparsed,
     quota_argv,
 )
-from dtprobed.children.process import ChildSlot, RunningChild
+from dtprobed.children.process import ChildSlot, PriorityChannel, RunningChild
 
 #: Default bound on one whole command of a writer that keeps reporting progress.
 DEFAULT_BACKSTOP: Final = 300.0
@@ -141,8 +143,13 @@ class StashWriterChild:
         self.quotas = quotas if quotas is not None else StashQuotas()
         self.log = log if log is not None else logging.getLogger("dtprobed.stash_client")
         self._lock = threading.Lock()
-        self._slot = ChildSlot("stash writer", self.argv, self.log)
+        self._slot = ChildSlot("stash writer", self.argv, self.log, priority_channel=True)
         self._encoder = FrameEncoder()
+        # the priority channel: one exchange at a time, beside the main one
+        self._priority_lock = threading.Lock()
+        self._priority_encoder = FrameEncoder()
+        self._priority_decoder: FrameDecoder[StashReply] = FrameDecoder(StashReply, MAX_REPLY_FRAME)
+        self.priority_answered = 0  # commands the priority channel answered (not Busy)
         self._decoder: FrameDecoder[StashReply] = FrameDecoder(StashReply, MAX_REPLY_FRAME)
         self._pending = bytearray()  # bytes of the current child not yet decoded
         self._logs = 0  # Log frames since its last reply
@@ -349,8 +356,97 @@ class StashWriterChild:
                 self._logs = 0
                 return reply
 
+    # --------------------------------------------------------------- priority channel
+
+    @staticmethod
+    def _may_overtake(command: Command) -> bool:
+        """Small enough for the priority channel (the writer checks again)."""
+        if isinstance(command, Register):
+            return len(command.records) <= PRIORITY_MAX_RECORDS
+        return isinstance(command, (Remove, RemovePid))
+
+    def _priority_exchange(self, command: Command) -> StashReply | None:
+        """*command* on the priority channel; None if not taken (no channel, ``Busy``).
+
+        Used only while another thread's command holds the main channel, i.e.
+        the writer is working on it: the writer answers at its next yield point
+        (a long Register or RemovePid of another process), or right after that
+        command.  A writer that dies or breaks the protocol here fails this
+        command only; the main channel's user (or the next command) replaces it.
+        """
+        child = self._slot.child
+        channel = child.priority if child is not None else None
+        if child is None or channel is None:
+            return None
+        with self._priority_lock, channel.lock:
+            if channel.closed:
+                return None
+            deadline = time.monotonic() + self.backstop
+            try:
+                self._priority_send(channel, self._priority_encoder.encode(command), deadline)
+                return self._priority_reply(child, channel, deadline)
+            except (OSError, ProtocolError, TimeoutError) as err:
+                if isinstance(err, ProtocolError):
+                    child.proc.kill()  # broken: the main channel's next exchange reaps it
+                raise WriterCommandFailed(
+                    type(command).__name__, "stash writer", errno.EIO, f"priority channel: {err}"
+                ) from err
+
+    @staticmethod
+    def _priority_send(channel: PriorityChannel, frame: bytes, deadline: float) -> None:
+        view = memoryview(frame)
+        while view:
+            try:
+                view = view[os.write(channel.to_child, view) :]
+            except BlockingIOError:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError("the writer did not read its priority command") from None
+                channel.poll_out.poll(max(1, int(left * 1000)))
+
+    def _priority_reply(
+        self, child: RunningChild, channel: PriorityChannel, deadline: float
+    ) -> StashReply | None:
+        pending = bytearray()
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("no answer on the priority channel before the backstop")
+            if not channel.poll_in.poll(max(1, int(left * 1000))):
+                continue
+            try:
+                data = os.read(channel.from_child, 1 << 16)
+            except BlockingIOError:
+                continue
+            if not data:
+                raise OSError(errno.EPIPE, "the writer closed its priority channel")
+            pending += data
+            frames, used = self._priority_decoder.split(pending)
+            del pending[:used]
+            for i, item in enumerate(frames):
+                if isinstance(item, Log):
+                    self.log.log(
+                        item.level,
+                        "stash writer %d: %s",
+                        child.pid,
+                        item.message.encode("unicode_escape").decode("ascii"),
+                    )
+                elif isinstance(item, Progress):
+                    continue
+                elif isinstance(item, Started) or i != len(frames) - 1 or pending:
+                    raise ProtocolError("priority channel: more than one reply to one command")
+                elif isinstance(item, Busy):
+                    return None
+                else:
+                    self.priority_answered += 1
+                    return item
+
     def _call(self, command: Command, expected: type) -> StashReply:
-        reply = self._exchange(command)
+        reply: StashReply | None = None
+        if self._lock.locked() and self._may_overtake(command):
+            reply = self._priority_exchange(command)
+        if reply is None:
+            reply = self._exchange(command)
         if isinstance(reply, Failure):
             raise StashError(type(command).__name__, "stash", reply.errno, reply.message)
         if not isinstance(reply, expected):

@@ -22,7 +22,7 @@ from typing import Any, Final, TypeVar
 
 from common.dof_abi import DOF_MAG_STRING, DOF_MAXSZ
 from common.errors import ProtocolError, StashError
-from common.grammar import ParsedProbe, check_stream
+from common.grammar import ParsedProbe, StreamChecker, check_stream
 from common.names import printable
 from common.records import Provider, ResultRecord
 from common.stash_format import (
@@ -73,6 +73,12 @@ log = logging.getLogger("dtprobed.stash")
 #: Recovery actions logged one per line; the rest are counted (the writer's Log
 #: frames are bounded per command, and start-up counts as one).
 _MAX_RECOVERY_LINES: Final = 32
+
+#: Units of work (probe files written or removed) between two looks at the priority
+#: channel while a long Register or RemovePid runs (Stash.interleave): ~0.5 ms here.
+YIELD_EVERY: Final = 32
+#: The same while the records of a long Register are checked (~0.75 µs each).
+CHECK_YIELD_EVERY: Final = 1024
 
 #: The u64 base that starts every raw file (upstream's ``[u64 base][data]``).
 _BASE: Final = struct.Struct("<Q")
@@ -294,6 +300,7 @@ def _current_umask() -> int:
 
 
 _F = TypeVar("_F", bound=Callable[..., Any])
+_T = TypeVar("_T")
 
 
 def _stash_op(op: str) -> Callable[[_F], _F]:
@@ -535,6 +542,14 @@ class Stash:
         self.quotas = quotas if quotas is not None else StashQuotas()
         self.progress = progress if progress is not None else Progress()
         self._tick = self.progress.tick
+        #: Called every YIELD_EVERY units of a long Register or RemovePid: the writer
+        #: runs a waiting priority command there (run_interleaved), if it may.
+        self.interleave: Callable[[], None] | None = None
+        #: (pid, mapping key or "") of the Register or RemovePid in progress that
+        #: other processes' small commands may be interleaved with; None otherwise.
+        self.busy: tuple[int, str] | None = None
+        self._nested = False
+        self._since_yield = 0
         self._fix_modes = (_current_umask() & DIR_MODE) != 0
         self._fds = contextlib.ExitStack()
         self._index: dict[int, _PidEntry] = {}
@@ -572,6 +587,49 @@ class Stash:
     def process_count(self) -> int:
         """Processes in the index (those with a ``dof-pid/$pid`` directory)."""
         return len(self._index)
+
+    # ------------------------------------------------------------ interleaving
+
+    @contextlib.contextmanager
+    def _sliced(self, pid: int, key: str) -> Iterator[None]:
+        """While the block runs, it yields to priority commands of other processes.
+
+        What interleaves never touches *pid* (nor mapping *key*): the writer
+        checks that before it runs one (dtprobed.stash.writer).  The block's
+        own state (its undo steps, open directories, reserved quota) stays as
+        it is; its all-or-nothing commit is unchanged: the generation symlink
+        is written last, after every file, as without interleaving.
+        """
+        if self._nested or self.busy is not None:
+            yield
+            return
+        self.busy, self._since_yield = (pid, key), 0
+        try:
+            yield
+        finally:
+            self.busy = None
+
+    def _tick_yield(self) -> None:
+        self._tick()
+        if self.busy is None or self.interleave is None:
+            return
+        self._since_yield += 1
+        if self._since_yield >= YIELD_EVERY:
+            self._since_yield = 0
+            self.interleave()
+
+    def run_interleaved(self, fn: Callable[[], _T]) -> _T:
+        """Run one priority command inside the yielding one (no deeper nesting)."""
+        busy, self.busy, self._nested = self.busy, None, True
+        try:
+            return fn()
+        finally:
+            self.busy, self._nested = busy, False
+
+    def probes_of(self, pid: int) -> int:
+        """Probes stored for *pid* (0 if none): what removing it costs."""
+        entry = self._index.get(pid)
+        return entry.probes if entry is not None else 0
 
     # ------------------------------------------------------------ small pieces
 
@@ -684,13 +742,16 @@ class Stash:
         """
         try:
             with self.progress.bounded("checking records"):  # linear in the frame
-                checker = check_stream(
-                    list(records),
-                    # the frame bound limits the stream; the quotas are checked next (EDQUOT)
-                    max_probes=None,
-                    max_tracepoints=None,
-                    notes=notes,
-                )
+                if self.busy is not None and self.interleave is not None:
+                    checker = self._check_yielding(records, notes)
+                else:
+                    checker = check_stream(
+                        list(records),
+                        # the frame bound limits the stream; the quotas are checked next (EDQUOT)
+                        max_probes=None,
+                        max_tracepoints=None,
+                        notes=notes,
+                    )
         except ProtocolError as err:
             raise StashError(op, "records", errno.EINVAL, f"bad record stream: {err}") from err
         if checker.error is not None:
@@ -698,6 +759,20 @@ class Stash:
                 op, "records", errno.EINVAL, f"record stream is a parser error: {checker.error}"
             )
         return checker.probes
+
+    def _check_yielding(self, records: Sequence[ResultRecord], notes: bool) -> StreamChecker:
+        """check_stream, with a look at the priority channel every CHECK_YIELD_EVERY records
+        (60000 records of a 20000-probe DOF take ~50 ms to check)."""
+        checker = StreamChecker(max_probes=None, max_tracepoints=None, notes=notes)
+        feed, interleave = checker.feed, self.interleave
+        assert interleave is not None
+        for index, rec in enumerate(records):
+            feed(rec)
+            if index % CHECK_YIELD_EVERY == CHECK_YIELD_EVERY - 1:
+                interleave()
+        if not checker.done:
+            raise ProtocolError(f"stream ended early, expected {checker.expected}")
+        return checker
 
     def _check_registration(self, reg: Registration) -> None:
         if len(reg.helper) != HELPER_SIZE:
@@ -757,14 +832,16 @@ class Stash:
     def register(self, reg: Registration, records: Sequence[ResultRecord]) -> int:
         """add + write-parsed as one all-or-nothing operation; returns the generation."""
         self._check_registration(reg)
-        probes = self.check_records(records, "add", notes=reg.notes)
-        return self._register(reg, probes)
+        with self._sliced(reg.pid, mapping_key(reg.dev, reg.ino)):
+            probes = self.check_records(records, "add", notes=reg.notes)
+            return self._register(reg, probes)
 
     @_stash_op("add")
     def register_probes(self, reg: Registration, probes: list[ParsedProbe]) -> int:
         """As :meth:`register`, for probes already grouped (and checked) by the caller."""
         self._check_registration(reg)
-        return self._register(reg, probes)
+        with self._sliced(reg.pid, mapping_key(reg.dev, reg.ino)):
+            return self._register(reg, probes)
 
     def _register(self, reg: Registration, probes: list[ParsedProbe]) -> int:
         pid, key = reg.pid, mapping_key(reg.dev, reg.ino)
@@ -782,12 +859,18 @@ class Stash:
             len(probes) if new else 0,
             reg.raw_bytes if new else 0,
         )
+        reserved = False
         try:
             if stale:
                 # A separate, committed step (docs/stash.md): these entries belong to a
                 # process or image that no longer exists, whatever becomes of this request.
                 log.info("%i: %s, removing old DOF", pid, stale)
                 self._remove_pid(pid)
+            if new:
+                # counted from here: a priority command interleaved with this one checks
+                # its quotas against the stash as it will be (given back on failure)
+                self.usage.add(entry.uid, len(probes), reg.raw_bytes)
+                reserved = True
             with _Undo(self._reserve) as undo:  # unwound last: removes dof-pid/$pid if created here
                 pdir, created = self._open_pid_dir(reg, undo)
                 # inner's steps use pdir's fd: they run before it is closed
@@ -804,18 +887,21 @@ class Stash:
                     inner.commit()
                     replaced = [] if reg.caught_up else self._drop_caught_up(pdir.fd, key, gen)
                 undo.commit()
-        except OSError as err:
-            raise StashError(
-                "add", f"PID {pid} mapping {key}", err.errno or errno.EIO, os_detail(err)
-            ) from err
+        except BaseException as err:
+            if reserved:
+                self.usage.add(entry.uid, -len(probes), -reg.raw_bytes)
+            if isinstance(err, OSError):
+                raise StashError(
+                    "add", f"PID {pid} mapping {key}", err.errno or errno.EIO, os_detail(err)
+                ) from err
+            raise
         entry = self._index.setdefault(pid, _PidEntry(uid=reg.uid))
         entry.gens[gen] = key
         for old in replaced:
             entry.gens.pop(old, None)
-        if key not in entry.nprobes:
+        if key not in entry.nprobes:  # its usage was reserved above
             entry.nprobes[key] = len(probes)
             entry.raw[key] = reg.raw_bytes
-            self.usage.add(entry.uid, len(probes), reg.raw_bytes)
         return gen
 
     def _check_quotas(
@@ -1089,7 +1175,7 @@ class Stash:
                         raise OSError(
                             errno.EINVAL, f"probes entry {printable(prb)} is not a file"
                         ) from None
-                self._tick()
+                self._tick_yield()
             self._write_file(parsed_fd, "version", VERSION_BYTES)
             created_files.append("version")
         finally:
@@ -1185,7 +1271,8 @@ class Stash:
 
         True when generation *gen* of *pid* existed (and is gone now).
         """
-        return self._remove(pid, gen)
+        with self._sliced(pid, ""):
+            return self._remove(pid, gen)
 
     def _remove(self, pid: int, gen: int) -> bool:
         try:
@@ -1236,7 +1323,7 @@ class Stash:
         if mdir is not None:
             with mdir:
                 self._remove_parsed(pid, pid_fd, mdir.fd, key)
-            _remove_tree(pid_fd, key, self._tick)
+            _remove_tree(pid_fd, key, self._tick_yield)
         self._drop_unused_raw(key)
 
     def _drop_unused_raw(self, key: str) -> None:
@@ -1275,7 +1362,7 @@ class Stash:
                     self._unbind(pid_fd, spid, parts, item.inode(), others)
                     touched.add((spid, f"{parts[0]}{spid}", parts[1], parts[2]))
                 _remove_tree(parsed.fd, item.name, self._tick)
-                self._tick()
+                self._tick_yield()
             for path in sorted(touched):
                 self._prune_empty(path)
 
@@ -1326,7 +1413,8 @@ class Stash:
     @_stash_op("remove-pid")
     def remove_pid(self, pid: int) -> None:
         """Every generation of *pid* (exit, exec, pid reuse)."""
-        self._remove_pid(pid)
+        with self._sliced(pid, ""):
+            self._remove_pid(pid)
 
     def _remove_pid(self, pid: int) -> None:
         name = str(pid)
@@ -1349,9 +1437,9 @@ class Stash:
                     os.unlink(item.name, dir_fd=pdir.fd)
                 elif split_key(item.name) is not None:
                     keys.add(item.name)
-            _remove_tree(self.probes.fd, name, self._tick)
+            _remove_tree(self.probes.fd, name, self._tick_yield)
             for key in sorted(keys):
-                _remove_tree(pdir.fd, key, self._tick)
+                _remove_tree(pdir.fd, key, self._tick_yield)
                 self._drop_unused_raw(key)
         _remove_tree(self.dofpid.fd, name, self._tick)
 

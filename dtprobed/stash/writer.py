@@ -32,9 +32,11 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import functools
 import gc
 import logging
 import os
+import select
 import sys
 import threading
 from collections.abc import Callable, Sequence
@@ -48,6 +50,10 @@ from common.stash_protocol import (
     MAX_COMMAND_FRAME,
     MAX_LOG_MESSAGE,
     MAX_LOG_RECORDS,
+    MAX_PRIORITY_FRAME,
+    PRIORITY_MAX_PROBES,
+    PRIORITY_MAX_RECORDS,
+    Busy,
     Done,
     Failure,
     Generation,
@@ -71,6 +77,7 @@ from common.stash_protocol import (
     quotas_from_args,
 )
 from dtprobed.oslib.fdio import read_exactly, write_all
+from dtprobed.stash.layout import mapping_key
 from dtprobed.stash.store import DEFAULT_LOCK_DIR, Stash
 from dtprobed.stash.store import Progress as ProgressMeter
 
@@ -106,14 +113,108 @@ def _malloc_trim() -> Callable[[], None]:
     return run
 
 
-def progress_sender(fd: int) -> Callable[[int, str], None]:
+class Route:
+    """Where the current command's ``Log`` and ``Progress`` frames go: the pipe its
+    reply goes to (the main one, or the priority channel's)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+
+def progress_sender(route: Route | int) -> Callable[[int, str], None]:
     """A :class:`~dtprobed.stash.store.Progress` report that writes ``Progress`` frames."""
     encoder = FrameEncoder()
+    where = route if isinstance(route, Route) else Route(route)
 
     def report(done: int, what: str) -> None:
-        send_frame(fd, encoder.encode(Progress(done=done, what=what[:64])))
+        send_frame(where.fd, encoder.encode(Progress(done=done, what=what[:64])))
 
     return report
+
+
+def may_interleave(stash: Stash, cmd: StashCommand) -> bool:
+    """Whether *cmd* may run at a yield point of the long command in progress.
+
+    Never for the same process (or, for a Register, the same mapping: its raw
+    file in ``stash/dof`` may be the one the long command is writing), and only
+    when small: what interleaves delays the long command by its own cost.
+    """
+    assert stash.busy is not None
+    pid, key = stash.busy
+    match cmd:
+        case Register(reg=reg, records=records):
+            return (
+                reg.pid != pid
+                and mapping_key(reg.dev, reg.ino) != key
+                and len(records) <= PRIORITY_MAX_RECORDS
+            )
+        case Remove(pid=other) | RemovePid(pid=other):
+            return other != pid and stash.probes_of(other) <= PRIORITY_MAX_PROBES
+    return False
+
+
+class PriorityChannel:
+    """The writer's end of the priority channel (``--priority-fds``).
+
+    Commands on it are answered on its own reply pipe, between two commands of
+    the main pipe (first, if both wait) and at the yield points of a long
+    Register or RemovePid (:attr:`Stash.interleave`): there, a command that
+    :func:`may_interleave` runs at once, any other is answered ``Busy``.
+    """
+
+    def __init__(self, stash: Stash, rfd: int, wfd: int, route: Route) -> None:
+        self.stash = stash
+        self.rfd, self.wfd = rfd, wfd
+        self.route = route
+        self._decoder: FrameDecoder[StashCommand] = FrameDecoder(StashCommand, MAX_PRIORITY_FRAME)
+        self._encoder = FrameEncoder()
+        self._poll = select.poll()
+        self._poll.register(rfd, select.POLLIN)
+
+    def waiting(self, timeout_ms: int = 0) -> bool:
+        return bool(self._poll.poll(timeout_ms))
+
+    def read(self) -> StashCommand:
+        """The next command; :class:`PeerClosed` when the daemon closed the channel."""
+        return self._decoder.read(lambda n: read_exactly(self.rfd, n))
+
+    def answer(self, reply: StashReply) -> None:
+        send_frame(self.wfd, self._encoder.encode(reply))
+
+    def serve_one(self, logs: PipeLogHandler | None) -> None:
+        """A command between two main ones: its Log and Progress frames go with its reply."""
+        cmd = self.read()
+        main_fd = self.route.fd
+        self.route.fd = self.wfd
+        if logs is not None:
+            logs.fd = self.wfd
+            logs.reset()
+        try:
+            self.stash.progress.begin(type(cmd).__name__)
+            reply = handle(self.stash, cmd)
+            del cmd
+            self.answer(reply)
+        finally:
+            self.route.fd = main_fd
+            if logs is not None:
+                logs.fd = main_fd
+
+    def interleave(self) -> None:
+        """:attr:`Stash.interleave`: run the command waiting here, if it may."""
+        if not self.waiting():
+            return
+        try:
+            cmd = self.read()
+        except PeerClosed:
+            self.stash.interleave = None  # the daemon is going: finish the long one
+            return
+        stash = self.stash
+        if may_interleave(stash, cmd):
+            reply = stash.run_interleaved(functools.partial(handle, stash, cmd))
+        else:
+            reply = Busy()
+        del cmd
+        self.answer(reply)
 
 
 def handle(stash: Stash, cmd: StashCommand) -> StashReply:
@@ -182,11 +283,30 @@ class PipeLogHandler(logging.Handler):
             send_frame(self.fd, frame)
 
 
-def serve(stash: Stash, rfd: int, wfd: int, logs: PipeLogHandler | None = None) -> None:
+def serve(
+    stash: Stash,
+    rfd: int,
+    wfd: int,
+    logs: PipeLogHandler | None = None,
+    priority: PriorityChannel | None = None,
+) -> None:
     decoder: FrameDecoder[StashCommand] = FrameDecoder(StashCommand, MAX_COMMAND_FRAME)
     encoder = FrameEncoder()
     trim = _malloc_trim()
+    both = select.poll()
+    both.register(rfd, select.POLLIN)
+    if priority is not None:
+        both.register(priority.rfd, select.POLLIN)
+        stash.interleave = priority.interleave
     while True:
+        # the priority channel first when both pipes have a command
+        while priority is not None:
+            if priority.rfd not in {fd for fd, _ in both.poll()}:
+                break  # a command (or EOF) on the main pipe
+            try:
+                priority.serve_one(logs)
+            except PeerClosed:
+                return
         size = 0
 
         def read(n: int) -> bytes:
@@ -226,7 +346,21 @@ def _parser() -> argparse.ArgumentParser:
         default=DEFAULT_LOCK_DIR,
         help="0700 directory of the writers' locks (default %(default)s)",
     )
+    p.add_argument(
+        "--priority-fds",
+        type=_fd_pair,
+        default=None,
+        metavar="READ,WRITE",
+        help="the priority channel's pipes (set by the daemon; see docs/protocol.md)",
+    )
     return p
+
+
+def _fd_pair(text: str) -> tuple[int, int]:
+    read_fd, _, write_fd = text.partition(",")
+    if not (read_fd.isdigit() and write_fd.isdigit()):
+        raise argparse.ArgumentTypeError(f"expected READ,WRITE fd numbers, not {text!r}")
+    return int(read_fd), int(write_fd)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -245,7 +379,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (TypeError, ValueError) as err:  # msgspec's bounds (e.g. above 2^24 probes)
         log.error("cannot start: bad quota: %s", err)
         return EXIT_START
-    report = progress_sender(1)
+    route = Route(1)
+    report = progress_sender(route)
     meter = ProgressMeter(report, args.progress_interval)
     try:
         report(0, "starting")  # ends the host's start grace: -t applies from here
@@ -269,7 +404,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0  # the daemon went away during our start-up
         gc.collect()
         _malloc_trim()()
-        serve(stash, 0, 1, logs)
+        priority = None
+        if args.priority_fds is not None:
+            read_fd, write_fd = args.priority_fds
+            priority = PriorityChannel(stash, read_fd, write_fd, route)
+        serve(stash, 0, 1, logs, priority)
     except ProtocolError as err:
         log.error("protocol violation from the daemon: %s", err)
         return EXIT_PROTOCOL

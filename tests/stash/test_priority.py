@@ -1,0 +1,170 @@
+"""Small commands of other processes run between the slices of a long one, all or nothing.
+
+In-process: the ``Stash.interleave`` hook runs a command at a yield point of a
+long Register or RemovePid, exactly as the writer's priority channel does; the
+tree must then be the tree of the two commands run one after the other, and a
+long command that fails after the small one committed leaves only the small
+one.  Through the writer child: a small registration sent while a long one
+holds the main channel is answered on the priority channel; one of the same
+process is answered ``Busy`` there and waits for the long one.
+"""
+
+from __future__ import annotations
+
+import errno
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from common.errors import StashError
+from dtprobed.children.writer import StashWriterChild
+from dtprobed.stash.store import Stash
+from tests.stash.support import many_records, registration, sleepers, snapshot
+
+BIG = 600  # probes: 600 / YIELD_EVERY yield points
+#: Probes of the writer child's long registration: about a second of writing here, far
+#: longer than the few small commands the test sends meanwhile.
+LONG = 50000
+
+
+def _once(fn: Callable[[], object]) -> Callable[[], None]:
+    done: list[object] = []
+
+    def hook() -> None:
+        if not done:
+            done.append(fn())
+
+    hook.done = done  # type: ignore[attr-defined]
+    return hook
+
+
+def test_register_interleaved_is_the_two_in_a_row(tmp_path: Path) -> None:
+    with sleepers(2) as (a, b):
+        big = registration(a.pid, a.start_time, ino=10)
+        small = registration(b.pid, b.start_time, ino=11)
+        sequential = Stash(str(tmp_path / "seq"))
+        sequential.register(big, many_records(BIG))
+        sequential.register(small, many_records(3, "small"))
+        sequential.close()
+
+        stash = Stash(str(tmp_path / "mixed"))
+        seen: list[tuple[int, str] | None] = []
+
+        def nested() -> int:
+            seen.append(stash.busy)
+            return stash.run_interleaved(lambda: stash.register(small, many_records(3, "small")))
+
+        hook = _once(nested)
+        stash.interleave = hook
+        assert stash.register(big, many_records(BIG)) == 0
+        assert hook.done == [0]  # type: ignore[attr-defined]  # the small one ran inside
+        assert seen == [(a.pid, f"{big.dev}-{big.ino}")]
+        assert stash.busy is None
+        assert stash.verify() == []
+        assert stash.usage.probes == BIG + 3
+        stash.close()
+        assert snapshot(str(tmp_path / "mixed")) == snapshot(str(tmp_path / "seq"))
+
+
+def test_remove_pid_interleaved_is_the_two_in_a_row(tmp_path: Path) -> None:
+    with sleepers(2) as (a, b):
+        big = registration(a.pid, a.start_time, ino=10)
+        small = registration(b.pid, b.start_time, ino=11)
+        sequential = Stash(str(tmp_path / "seq"))
+        sequential.register(small, many_records(3, "small"))
+        sequential.close()
+
+        stash = Stash(str(tmp_path / "mixed"))
+        stash.register(big, many_records(BIG))
+        hook = _once(
+            lambda: stash.run_interleaved(lambda: stash.register(small, many_records(3, "small")))
+        )
+        stash.interleave = hook
+        stash.remove_pid(a.pid)
+        assert hook.done == [0]  # type: ignore[attr-defined]
+        assert stash.verify() == []
+        assert stash.usage.probes == 3
+        stash.close()
+        assert snapshot(str(tmp_path / "mixed")) == snapshot(str(tmp_path / "seq"))
+
+
+def test_long_register_failing_after_a_small_one_leaves_only_the_small_one(
+    tmp_path: Path,
+) -> None:
+    with sleepers(2) as (a, b):
+        big = registration(a.pid, a.start_time, ino=10)
+        small = registration(b.pid, b.start_time, ino=11)
+        only_small = Stash(str(tmp_path / "seq"))
+        only_small.register(small, many_records(3, "small"))
+        only_small.close()
+
+        stash = Stash(str(tmp_path / "mixed"))
+        calls = [0]
+
+        def hook() -> None:
+            calls[0] += 1
+            if calls[0] == 1:
+                stash.run_interleaved(lambda: stash.register(small, many_records(3, "small")))
+            elif calls[0] == 3:
+                raise OSError(errno.EIO, "injected failure of the long registration")
+
+        stash.interleave = hook
+        with pytest.raises(StashError) as err:
+            stash.register(big, many_records(BIG))
+        assert err.value.errno == errno.EIO
+        assert stash.verify() == []
+        assert stash.usage.probes == 3  # the long one's reservation was given back
+        stash.interleave = None
+        # the quota counts are the tree's: a fresh writer's index agrees
+        stash.close()
+        again = Stash(str(tmp_path / "mixed"))
+        assert again.usage.probes == 3
+        again.close()
+        assert snapshot(str(tmp_path / "mixed")) == snapshot(str(tmp_path / "seq"))
+
+
+def test_writer_answers_other_processes_on_the_priority_channel(tmp_path: Path) -> None:
+    writer = StashWriterChild(str(tmp_path / "run"), timeout=30)
+    writer.start()
+    try:
+        with sleepers(3) as (a, b, c):
+            big = registration(a.pid, a.start_time, ino=10)
+            small = registration(b.pid, b.start_time, ino=11)
+            same_pid = registration(a.pid, a.start_time, ino=12)
+            big_done = threading.Event()
+            results: dict[str, object] = {}
+
+            def long_one() -> None:
+                try:
+                    results["big"] = writer.register_records(big, many_records(LONG))
+                except BaseException as exc:  # reported by the assertions below
+                    results["big"] = exc
+                finally:
+                    big_done.set()
+
+            thread = threading.Thread(target=long_one)
+            thread.start()
+            # the writer is writing the long one once its process directory exists (an
+            # idle writer would answer the priority channel at once, between commands)
+            started = tmp_path / "run" / "stash" / "dof-pid" / str(a.pid)
+            while not started.exists() and not big_done.is_set():
+                time.sleep(0.001)
+            assert not big_done.is_set()
+            assert writer.register_records(small, many_records(3, "small")) == 0
+            writer.remove_pid(small.pid)
+            answered = writer.priority_answered
+            # the same process: Busy on the priority channel, then the main one after it
+            gen = writer.register_records(same_pid, many_records(3, "other"))
+            assert big_done.is_set()
+            thread.join()
+            assert results["big"] == 0 and gen == 1
+            assert answered >= 2  # the small registration and its removal overtook
+            assert writer.priority_answered == answered  # Busy is not an answer
+            third = registration(c.pid, c.start_time, ino=13)
+            assert writer.register_records(third, many_records(3, "third")) == 0
+            assert writer.verify() == []
+    finally:
+        writer.stop()
