@@ -15,7 +15,8 @@ Measures:
    ``load N C``: this script's own fork cost caps the first figure);
 3. time from a client's exit (its parent's ``waitpid`` returning) to its
    ``dof-pid/$pid`` directory being gone;
-4. p99 of small registrations while a 20000-probe registration is in flight.
+4. p99 of small registrations while a 20000-probe registration is in flight, from
+   the huge one's uid and from another uid.
 
 Usage: ``.venv/bin/python bench/bench_receiver.py [--quick] [--dir DIR]``
 
@@ -52,6 +53,8 @@ from tests.support.daemon import finish, start_daemon
 
 #: Where the huge DOF's object text goes, while the small one's stays at CODE_ADDR.
 HUGE_BASE = CODE_ADDR + 0x1000_0000
+#: The small registrations of "another uid" during a huge one (nobody).
+OTHER_UID = 65534
 
 
 def small_dof() -> bytes:
@@ -76,6 +79,26 @@ def many_dof(nprobes: int, nargs: int, base: int = CODE_ADDR) -> bytes:
     return build_dof([ProviderSpec("bench", probes)]).data
 
 
+def map_object(path: Path, size: int, base: int) -> bytearray:
+    """Map an object of write_object (text at *base*, its DOF of *size* bytes after it)."""
+    text = mmap.PROT_READ | mmap.PROT_EXEC
+    map_file(str(path), CODE_SIZE, text, base, replace=True)
+    addr = map_file(str(path), size, mmap.PROT_READ, offset=CODE_SIZE)
+    return bytearray(build_helper("bench", addr=0, dof=addr))
+
+
+def register_elsewhere(device: str, path: Path, size: int, base: int) -> tuple[float, int]:
+    """One registration of an object from a new process (``--register-object``), so it is
+    pruned when that process exits: (ioctl seconds, result)."""
+    out = subprocess.run(
+        [sys.executable, __file__, "--register-object", device, str(path), str(size), str(base)],
+        check=False,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    return (float(out[0]), int(out[1])) if len(out) == 2 else (0.0, -1)
+
+
 class Bench:
     def __init__(self, device: Path, workdir: Path) -> None:
         self.device = str(device)
@@ -85,16 +108,17 @@ class Bench:
         map_file(str(code), CODE_SIZE, mmap.PROT_READ | mmap.PROT_EXEC, CODE_ADDR)
         self._n = 0
 
-    def mapped_helper(self, data: bytes, base: int = CODE_ADDR) -> bytearray:
-        """Write an object file (text, then *data*), map its text at *base* and its DOF
-        after it (file-backed, like an ELF object); return the helper."""
+    def write_object(self, data: bytes) -> Path:
+        """A new object file: text, then *data*."""
         self._n += 1
         path = self.workdir / f"dof{self._n}.dof"
         path.write_bytes(object_bytes(data))
-        text = mmap.PROT_READ | mmap.PROT_EXEC
-        map_file(str(path), CODE_SIZE, text, base, replace=True)
-        addr = map_file(str(path), len(data), mmap.PROT_READ, offset=CODE_SIZE)
-        return bytearray(build_helper("bench", addr=0, dof=addr))
+        return path
+
+    def mapped_helper(self, data: bytes, base: int = CODE_ADDR) -> bytearray:
+        """Write an object file (text, then *data*), map its text at *base* and its DOF
+        after it (file-backed, like an ELF object); return the helper."""
+        return map_object(self.write_object(data), len(data), base)
 
     def register_timed(self, helper: bytearray) -> tuple[float, int]:
         """(ioctl seconds, result or -errno) for one ADDDOF from this process."""
@@ -110,10 +134,10 @@ class Bench:
             os.close(fd)
 
     def in_children(
-        self, helper: bytearray, count: int, concurrency: int
+        self, helper: bytearray, count: int, concurrency: int, uid: int | None = None
     ) -> list[tuple[float, int, int]]:
         """Fork *count* short-lived children (at most *concurrency* at once), each
-        registering once; returns (ioctl seconds, result, pid) per child."""
+        registering once (as *uid*, if given); returns (ioctl seconds, result, pid) per child."""
         r, w = os.pipe()
         results: list[tuple[float, int, int]] = []
         running = 0
@@ -124,6 +148,9 @@ class Bench:
                 pid = os.fork()
                 if pid == 0:
                     os.close(r)
+                    if uid is not None:
+                        os.setgid(uid)
+                        os.setuid(uid)
                     elapsed, result = self.register_timed(helper)
                     os.write(w, f"{elapsed} {result} {os.getpid()}\n".encode())
                     os._exit(0)
@@ -203,15 +230,29 @@ def main() -> None:
     ap.add_argument(
         "--small-only", action="store_true", help="only the 3-probe ADDDOF latency (part 1)"
     )
+    ap.add_argument("--register-object", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.register_object:
+        device, path, size, base = args.register_object
+        helper = map_object(Path(path), int(size), int(base))
+        fd = os.open(device, os.O_RDWR | os.O_CLOEXEC)
+        t0 = time.perf_counter()
+        try:
+            result = fcntl.ioctl(fd, DTRACEHIOC_ADDDOF, helper, True)
+        except OSError as err:
+            result = -(err.errno or 0)
+        print(time.perf_counter() - t0, result)
+        return
     n_small = 200 if args.quick else 1000
     n_big = 10 if args.quick else 30
     n_rate = 500 if args.quick else 2000
     n_prune = 50 if args.quick else 200
+    n_huge_rounds = 2 if args.quick else 3
     print(f"command: {' '.join(shlex.quote(a) for a in [sys.executable, *sys.argv])}")
     print(f"machine: {os.cpu_count()} cpus, load {os.getloadavg()[0]:.1f}")
     with tempfile.TemporaryDirectory(prefix="bench-receiver-", dir=args.dir) as tmp:
         tmp_path = Path(tmp)
+        os.chmod(tmp, 0o755)  # part 4's clients of another uid open the helper in it
         daemon = start_daemon(tmp_path, debug=False)
         try:
             bench = Bench(daemon.device, tmp_path)
@@ -282,41 +323,53 @@ def main() -> None:
             report["prune_p50_ms"] = pct(delays, 0.5) * 1000
             report["prune_p99_ms"] = pct(delays, 0.99) * 1000
 
-            # 4. small registrations while a 20000-probe one is in flight
-            huge = bench.mapped_helper(many_dof(20000, 3, HUGE_BASE), HUGE_BASE)
+            # 4. small registrations while a 20000-probe one is in flight: from the
+            # huge one's uid (its parse time makes the fairness rules send that uid's
+            # next requests to the large lane, behind it) and from another uid
             small = bench.mapped_helper(small_dof())
             baseline = [t for t, r, _ in bench.in_children(small, 100, 1) if r >= 0]
-            outcome: dict[str, object] = {}
+            huge_dof = many_dof(20000, 3, HUGE_BASE)
+            huge_path = bench.write_object(huge_dof)
+            for label, uid in (("same uid", None), ("another uid", OTHER_UID)):
+                during: list[float] = []
+                failures = 0
+                huge_times = []
+                for _ in range(n_huge_rounds):
+                    # a new process each round: a real 20000-probe commit every time
+                    outcome: dict[str, tuple[float, int]] = {}
 
-            def huge_one() -> None:
-                # from this process, in a thread: no fork, so in_children's waitpid
-                # in the main thread can't reap it
-                outcome["huge"] = bench.register_timed(huge)
+                    def huge_one(out: dict[str, tuple[float, int]] = outcome) -> None:
+                        out["huge"] = register_elsewhere(
+                            str(daemon.device), huge_path, len(huge_dof), HUGE_BASE
+                        )
 
-            thread = threading.Thread(target=huge_one)
-            thread.start()
-            during: list[float] = []
-            failures = 0
-            t0 = time.perf_counter()
-            while thread.is_alive() and time.perf_counter() - t0 < 120:
-                for t, r, _ in bench.in_children(small, 20, 1):
-                    if r >= 0:
-                        during.append(t)
-                    else:
+                    thread = threading.Thread(target=huge_one)
+                    thread.start()
+                    t0 = time.perf_counter()
+                    while thread.is_alive() and time.perf_counter() - t0 < 120:
+                        for t, r, _ in bench.in_children(small, 5, 1, uid):
+                            if r >= 0:
+                                during.append(t)
+                            else:
+                                failures += 1
+                    thread.join()
+                    huge_t, huge_r = outcome["huge"]
+                    if huge_r < 0:
                         failures += 1
-            thread.join()
-            huge_t, huge_r = outcome["huge"]  # type: ignore[misc]
-            print(
-                f"20000-probe ADDDOF: {huge_t:.2f} s, result {huge_r}; small ADDDOF meanwhile: "
-                f"n={len(during)}, p50 {ms(pct(during, 0.5)) if during else '-'}, "
-                f"p99 {ms(pct(during, 0.99)) if during else '-'}, max {ms(max(during)) if during else '-'}"
-                f", {failures} failed; alone: p50 {ms(pct(baseline, 0.5))}, p99 {ms(pct(baseline, 0.99))}"
-            )
-            report["during_huge"] = {
-                "huge_s": huge_t,
-                "huge_result": huge_r,
-                "small_p99_ms": pct(during, 0.99) * 1000 if during else None,
-            }
+                    huge_times.append(huge_t)
+                print(
+                    f"20000-probe ADDDOF x{n_huge_rounds}: {ms(min(huge_times))}-{ms(max(huge_times))}; "
+                    f"small ADDDOF meanwhile, {label}: n={len(during)}, "
+                    f"p50 {ms(pct(during, 0.5)) if during else '-'}, "
+                    f"p99 {ms(pct(during, 0.99)) if during else '-'}, "
+                    f"max {ms(max(during)) if during else '-'}, {failures} failed; "
+                    f"alone: p50 {ms(pct(baseline, 0.5))}, p99 {ms(pct(baseline, 0.99))}"
+                )
+                report[f"during_huge_{label.replace(' ', '_')}"] = {
+                    "huge_s": huge_times,
+                    "small_p99_ms": pct(during, 0.99) * 1000 if during else None,
+                    "small_p50_ms": pct(during, 0.5) * 1000 if during else None,
+                }
             print("json:", json.dumps(report))
         finally:
             finish(daemon)
