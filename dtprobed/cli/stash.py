@@ -36,8 +36,10 @@ from dtprobed.oslib.procfs import start_time_of
 from dtprobed.stash import rundir
 from dtprobed.stash.layout import (
     MAX_EXEC_MAPPING,
+    XATTR_CAUGHT_UP,
     XATTR_START_TIME,
     is_number,
+    parse_caught_up,
     read_small,
     split_key,
     split_spec,
@@ -161,9 +163,18 @@ def _describe(pid: int, pid_fd: int) -> dict[str, Any]:
         em = read_small(pid_fd, "exec-mapping", MAX_EXEC_MAPPING).rstrip(b"\0").decode()
     except (OSError, UnicodeError):
         em = "?"
+    try:  # trusted.* xattrs: readable by root only (others see no caught-up generations)
+        caught = parse_caught_up(os.getxattr(pid_fd, XATTR_CAUGHT_UP))
+    except OSError:
+        caught = set()
     mappings = []
     for key, gens in _mappings(pid_fd).items():
-        entry: dict[str, Any] = {"mapping": key, "generations": gens, "probes": []}
+        entry: dict[str, Any] = {
+            "mapping": key,
+            "generations": gens,
+            "caught_up": [g for g in gens if g in caught],
+            "probes": [],
+        }
         try:
             with DirFd(pid_fd, key) as mdir:
                 st = os.lstat("raw", dir_fd=mdir.fd)
@@ -249,7 +260,8 @@ def _cmd_show(root: int, pid: int, as_json: bool) -> int:
     for m in d["mappings"]:
         print(
             f"  mapping {m['mapping']}  generations {','.join(map(str, m['generations']))}"
-            f"  raw {m.get('raw', '?')}  parsed version {m.get('parsed_version')}"
+            + (f" (caught up: {','.join(map(str, m['caught_up']))})" if m["caught_up"] else "")
+            + f"  raw {m.get('raw', '?')}  parsed version {m.get('parsed_version')}"
         )
         for p in m["probes"]:
             if "error" in p:

@@ -24,14 +24,12 @@ Log volume is bounded per uid by :class:`dtprobed.device.ratelog.RateLog`.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
 import logging
 import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -51,7 +49,6 @@ from common.limits import (
     DEFAULT_SMALL_QUEUED_BYTES,
     DEFAULT_SMALL_QUEUED_BYTES_PER_UID,
 )
-from common.records import ArgsNative, ArgsXlat, ResultRecord
 from dtprobed.device.fetch import FetchPool
 from dtprobed.device.ratelog import RateLog
 
@@ -112,39 +109,6 @@ def receiver_options(args: argparse.Namespace, max_dof_size: int) -> dict[str, A
         "penalties": Penalties(first=args.penalty_first, maximum=args.penalty_max),
         "ratelog": RateLog(rlog, burst=args.log_burst, rate=args.log_rate),
     }
-
-
-_M_MMAP_THRESHOLD: Final = -3  # glibc mallopt parameter
-#: Allocations at least this large are mmapped, and unmapped when freed.
-MMAP_THRESHOLD: Final = 256 << 10
-
-
-def fix_mmap_threshold() -> None:
-    """Have glibc mmap every allocation of ``MMAP_THRESHOLD`` or more, for good.
-
-    By default glibc raises its mmap threshold to the size of each mmapped block
-    that is freed (up to 32 MiB): after one big request, the next request's big
-    buffers come from the heap and stay resident once freed, which ``malloc_trim``
-    does not always undo (measured: +21 MiB of daemon RSS after a second 20 MB
-    argument bomb, +2.5 MiB with the threshold fixed).  A fixed threshold also
-    turns that adjustment off.  No-op without glibc.
-    """
-    with contextlib.suppress(AttributeError, OSError):
-        ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
-
-
-def argument_bytes(records: Iterable[ResultRecord]) -> int:
-    """Bytes of argument type strings in a record stream: what a small DOF amplifies.
-
-    One string run may serve every probe of a DOF, so 65 KB can decode to 20 MB
-    (610 probes × 255 types of 127 bytes); a result that heavy is followed by a heap
-    trim, as a big DOF is, so the daemon returns to its rest size after it.
-    """
-    total = 0
-    for rec in records:
-        if isinstance(rec, (ArgsNative, ArgsXlat)):
-            total += sum(map(len, rec.args))
-    return total
 
 
 class Budget:

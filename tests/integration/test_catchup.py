@@ -149,6 +149,9 @@ def test_start_up_registers_what_constructors_could_not(programs: Programs, tmp_
                 hex(int.from_bytes(dh[64:72], "little")),
                 hex(int.from_bytes(dh[72:80], "little")),
             )
+        shown = json.loads(daemon.stash_cli("show", str(runs["pie"].prog.pid), "--json").stdout)
+        assert [(m["generations"], m["caught_up"]) for m in shown["mappings"]] == [([1], [1])]
+        assert "(caught up: 1)" in daemon.stash_cli("show", str(runs["pie"].prog.pid)).stdout
         for skipped in (disabled, elsewhere, default):
             assert skipped.prog.pid not in daemon.stash_pids()
         # (every other process of the machine names another helper too)
