@@ -26,8 +26,9 @@ does this in its test mode; here it is always on).
 
 The main loop only reads the device, feeds the watchdog (``WATCHDOG=1``) and
 schedules housekeeping; it never waits for the stash.  The periodic prune
-(every :data:`PRUNE_INTERVAL` s) and the forced reparse run on one
-*maintenance* thread (:class:`Maintenance`), one job at a time.  A reparse
+(every :data:`PRUNE_INTERVAL` s), the forced reparse and catch-up (one writer
+exchange per object) run on one *maintenance* thread (:class:`Maintenance`),
+one job at a time.  A reparse
 goes one mapping at a time — one parse, then one stash-writer exchange — and
 the writer client serialises exchanges with a lock, so registrations get the
 writer between two mappings of even a very long reparse, and the device
@@ -628,7 +629,7 @@ class Daemon:
 
 
 class Maintenance:
-    """The maintenance thread: runs the daemon's periodic prune and forced reparse.
+    """The maintenance thread: runs the daemon's periodic prune, forced reparse and catch-up.
 
     Jobs are posted from the main loop or a signal handler (:meth:`post` only
     puts into a queue); a job already waiting is not queued twice (a second
