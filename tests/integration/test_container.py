@@ -398,7 +398,8 @@ def test_dof_program_in_a_container(
         # a library, dlopened and dlclosed in the container: gone at the next prune
         assert prog.command(f"o {SUNW_DIR}/{lib.name}") == f"o {SUNW_DIR}/{lib.name}"
         assert prog.info("li")["gen"] == "1"
-        assert generations(daemon.state_dir, host)[1] == maps_key(host, lib.name)
+        lib_key = maps_key(host, lib.name)
+        assert generations(daemon.state_dir, host)[1] == lib_key
         listed = partner.dtrace_list(daemon.state_dir, f"ctr*{host}", root=root)
         assert {(r.provider, r.module, r.function, r.name) for r in listed.rows} == {
             (f"ctrmain{host}", "ctrpie", "ctrmain_tick", "tick"),
@@ -418,11 +419,9 @@ def test_dof_program_in_a_container(
         expected = [f"call {lib.arg_values(0, i)[0]} {lib.arg_values(0, i)[1]}" for i in range(3)]
         assert lines == expected == ["call 0 call", "call 1000 call", "call 2000 call"], out
         assert prog.command("c") == "c"
-        daemon.wait_for(
-            "the dlclosed library to go",
-            lambda: sorted(generations(daemon.state_dir, host)) == [0],
-            timeout=120,
-        )
+        dropped = f"{host}: libctr.so ({lib_key}) is no longer mapped: dropped generation 1"
+        daemon.wait_for("the dlclosed library's drop", lambda: dropped in daemon.log_text(), 120)
+        assert sorted(generations(daemon.state_dir, host)) == [0]
         daemon.verify()
     finally:
         status, err = prog.quit()

@@ -110,17 +110,14 @@ def test_dlclosed_library_goes_main_program_stays(
         assert "no longer mapped" not in daemon.log_text()
 
         assert prog.command("c") == "c"  # dlclose: its REMOVE fails with EFAULT in the kernel
-        daemon.wait_for(
-            "the library's generation to go",
-            lambda: sorted(generations(daemon.state_dir, pid)) == [0],
-            timeout=120,
+        dropped = (
+            f"{pid}: libunmap.so ({file_key(lib.path)}) is no longer mapped: dropped generation 1"
         )
+        # logged once the writer's Remove is done (its symlink goes first, then the rest)
+        daemon.wait_for("the library's drop", lambda: dropped in daemon.log_text(), timeout=120)
+        assert sorted(generations(daemon.state_dir, pid)) == [0]
         assert set(probe_files(daemon.state_dir, pid)) == main_probes
         assert mapping_dirs(daemon, pid) == {file_key(pie.path)}
-        assert (
-            f"{pid}: libunmap.so ({file_key(lib.path)}) is no longer mapped: dropped generation 1"
-            in (daemon.log_text())
-        )
         daemon.verify()
         # the main program's probes still fire and stay over more prunes
         assert prog.command("f 0 2") == "f 0 2"
@@ -197,7 +194,7 @@ for line in sys.stdin:
 CODE_SIZE = 1 << 16
 #: Fixed addresses (the DOF must name its tracepoints before the client starts); each DOF
 #: lies below its code, so dofpr_addr > dofhp_addr and the parser's relocation leaves it.
-ANON_REGS = (
+ANON_REGS: tuple[dict[str, Any], ...] = (
     {"mod": "anonfirst", "code_addr": 0x6_0000_0000, "dof_addr": 0x5_0000_0000},
     {"mod": "anonsecond", "code_addr": 0x6_1000_0000, "dof_addr": 0x5_1000_0000},
 )
@@ -269,14 +266,11 @@ def test_anonymous_dof_goes_with_its_code_not_with_its_buffer(
         assert "no longer mapped" not in daemon.log_text()
 
         client.unmap("code", 0)  # the first provider's tracepoints are gone
-        daemon.wait_for(
-            "the first registration to go",
-            lambda: sorted(generations(daemon.state_dir, pid)) == [1],
-            timeout=120,
-        )
+        dropped = f"{pid}: anonfirst ({anon_key(0)}) is no longer mapped: dropped generation 0"
+        daemon.wait_for("the first registration's drop", lambda: dropped in daemon.log_text(), 120)
+        assert sorted(generations(daemon.state_dir, pid)) == [1]
         assert set(probe_files(daemon.state_dir, pid)) == {"anonprov1:anonsecond:fire:probe1"}
         assert mapping_dirs(daemon, pid) == {anon_key(1)}
-        assert f"{pid}: anonfirst ({anon_key(0)}) is no longer mapped" in daemon.log_text()
         daemon.verify()
         wait_prunes(daemon, SURVIVE)
         assert generations(daemon.state_dir, pid) == {1: anon_key(1)}
@@ -353,15 +347,10 @@ def test_notes_library_dlclosed(
         assert listed() == main | lib
 
         assert prog.command("c") == "c"
-        daemon.wait_for(
-            "the library's generation to go",
-            lambda: sorted(generations(daemon.state_dir, pid)) == [0],
-            timeout=120,
-        )
+        dropped = f"{pid}: libusdtlib.so ({lib_key}) is no longer mapped: dropped generation 1"
+        daemon.wait_for("the library's drop", lambda: dropped in daemon.log_text(), timeout=120)
+        assert sorted(generations(daemon.state_dir, pid)) == [0]
         assert not (daemon.state_dir / "probes" / str(pid) / f"rdtlib{pid}").exists()
-        assert f"{pid}: libusdtlib.so ({lib_key}) is no longer mapped: dropped generation 1" in (
-            daemon.log_text()
-        )
         daemon.verify()
         assert listed() == main
     finally:
