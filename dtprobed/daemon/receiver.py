@@ -60,6 +60,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import gc
 import logging
 import os
 import sys
@@ -85,6 +86,8 @@ from dtprobed.daemon.fairness import (
     LaneClosed,
     ParseMeter,
     Penalties,
+    argument_bytes,
+    fix_mmap_threshold,
 )
 from dtprobed.daemon.identity import Caller, identify, identify_object, tgid_of
 from dtprobed.device.fetch import FetchPool, FetchTimeout
@@ -162,7 +165,10 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 
 def trim_heap() -> None:
-    """Give freed heap pages back to the kernel (glibc ``malloc_trim``; all arenas)."""
+    """Collect cyclic garbage, then give freed heap pages back to the kernel (glibc
+    ``malloc_trim``; all arenas): without the collection, a hostile request's
+    leftovers in cycles pin the arenas its 20 MB of records came from."""
+    gc.collect()
     with contextlib.suppress(AttributeError):  # not glibc
         _libc.malloc_trim(0)
 
@@ -192,6 +198,7 @@ class Receiver:
         penalties: Penalties | None = None,
         ratelog: RateLog | None = None,
     ) -> None:
+        fix_mmap_threshold()  # a hostile request's big buffers go back to the kernel
         self._small_parser = small_parser
         self._large_parser = large_parser
         self._writer = writer
@@ -329,7 +336,7 @@ class Receiver:
             job.heavy = True
         except StashError as err:
             if err.errno == errno.EDQUOT:  # the caller's (or the stash's) share is used up
-                what, level = "stash quota refused the registration", logging.WARNING
+                what, level = "stash quota refused the registration (EDQUOT)", logging.WARNING
             else:
                 what, level = (
                     f"cannot stash it ({errno.errorcode.get(err.errno, err.errno)})",
@@ -460,7 +467,11 @@ class Receiver:
             gen = self._commit(caller, helper, [RawBlock(0, job.dof)], result, caller.dof_object)
         finally:
             caller.close()
-        job.heavy = size >= TRIM_AFTER_BYTES or len(result.records) >= TRIM_AFTER_RECORDS
+        job.heavy = (
+            size >= TRIM_AFTER_BYTES
+            or len(result.records) >= TRIM_AFTER_RECORDS
+            or argument_bytes(result.records) >= TRIM_AFTER_BYTES  # a small DOF, decoded big
+        )
         what = f"module {_module_name(fields.mod)}"
         return gen, self._report(
             uid, caller, gen, what, len(result.probes), f"{size} bytes of DOF", started, parsed
