@@ -225,7 +225,7 @@ class Container:
         """What newuidmap/newgidmap do: the container's 0..65535 are host 100000.. ."""
         ready, _, _ = select.select([ask], [], [], 30)
         if not ready or os.read(ask, 1) != b"u":
-            raise AssertionError("the user-namespace launcher did not start")
+            raise AssertionError(f"the user-namespace launcher did not start: {self.stderr!r}")
         for name in ("uid_map", "gid_map"):
             Path(f"/proc/{self.proc.pid}/{name}").write_text(f"0 {SUBID} {SUBID_COUNT}\n")
         os.write(go, b"g")

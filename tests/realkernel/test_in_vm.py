@@ -92,3 +92,13 @@ def test_cuse_scenarios_in_vm(tmp_path: Path) -> None:
         "test_cuse_fork_child_registers_fires_and_removes",
         "test_cuse_adddof_client_listed_and_fired",
     }, output
+    # and programs in containers against a CUSE daemon (guest/test_container_cuse.py)
+    containers = {
+        case.get("name", "")
+        for case in suite.iter("testcase")
+        if case.get("classname", "").endswith("test_container_cuse")
+    }
+    assert containers == {
+        "test_container_program_registers_and_removes_over_cuse[pid+mount]",
+        "test_container_started_before_the_cuse_daemon_is_caught_up[pid+mount]",
+    }, output
