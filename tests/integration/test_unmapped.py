@@ -13,7 +13,11 @@ gone after the next one, and ``dtprobed-stash verify`` passes.
   tracepoints in an executable mapping of an unlinked file): freeing the DOF buffer keeps
   the registration, unmapping the tracepoint code drops it;
 * notes (``.note.usdt``, built by the real dtrace 2.0.7 in the sid chroot): the same
-  dlopen/dlclose, and the real ``dtrace -l`` lists the main program's probes after it.
+  dlopen/dlclose, and the real ``dtrace -l`` lists the main program's probes after it;
+* the decision's safety rules on a stash tree made by hand for a real ``sleep`` process
+  (its start time and exec token in the xattrs): another process of that pid, another
+  image, a directory without our xattrs (upstream's) and a dead process are left alone,
+  and the re-check before removal fails once a generation names another mapping.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import select
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,6 +36,10 @@ from typing import Any
 import pytest
 
 from common.dof_build import ProbeSpec, ProviderSpec, build_dof
+from dtprobed.daemon.identity import AddressSpace
+from dtprobed.daemon.unmapped import find_unmapped
+from dtprobed.oslib.procfs import current_exec_token, stat_of
+from dtprobed.stash.layout import XATTR_EXEC_TOKEN, XATTR_START_TIME
 from tests.realdtrace import partner
 from tests.support import sunw_dof as sd
 from tests.support.daemon import REPO, DaemonHandle, finish, start_daemon
@@ -379,3 +388,109 @@ def test_prune_interval_is_an_option(tmp_path: Path) -> None:
     )
     assert bad.returncode == 1, bad.stderr  # a usage error is fatal, never a restart loop
     assert "--prune-interval" in bad.stderr
+
+
+# ------------------------------------------- the decision itself, on a hand-made stash tree
+
+
+class _Sleeper:
+    """A real process (``sleep``) and a stash tree naming it, as the writer would."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.proc = subprocess.Popen(["sleep", "600"])
+        self.pid = self.proc.pid
+        exe = next(
+            m
+            for m in AddressSpace.from_maps(
+                _wait_maps(self.pid, os.path.realpath("/usr/bin/sleep"))
+            ).mappings
+            if m.file_backed and m.path == os.path.realpath("/usr/bin/sleep")
+        )
+        self.exe_key = f"{exe.dev}-{exe.ino}"
+        self.dofpid = tmp / "stash" / "dof-pid"
+        self.dir = self.dofpid / str(self.pid)
+        self.dir.mkdir(parents=True)
+        st = stat_of(self.pid)
+        assert st is not None
+        os.setxattr(self.dir, XATTR_START_TIME, str(st.start_time).encode())
+        token = current_exec_token(self.pid)
+        assert token
+        os.setxattr(self.dir, XATTR_EXEC_TOKEN, token.encode())
+        for gen, key in ((0, self.exe_key), (1, "1-2"), (2, "1-2")):
+            os.symlink(key, self.dir / str(gen))
+            (self.dir / key).mkdir(exist_ok=True)
+
+    def find(self) -> list[tuple[str, tuple[int, ...]]] | None:
+        fd = os.open(self.dofpid, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            result = find_unmapped(fd, self.pid)
+            if result is None:
+                return None
+            found, still_valid = result
+            assert still_valid()  # nothing changed since: the removals may go ahead
+            return [(u.key, u.gens) for u in found]
+        finally:
+            os.close(fd)
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+def _wait_maps(pid: int, path: str) -> bytes:
+    """/proc/PID/maps once *path* is mapped (the exec has happened)."""
+    deadline = time.monotonic() + 30
+    while True:
+        text = Path(f"/proc/{pid}/maps").read_bytes()
+        if path.encode() in text or time.monotonic() > deadline:
+            return text
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def sleeper(tmp_path: Path) -> Iterator[_Sleeper]:
+    s = _Sleeper(tmp_path)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def test_decision_drops_only_what_is_unmapped(sleeper: _Sleeper) -> None:
+    # the executable is mapped: kept; "1-2" (two generations) is not: both found
+    assert sleeper.find() == [("1-2", (1, 2))]
+
+
+def test_decision_skips_another_process_of_that_pid(sleeper: _Sleeper) -> None:
+    os.setxattr(sleeper.dir, XATTR_START_TIME, b"1")  # an earlier process (pid reuse)
+    assert sleeper.find() is None
+
+
+def test_decision_skips_an_exec_d_image(sleeper: _Sleeper) -> None:
+    os.setxattr(sleeper.dir, XATTR_EXEC_TOKEN, b"at_random:1")  # another image's token
+    assert sleeper.find() is None
+
+
+def test_decision_skips_upstream_s_directories(sleeper: _Sleeper) -> None:
+    os.removexattr(sleeper.dir, XATTR_START_TIME)  # written by upstream's daemon
+    assert sleeper.find() is None
+
+
+def test_decision_skips_a_dead_process(sleeper: _Sleeper) -> None:
+    sleeper.close()
+    assert sleeper.find() is None
+
+
+def test_recheck_fails_when_a_generation_changed(sleeper: _Sleeper) -> None:
+    fd = os.open(sleeper.dofpid, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        result = find_unmapped(fd, sleeper.pid)
+        assert result is not None
+        found, still_valid = result
+        assert [u.key for u in found] == ["1-2"]
+        # generation 2 now names another mapping (e.g. an exec and new registrations)
+        (sleeper.dir / "2").unlink()
+        os.symlink(sleeper.exe_key, sleeper.dir / "2")
+        assert not still_valid()
+    finally:
+        os.close(fd)
