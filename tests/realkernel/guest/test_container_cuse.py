@@ -17,7 +17,10 @@ The image layer (the ``.SUNW_dof`` objects) sits over the sid tree. Only pid and
 namespaces here: the guest runs its command chrooted (tools/cuse-vm's ``/init`` chroots
 into the overlay root), and the kernel refuses a new user namespace to a chrooted caller
 (``unshare --user true`` in the guest: "Operation not permitted", with
-``max_user_namespaces`` 3797 on its 6.1 kernel). The user-namespace variant runs on the
+``max_user_namespaces`` 3797 on its 6.1 kernel). A ``pivot_root`` into a bind of that
+root, in a mount namespace of its own, does not help (tried): the kernel's test is
+whether the root is what the namespace's first mount (the initramfs) leads to, and the
+guest's root is an overlay mounted inside it. The user-namespace variant runs on the
 host, in FUSE mode (tests/integration/test_container.py).
 """
 
