@@ -173,13 +173,14 @@ class AddressSpace:
         naming the first address that fails; each mapping is checked once.
         """
         checked: Mapping | None = None
+        caller_uid: list[int | None] = []  # read once, when first needed
         for addr in addrs:
             if checked is not None and addr in checked:
                 continue  # tracepoints cluster in one text mapping
             m = self.find(addr)
             if m is None:
                 raise RequestRejected(errno.EINVAL, f"tracepoint {addr:#x} is not mapped")
-            fault = self._code_fault(m, object_key)
+            fault = self._code_fault(m, object_key, caller_uid)
             if fault:
                 where = m.path or "anonymous memory"
                 raise RequestRejected(
@@ -189,7 +190,9 @@ class AddressSpace:
                 )
             checked = m
 
-    def _code_fault(self, m: Mapping, object_key: tuple[int, int] | None) -> str:
+    def _code_fault(
+        self, m: Mapping, object_key: tuple[int, int] | None, caller_uid: list[int | None]
+    ) -> str:
         """Why *m* can't hold the registering object's tracepoints ("" if it can)."""
         if not m.executable:
             return "not executable"
@@ -214,7 +217,9 @@ class AddressSpace:
             return f"of a named file ({st.st_nlink} links; anonymous DOF's code must be unlinked)"
         # A file unlinked while others still map it (the old libc after an upgrade) is
         # no private code of the caller's: its own memfd or temporary file is its fsuid's.
-        uid = fsuid_of(self.pid)
+        if not caller_uid:
+            caller_uid.append(fsuid_of(self.pid))
+        uid = caller_uid[0]
         if uid is None or (uid != 0 and st.st_uid != uid):
             return f"of a file of uid {st.st_uid}, not the caller's ({uid})"
         return ""
