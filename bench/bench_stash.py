@@ -8,6 +8,9 @@ writer child (frames over pipes, re-check, write), measured side by side in
 one run; then the syscalls per probe of an in-process register, counted with
 ``strace -f -c`` as (syscalls for 20000 probes - syscalls for 3) / 19997.
 Each timed registration goes to a fresh pid directory and is removed untimed.
+Then, through the writer child, small registrations (3 probes) of another process sent
+one after the other while a 20000-probe registration, and then its removal, hold the
+writer: their latency (the priority channel answers them between slices).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -28,7 +32,7 @@ from common.grammar import check_stream
 from dtprobed.children.writer import StashWriterChild
 from dtprobed.oslib.procfs import start_time_of as proc_start_time
 from dtprobed.stash.store import Stash
-from tests.stash.support import many_records, registration
+from tests.stash.support import many_records, records_for, registration
 
 SIZES = (3, 2000, 20000)
 
@@ -67,6 +71,44 @@ def count_syscalls(base: str, n: int) -> int:
     # "% time  seconds  usecs/call  calls  [errors]  total": calls is the 4th column
     line = next(x for x in text.splitlines() if x.rstrip().endswith(" total"))
     return int(line.split()[3])
+
+
+def during_long(child: StashWriterChild, pid: int, start: int) -> None:
+    """Small registrations of another process while a 20000-probe Register, then its
+    RemovePid, hold the writer: (p50, p99, max, n) of each phase."""
+    other = subprocess.Popen(["sleep", "3600"])
+    try:
+        small = registration(other.pid, proc_start_time(other.pid) or 0, ino=2)
+        small_records = records_for("small", [("a.out", "main", "p", 0x401000)])
+        big = registration(pid, start, ino=1)
+        big_records = many_records(20000)
+        for phase in ("register", "remove"):
+            if phase == "remove":
+                child.register_records(big, big_records)
+            long_call = (
+                (lambda: child.register_records(big, big_records))
+                if phase == "register"
+                else (lambda: child.remove_pid(pid))
+            )
+            thread = threading.Thread(target=long_call)
+            times: list[float] = []
+            thread.start()
+            while thread.is_alive():
+                t = time.perf_counter()
+                child.register_records(small, small_records)
+                times.append(time.perf_counter() - t)
+                child.remove_pid(other.pid)
+            thread.join()
+            if phase == "register":
+                child.remove_pid(pid)
+            print(
+                f"3-probe register during a 20000-probe {phase}: n={len(times)}, "
+                f"p50 {statistics.median(times) * 1e3:.2f} ms, p99 {_pct(times, 0.99) * 1e3:.2f} ms, "
+                f"max {max(times) * 1e3:.2f} ms"
+            )
+    finally:
+        other.kill()
+        other.wait()
 
 
 def main() -> None:
@@ -112,6 +154,7 @@ def main() -> None:
                 f"{n:>7} {mi * 1e3:>12.2f} ms {_pct(inproc, 0.99) * 1e3:>6.2f} ms "
                 f"{mc * 1e3:>14.2f} ms {_pct(viachild, 0.99) * 1e3:>6.2f} ms {mc / mi:>6.2f} {mc / n * 1e6:>17.1f}"
             )
+        during_long(child, pid, start)
         child.stop()
         stash.close()
         if shutil.which("strace"):

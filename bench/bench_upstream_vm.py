@@ -135,7 +135,17 @@ def measure(rounds: int, tmp: Path, root: str, exe: Path, shim: Path) -> None:
         devices = {"upstream": UPSTREAM_DEVICE, "ours": OUR_DEVICE}
         samples: dict[tuple[str, str], list[float]] = {(d, c): [] for d in DAEMONS for c in CASES}
         for name in DAEMONS:  # warm-up: page cache, our children's first requests
-            one_run(exe, shim, devices[name], tmp / "warm.log")
+            for attempt in range(5):
+                try:
+                    one_run(exe, shim, devices[name], tmp / "warm.log")
+                    break
+                except RuntimeError as err:
+                    # under emulation a daemon may still be starting (upstream's start-up
+                    # prune and reparse): its first registrations get EINVAL
+                    print(f"warm-up of {name}, attempt {attempt + 1}: {err}", flush=True)
+                    if attempt == 4:
+                        raise
+                    time.sleep(2)
         for r in range(rounds):
             for name in DAEMONS if r % 2 == 0 else DAEMONS[::-1]:
                 fresh, fork = one_run(exe, shim, devices[name], tmp / f"{name}.log")
@@ -153,6 +163,11 @@ def measure(rounds: int, tmp: Path, root: str, exe: Path, shim: Path) -> None:
                 samples[("upstream", case)]
             )
             print(f"{case:>10} median ratio ours/upstream = {ratio:.2f}")
+    except BaseException:
+        for log in (tmp / "upstream.log", tmp / "ours.log"):
+            if log.exists():
+                print(f"--- end of {log.name}:\n{log.read_text(errors='replace')[-3000:]}")
+        raise
     finally:
         if ours.proc is not None:
             ours.stop(signal.SIGTERM)
