@@ -13,6 +13,7 @@ processes, one registration at a time, each from a fresh forked process. Cases:
 * ``HASUSDT 3 probes``: ``tests/parser/fixtures/notes/fx_exec`` mapped in this process,
   ``ioctl(DTRACEHIOC_HASUSDT)`` from each fork child.
 
+At the end, the resident size of each process at rest (every client pruned).
 For each case: the client's ioctl wall time (median), and the CPU time (the scheduler's run time of all
 its threads, ``/proc/PID/task/*/schedstat``) each process of the daemon used per registration, including its
 prune after the client exits: the daemon (receiver, device and exit-watch threads), the
@@ -234,8 +235,26 @@ def run(quick: bool, state_parent: str, wrap: list[str], only: str | None) -> No
                     f"  CPU ms/registration (incl. prune): {shares}; all {total / count * 1e3:.3f}",
                     flush=True,
                 )
+            # at rest after the cases (every client pruned): resident size of each process
+            rss = {
+                role: sum(_rss_kib(pid) for pid in pids)
+                for role, pids in daemon_roles(daemon).items()
+            }
+            print(
+                "RSS at rest: "
+                + ", ".join(f"{role} {kib / 1024:.1f} MiB" for role, kib in rss.items())
+                + f"; all {sum(rss.values()) / 1024:.1f} MiB"
+            )
         finally:
             finish(daemon)
+
+
+def _rss_kib(pid: int) -> int:
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
 
 
 def main() -> None:

@@ -42,9 +42,11 @@ if TYPE_CHECKING:
     from dtprobed.children.parser import ParseResult
 
 #: Defaults the daemon uses: a forking server's few DOFs, and room for upstream's
-#: largest test (2000 probes, ~6000 records) several times over.
+#: largest test (2000 probes with arguments, ~6000 records) a few times over.  A kept
+#: record costs ~300 bytes (the records and their grouping per probe), so a full cache
+#: holds ~10 MiB: the bound is what the daemon's size at rest may grow by, per parser.
 DEFAULT_MAX_ENTRIES: Final = 128
-DEFAULT_MAX_RECORDS: Final = 1 << 17
+DEFAULT_MAX_RECORDS: Final = 1 << 15
 
 _ADDRS: Final = struct.Struct("<QQQ")
 
