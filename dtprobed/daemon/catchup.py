@@ -21,7 +21,9 @@ leaves nothing behind):
    ``DTRACE_DOF_INIT_DEVNAME`` (default ``/dev/dtrace/helper``) is resolved
    under ``/proc/PID/root`` (a relative name under ``/proc/PID/cwd``) and must
    be the helper we serve (same character device, or same ``(st_dev, st_ino)``
-   for a FUSE file) → otherwise skipped: another daemon's process is not ours;
+   for a FUSE file) → otherwise skipped: another daemon's process is not ours.
+   A process in our mount namespace, with our root, naming our very path is
+   ours without a ``stat``;
 4. ``/proc/PID/maps``: each distinct file with an executable mapping, not
    already registered by this process (its ``dof-pid/$pid`` keys, when that
    directory is this process's: same start time), is opened through
@@ -233,6 +235,8 @@ class CatchUp:
         own = os.stat("/proc/self/exe")
         self._own_exe = (own.st_dev, own.st_ino)
         self._started_before: int | None = None
+        self._device_bytes = os.fsencode(device)
+        self._our_view = (-1, -1, -1)
 
     def _open_pid_dir(self, pid: int) -> int | None:
         """A read-only fd on ``dof-pid/$pid`` (never through a symlink), None if absent."""
@@ -258,6 +262,11 @@ class CatchUp:
         """
         self._started_before = started_before
         summary = Summary()
+        try:
+            root = os.stat("/proc/self/root")
+            self._our_view = (os.stat("/proc/self/ns/mnt").st_ino, root.st_dev, root.st_ino)
+        except OSError:
+            self._our_view = (-1, -1, -1)  # never equal: every helper path gets its stat
         try:
             ours = helper_identity(self._device)
         except OSError as err:
@@ -347,6 +356,8 @@ class CatchUp:
         name = env.get(ENV_DEVNAME, DEFAULT_HELPER.encode())
         if not name or b"\0" in name:
             raise _Skip("another helper")
+        if name == self._device_bytes and self._sees_as_we_do(pid):
+            return  # our path, resolved in our mount namespace from our root: our helper
         where = f"/proc/{pid}/root" if name.startswith(b"/") else f"/proc/{pid}/cwd/"
         try:
             theirs = helper_identity(where + name.decode("utf-8", "surrogateescape"))
@@ -354,6 +365,19 @@ class CatchUp:
             raise _Skip("another helper") from err
         if theirs != ours:
             raise _Skip("another helper")
+
+    def _sees_as_we_do(self, pid: int) -> bool:
+        """*pid* has our mount namespace and our root, so a path means there what it means here.
+
+        Spares a ``stat`` of the helper per process (in FUSE mode a request to
+        our own device) for the processes that name the very path we serve.
+        """
+        try:
+            mnt = os.stat(f"/proc/{pid}/ns/mnt").st_ino
+            root = os.stat(f"/proc/{pid}/root")
+        except OSError:
+            return False
+        return (mnt, root.st_dev, root.st_ino) == self._our_view
 
     def _registered_keys(self, pid: int, start_time: int) -> set[tuple[int, int]]:
         """The (dev, ino) this process has registered (its dof-pid directory, if it is its)."""
