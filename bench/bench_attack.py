@@ -14,14 +14,15 @@ assert the same properties with small limits; timing lives here only.
 Attacks (``--only`` names):
 
 * ``flock`` — ``flock(LOCK_SH)`` held on the state directory by another user;
-* ``stuck-fuse`` — 4 × DOF in a file of a FUSE file system whose READ never
-  completes (tests/device/stuck_fuse.py), sent in a loop;
+* ``stuck-fuse`` — DOF in a file of a FUSE file system whose READ never completes
+  (tests/device/stuck_fuse.py), sent in a loop;
 * ``claims`` — 8 processes sending header-only claims of 256 MiB in a loop;
 * ``huge-commits`` — 5 processes registering valid 65536-probe DOF at once, again;
 * ``slow-parse`` — a valid DOF that parses for ~1 s (65536 probes × 4 tracepoints ×
   10 argument types), sent in a loop by another user, with ``-t 0.4`` (a valid DOF
   cannot take ``-t``'s default 5 s: the parser is fast; see the test);
-* ``large-dof`` — 6 concurrent valid 256 MiB DOF (padded), again and again;
+* ``large-dof`` — 6 concurrent valid 256 MiB DOF (padded; above the 64 MiB raw-byte
+  quota per process, so each is fetched, parsed and refused at commit), again and again;
 * ``arg-bomb`` — the 65 KB DOF of 610 probes × 255 argument types of 127 bytes,
   registered in a loop by fresh processes.
 """
@@ -107,6 +108,15 @@ def _loop_procs(argvs: list[list[str]]) -> Iterator[list[subprocess.Popen[str]]]
             p.wait()
 
 
+def _ready_then_drain(procs: list[subprocess.Popen[str]]) -> None:
+    """Wait for each process's first (ready) line, then keep reading what it prints
+    (a loop's final report must never block it on a full pipe)."""
+    for proc in procs:
+        assert proc.stdout is not None
+        assert json.loads(proc.stdout.readline())["ready"]
+        threading.Thread(target=proc.stdout.read, daemon=True).start()
+
+
 # --- the attacks: each a context manager running while the canaries register ---------
 
 
@@ -128,13 +138,13 @@ def attack_stuck_fuse(daemon: DaemonHandle, work: Path) -> Iterator[str]:
     with stuck_fuse(work / "stuck") as server:
         argv = [
             sys.executable, "-c", HOSTILE, str(REPO), str(daemon.device), str(work / "stuck"),
-            str(1 << 20), "1000000",
+            str(1 << 20), "100000000",
         ]  # fmt: skip
-        with _loop_procs([argv] * 4) as procs:
-            for p in procs:
-                assert p.stdout is not None and json.loads(p.stdout.readline())["ready"]
+        with _loop_procs([argv]) as procs:
+            _ready_then_drain(procs)
             assert server.stdout is not None and "read" in server.stdout.readline()
-            yield "4 processes of uid 65534, DOF on a FUSE file whose READ never completes"
+            threading.Thread(target=server.stdout.read, daemon=True).start()
+            yield "uid 65534 sending DOF on a FUSE file whose READ never completes, in a loop"
 
 
 @contextlib.contextmanager
@@ -144,10 +154,9 @@ def attack_claims(daemon: DaemonHandle, work: Path) -> Iterator[str]:
     claim = work / "claim.dof"
     claim.write_bytes(bytes(header) + bytes(4096 - 64))
     argv = [sys.executable, "-c", HOSTILE, str(REPO), str(daemon.device), str(claim), "4096",
-            "1000000"]  # fmt: skip
+            "100000000"]  # fmt: skip
     with _loop_procs([argv] * 8) as procs:
-        for p in procs:
-            assert p.stdout is not None and json.loads(p.stdout.readline())["ready"]
+        _ready_then_drain(procs)
         yield "8 processes of uid 65534 claiming 256 MiB with one page of DOF, in a loop"
 
 
@@ -196,8 +205,8 @@ def attack_huge_commits(daemon: DaemonHandle, work: Path) -> Iterator[str]:
 def attack_slow_parse(daemon: DaemonHandle, work: Path) -> Iterator[str]:
     hostile = write_plain_dof(work, "slow", slow_dof())
     argv = [sys.executable, "-c", LOOP, str(REPO), str(daemon.device), str(hostile), "3600"]
-    with _loop_procs([argv]) as (proc,):
-        assert proc.stdout is not None and json.loads(proc.stdout.readline())["ready"]
+    with _loop_procs([argv]) as procs:
+        _ready_then_drain(procs)
         yield "uid 65534 sending a valid DOF that parses for ~1 s, in a loop (-t 0.4)"
 
 
