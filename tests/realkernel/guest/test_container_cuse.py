@@ -7,7 +7,9 @@ bind-mounted at the container's ``/dev/dtrace``, as a runtime passes a device di
 in. What CUSE adds to the FUSE-mode tests on the host:
 
 * ``DTRACEHIOC_REMOVE`` reaches the daemon from inside the container: a dlclosed
-  library's generation goes at once (``removed generation 1``), not at the next prune;
+  library's generation goes at once (``removed generation 1``), not at the next prune —
+  for a ``.SUNW_dof`` program (ADDDOF) and for one built by the real dtrace 2.0.7
+  (HASUSDT, its object read through ``/proc/HOSTPID/map_files``);
 * a container started *before* the daemon: the CUSE node appears in devtmpfs when the
   daemon starts, so it shows up in the container's bind of ``/dev/dtrace`` by itself;
   catch-up finds it through ``/proc/HOSTPID/root`` (same character device) and registers
@@ -135,9 +137,14 @@ def test_container_program_registers_and_removes_over_cuse(
             assert sorted(generations(daemon.state_dir, host)) == [0, 1]
             daemon.verify()
             assert prog.command("c") == "c"
-            # CUSE: the destructor's REMOVE arrives from inside the container, at once
+            # CUSE: the destructor's REMOVE arrives from inside the container (dlclose
+            # returns once it is answered; the INFO line follows the answer)
             assert sorted(generations(daemon.state_dir, host)) == [0]
-            assert f"{host}: removed generation 1" in daemon.log_text()
+            daemon.wait_for(
+                "the REMOVE's log line",
+                lambda: f"{host}: removed generation 1" in daemon.log_text(),
+                timeout=300,
+            )
             daemon.verify()
         finally:
             status, err = prog.quit()
@@ -199,4 +206,58 @@ def test_container_started_before_the_cuse_daemon_is_caught_up(
     # mapped goes; the exit itself prunes the rest
     daemon.wait_for("exit pruning", lambda: host not in daemon.stash_pids(), 300)
     daemon.verify()
+    finish(daemon)
+
+
+@pytest.fixture(scope="module")
+def progs(root: Path) -> partner.Programs:
+    return partner.build_programs(root)  # built on the host before the boot: cached
+
+
+def test_notes_program_in_a_container_over_cuse(
+    shm: Path, root: Path, progs: partner.Programs
+) -> None:
+    """A dtrace 2.0.7 program (HASUSDT) in a container: registered under its host pid, its
+    library's REMOVE at dlclose and its exit's REMOVE arrive from inside the container."""
+    device = cuse_device()
+    daemon = start_cuse(shm, device)
+    try:
+        ctr = Container(
+            shm / "ctr",
+            [root],
+            Path("/dev/dtrace"),
+            [progs.in_chroot(progs.usdtprog)],
+            userns=False,
+            env={**ENV, **partner.CLEAN_ENV, "DTRACE_DOF_INIT_DEVNAME": str(device)},
+            text=True,
+        )
+        prog = partner.Program(ctr.proc, 1)
+        host = ctr.pid
+        try:
+            ctr.ready(prog.read_line)
+            assert ctr.nspid() == [host, 1]
+            daemon.wait_for("registration", lambda: len(generations(daemon.state_dir, host)) == 1)
+            assert generations(daemon.state_dir, host) == {0: maps_key(host, "usdtprog")}
+            assert {n.split(":")[0] for n in probe_files(daemon.state_dir, host)} == {"rdtmain"}
+            assert prog.command("o").startswith("o /")
+            daemon.wait_for("the library", lambda: len(generations(daemon.state_dir, host)) == 2)
+            assert generations(daemon.state_dir, host)[1] == maps_key(host, "libusdtlib.so")
+            daemon.verify()
+            assert prog.command("c") == "c"
+            daemon.wait_for(
+                "the library's REMOVE",
+                lambda: f"{host}: removed generation 1" in daemon.log_text(),
+                timeout=300,
+            )
+            assert sorted(generations(daemon.state_dir, host)) == [0]
+            daemon.verify()
+        finally:
+            status, err = prog.quit()
+        assert status == 0, err
+        daemon.wait_for("the exit's REMOVE", lambda: host not in daemon.stash_pids(), 300)
+        assert f"{host}: removed generation 0" in daemon.log_text()
+        daemon.verify()
+    except BaseException:
+        daemon.cleanup_hard()
+        raise
     finish(daemon)
