@@ -36,10 +36,13 @@ import hashlib
 import struct
 import threading
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
-if TYPE_CHECKING:
-    from dtprobed.children.parser import ParseResult
+from common.grammar import ParsedProbe
+from common.records import ResultRecord
+
+#: An accepted parse as kept: the record stream and its probes (ParseResult's fields).
+Parsed = tuple[list[ResultRecord], list[ParsedProbe]]
 
 #: Defaults the daemon uses: a forking server's few DOFs, and room for upstream's
 #: largest test (2000 probes with arguments, ~6000 records) a few times over.  A kept
@@ -81,7 +84,7 @@ class ParseCache:
             raise ValueError("cache bounds must not be negative")
         self.max_entries = max_entries
         self.max_records = max_records
-        self._entries: OrderedDict[bytes, tuple[ParseResult, int]] = OrderedDict()
+        self._entries: OrderedDict[bytes, tuple[Parsed, int]] = OrderedDict()
         self._records = 0
         self._lock = threading.Lock()
         self.hits = 0
@@ -95,9 +98,9 @@ class ParseCache:
         """Records held in all (what the bound counts)."""
         return self._records
 
-    def get(self, key: bytes, requester: int) -> ParseResult | None:
-        """The result stored under *key* by another requester (fresh lists: a caller
-        may not alter ours), or None."""
+    def get(self, key: bytes, requester: int) -> Parsed | None:
+        """(records, probes) stored under *key* by another requester (fresh lists: a
+        caller may not alter ours), or None."""
         with self._lock:
             found = self._entries.get(key)
             if found is None or found[1] == requester:
@@ -105,23 +108,29 @@ class ParseCache:
                 return None
             self._entries.move_to_end(key)
             self.hits += 1
-        result = found[0]
-        return type(result)(list(result.records), list(result.probes))
+        records, probes = found[0]
+        return list(records), list(probes)
 
-    def put(self, key: bytes, result: ParseResult, requester: int) -> None:
-        size = len(result.records)
+    def put(
+        self,
+        key: bytes,
+        records: list[ResultRecord],
+        probes: list[ParsedProbe],
+        requester: int,
+    ) -> None:
+        size = len(records)
         if self.max_entries == 0 or size > self.max_records // 4:
             return
-        kept = type(result)(list(result.records), list(result.probes))
+        kept = (list(records), list(probes))
         with self._lock:
             old = self._entries.pop(key, None)
             if old is not None:
-                self._records -= len(old[0].records)
+                self._records -= len(old[0][0])
             self._entries[key] = (kept, requester)
             self._records += size
             while len(self._entries) > self.max_entries or self._records > self.max_records:
                 _, (gone, _) = self._entries.popitem(last=False)
-                self._records -= len(gone.records)
+                self._records -= len(gone[0])
 
     def clear(self) -> None:
         with self._lock:
@@ -129,4 +138,11 @@ class ParseCache:
             self._records = 0
 
 
-__all__ = ["DEFAULT_MAX_ENTRIES", "DEFAULT_MAX_RECORDS", "ParseCache", "dof_key", "notes_key"]
+__all__ = [
+    "DEFAULT_MAX_ENTRIES",
+    "DEFAULT_MAX_RECORDS",
+    "ParseCache",
+    "Parsed",
+    "dof_key",
+    "notes_key",
+]

@@ -266,13 +266,13 @@ class ParserChild:
             if hit is not None:
                 if meanwhile is not None:
                     meanwhile()
-                return hit
+                return ParseResult(*hit)
         checked = self._run(helper, dof, meanwhile)
         if checked.error is not None:
             raise RequestRejected(checked.error.errno, checked.error.message)
         result = ParseResult(checked.records, checked.probes)
         if cache is not None and requester is not None:
-            cache.put(key, result, requester)
+            cache.put(key, result.records, result.probes, requester)
         return result
 
     def parse_records(self, helper: bytes, dof: bytes) -> list[ResultRecord]:
@@ -339,7 +339,7 @@ class ParserChild:
             if hit is not None:
                 if meanwhile is not None:
                     meanwhile()
-                return hit
+                return ParseResult(*hit)
         checked = _Checked(self.limits, notes=True)
         request = ParseNoteBlocks(
             helper=helper,
@@ -353,7 +353,7 @@ class ParserChild:
             raise RequestRejected(checked.error.errno, checked.error.message)
         result = ParseResult(checked.records, checked.probes)
         if cache is not None and requester is not None:
-            cache.put(key, result, requester)
+            cache.put(key, result.records, result.probes, requester)
         return result
 
     def _run(
