@@ -102,4 +102,5 @@ def test_cuse_scenarios_in_vm(tmp_path: Path) -> None:
         "test_container_program_registers_and_removes_over_cuse[pid+mount]",
         "test_container_started_before_the_cuse_daemon_is_caught_up[pid+mount]",
         "test_notes_program_in_a_container_over_cuse",
+        "test_unmapped_without_remove_goes_at_the_prune_over_cuse",
     }, output

@@ -15,6 +15,9 @@ in. What CUSE adds to the FUSE-mode tests on the host:
   catch-up finds it through ``/proc/HOSTPID/root`` (same character device) and registers
   the program under its host pid, at generation 1.
 
+Also here, not in a container: the unmapped-objects prune in CUSE mode (a registration
+whose code its process unmapped without a REMOVE goes at the next prune).
+
 The image layer (the ``.SUNW_dof`` objects) sits over the sid tree. Only pid and mount
 namespaces here: the guest runs its command chrooted (tools/cuse-vm's ``/init`` chroots
 into the overlay root), and the kernel refuses a new user namespace to a chrooted caller
@@ -45,6 +48,7 @@ from tests.integration.test_container import (
     maps_base,
     maps_key,
 )
+from tests.integration.test_unmapped import AnonClient, anon_key
 from tests.realdtrace import partner
 from tests.support import sunw_dof as sd
 from tests.support.daemon import DaemonHandle, finish, start_daemon
@@ -261,3 +265,35 @@ def test_notes_program_in_a_container_over_cuse(
         daemon.cleanup_hard()
         raise
     finish(daemon)
+
+
+def test_unmapped_without_remove_goes_at_the_prune_over_cuse(shm: Path) -> None:
+    """The unmapped-objects prune runs in CUSE mode too: a libusdt-style process (anonymous
+    DOF, code from an unlinked file) that unmaps one provider's code without sending REMOVE
+    loses that registration at the next prune, and keeps the other (not in a container:
+    the part of the prune that CUSE's REMOVE does not cover)."""
+    device = cuse_device()
+    handle = start_daemon(
+        shm,
+        device=device,
+        extra_args=["--device-mode", "cuse", "-t", "60", "--prune-interval", "0.5"],
+    )
+    try:
+        client = AnonClient(device, shm)
+        pid = client.pid
+        try:
+            assert generations(handle.state_dir, pid) == {0: anon_key(0), 1: anon_key(1)}
+            client.unmap("code", 0)
+            dropped = f"{pid}: anonfirst ({anon_key(0)}) is no longer mapped: dropped generation 0"
+            handle.wait_for("the drop", lambda: dropped in handle.log_text(), timeout=300)
+            assert generations(handle.state_dir, pid) == {1: anon_key(1)}
+            assert "removed generation" not in handle.log_text()  # no REMOVE was sent
+            handle.verify()
+        finally:
+            assert client.close() == 0
+        handle.wait_for("exit pruning", lambda: pid not in handle.stash_pids(), 300)
+        handle.verify()
+    except BaseException:
+        handle.cleanup_hard()
+        raise
+    finish(handle)
