@@ -12,6 +12,8 @@ process is answered ``Busy`` there and waits for the long one.
 from __future__ import annotations
 
 import errno
+import os
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -124,6 +126,47 @@ def test_long_register_failing_after_a_small_one_leaves_only_the_small_one(
         assert again.usage.probes == 3
         again.close()
         assert snapshot(str(tmp_path / "mixed")) == snapshot(str(tmp_path / "seq"))
+
+
+def test_writer_killed_after_an_interleaved_commit_keeps_only_that_one(tmp_path: Path) -> None:
+    """SIGKILL in the middle of the long registration, after a small one committed inside
+    it: start-up recovery rolls the long one back and keeps the small one."""
+    with sleepers(2) as (a, b):
+        big = registration(a.pid, a.start_time, ino=10)
+        small = registration(b.pid, b.start_time, ino=11)
+        only_small = Stash(str(tmp_path / "seq"))
+        only_small.register(small, many_records(3, "small"))
+        only_small.close()
+
+        state = str(tmp_path / "mixed")
+        Stash(state).close()
+        child = os.fork()
+        if child == 0:  # the writer that dies
+            try:
+                stash = Stash(state)
+                calls = [0]
+
+                def hook() -> None:
+                    calls[0] += 1
+                    if calls[0] == 1:
+                        stash.run_interleaved(
+                            lambda: stash.register(small, many_records(3, "small"))
+                        )
+                    elif calls[0] == 5:
+                        os.kill(os.getpid(), signal.SIGKILL)
+
+                stash.interleave = hook
+                stash.register(big, many_records(BIG))
+            finally:
+                os._exit(1)  # not reached: killed at the fifth yield point
+        _, status = os.waitpid(child, 0)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+        assert (tmp_path / "mixed" / "stash" / "dof-pid" / str(a.pid)).exists()  # half done
+        recovered = Stash(state)
+        assert recovered.verify() == []
+        assert recovered.usage.probes == 3
+        recovered.close()
+        assert snapshot(state) == snapshot(str(tmp_path / "seq"))
 
 
 def test_writer_answers_other_processes_on_the_priority_channel(tmp_path: Path) -> None:
