@@ -27,9 +27,9 @@ from dtprobed.stash.store import Stash
 from tests.stash.support import many_records, registration, sleepers, snapshot
 
 BIG = 600  # probes: 600 / YIELD_EVERY yield points
-#: Probes of the writer child's long registration: about a second of writing here, far
+#: Probes of the writer child's long registration: about half a second of writing here, far
 #: longer than the few small commands the test sends meanwhile.
-LONG = 50000
+LONG = 20000
 
 
 def _once(fn: Callable[[], object]) -> Callable[[], None]:
@@ -209,5 +209,6 @@ def test_writer_answers_other_processes_on_the_priority_channel(tmp_path: Path) 
             third = registration(c.pid, c.start_time, ino=13)
             assert writer.register_records(third, many_records(3, "third")) == 0
             assert writer.verify() == []
+            writer.remove_pid(a.pid)  # 20000 files: not left for pytest's cleanup of tmp_path
     finally:
         writer.stop()
