@@ -13,6 +13,13 @@ tracepoints against the *caller's* maps and the stash writer re-checks the
 stream and commits it for the caller.  Only an accepted parse is kept (a
 rejected one costs its sender the parse again, and the penalties apply).
 
+The ELF phase of a notes object (``LocateNotes``) is kept too, by the
+request's helper, size and kind, with what the parser read of the object
+(offset, size and digest of each ``ReadAt`` answer): a later request is
+answered from it only if the same reads of *its* object give the same bytes
+(re-read here, a few headers, bounded by ``MAX_REPLAY_BYTES``), since the
+parser's answer is a function of the bytes it was given.
+
 A result is served only to another requester (the calling thread id) than
 the one whose request stored it: a fork child is a new thread, while a thread
 that sends the same request again (a constructor run twice, a retry after a
@@ -36,10 +43,11 @@ import hashlib
 import struct
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Final
 
 from common.grammar import ParsedProbe
-from common.records import ResultRecord
+from common.records import NotesLocation, ResultRecord
 
 #: An accepted parse as kept: the record stream and its probes (ParseResult's fields).
 Parsed = tuple[list[ResultRecord], list[ParsedProbe]]
@@ -52,6 +60,25 @@ DEFAULT_MAX_ENTRIES: Final = 128
 DEFAULT_MAX_RECORDS: Final = 1 << 15
 
 _ADDRS: Final = struct.Struct("<QQQ")
+_LOCATE: Final = struct.Struct("<QB")
+#: A located object is kept only if the parser read at most this much of it (re-read
+#: on every hit): headers and section tables, not sections.
+MAX_REPLAY_BYTES: Final = 1 << 20
+
+#: What the parser read of an object: (offset, size, digest of the bytes it got).
+Reads = list[tuple[int, int, bytes]]
+
+
+def read_digest(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=32).digest()
+
+
+def locate_key(helper: bytes, size: int, dof: bool) -> bytes:
+    """The key of a LocateNotes request (the object's bytes are checked on a hit)."""
+    h = hashlib.blake2b(b"locate\0", digest_size=32)
+    h.update(helper)
+    h.update(_LOCATE.pack(size, dof))
+    return h.digest()
 
 
 def dof_key(helper: bytes, dof: bytes) -> bytes:
@@ -86,6 +113,7 @@ class ParseCache:
         self.max_records = max_records
         self._entries: OrderedDict[bytes, tuple[Parsed, int]] = OrderedDict()
         self._records = 0
+        self._locations: OrderedDict[bytes, tuple[Reads, NotesLocation, int]] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
@@ -132,17 +160,53 @@ class ParseCache:
                 _, (gone, _) = self._entries.popitem(last=False)
                 self._records -= len(gone[0])
 
+    def get_location(
+        self, key: bytes, requester: int, read: Callable[[int, int], bytes]
+    ) -> NotesLocation | None:
+        """The location stored under *key* by another requester, if *read* gives back
+        the bytes the parser read then; None otherwise."""
+        with self._lock:
+            found = self._locations.get(key)
+            if found is None or found[2] == requester:
+                self.misses += 1
+                return None
+            self._locations.move_to_end(key)
+        reads, location, _ = found
+        for offset, size, digest in reads:
+            if read_digest(read(offset, size)) != digest:
+                with self._lock:
+                    self.misses += 1
+                return None
+        with self._lock:
+            self.hits += 1
+        return location
+
+    def put_location(
+        self, key: bytes, reads: Reads, location: NotesLocation, requester: int
+    ) -> None:
+        if self.max_entries == 0 or sum(size for _, size, _ in reads) > MAX_REPLAY_BYTES:
+            return
+        with self._lock:
+            self._locations.pop(key, None)
+            self._locations[key] = (list(reads), location, requester)
+            while len(self._locations) > self.max_entries:
+                self._locations.popitem(last=False)
+
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
+            self._locations.clear()
             self._records = 0
 
 
 __all__ = [
     "DEFAULT_MAX_ENTRIES",
     "DEFAULT_MAX_RECORDS",
+    "MAX_REPLAY_BYTES",
     "ParseCache",
     "Parsed",
     "dof_key",
+    "locate_key",
     "notes_key",
+    "read_digest",
 ]

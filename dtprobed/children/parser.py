@@ -49,7 +49,13 @@ from common.records import (
     Tracepoint,
 )
 from common.requests import LocateNotes, ObjectBytes, ParseNoteBlocks, ParseRequest, ParserRequest
-from dtprobed.children.parsecache import ParseCache, dof_key, notes_key
+from dtprobed.children.parsecache import (
+    ParseCache,
+    dof_key,
+    locate_key,
+    notes_key,
+    read_digest,
+)
 from dtprobed.children.process import ChildSlot, RunningChild
 
 #: ``read(offset, size)``: the object's bytes there (shorter only at its end).
@@ -99,7 +105,9 @@ def notes_helper(module: str, load_addr: int) -> bytes:
 class NotesParser(Protocol):
     """What :func:`parse_object_notes` needs of a parser (:class:`ParserChild` has it)."""
 
-    def locate_notes(self, helper: bytes, size: int, read: ReadFn) -> NotesLocation: ...
+    def locate_notes(
+        self, helper: bytes, size: int, read: ReadFn, *, requester: int | None = None
+    ) -> NotesLocation: ...
     def parse_note_blocks(
         self,
         helper: bytes,
@@ -129,7 +137,11 @@ def parse_object_notes(
     refused the object or the file shrank while it was read.  *requester*: see
     :meth:`ParserChild.parse_result` (the parse of the blocks may come from the cache).
     """
-    where = locator.locate_notes(notes_helper(module, first_mapping), size, read)
+    helper = notes_helper(module, first_mapping)
+    if requester is None:
+        where = locator.locate_notes(helper, size, read)
+    else:
+        where = locator.locate_notes(helper, size, read, requester=requester)
     notes = read(where.notes_offset, where.notes_size)
     rodata = read(where.rodata_offset, where.rodata_size)
     if len(notes) != where.notes_size or len(rodata) != where.rodata_size:
@@ -287,6 +299,7 @@ class ParserChild:
         *,
         meanwhile: Callable[[], object] | None = None,
         dof: bool = False,
+        requester: int | None = None,
     ) -> NotesLocation:
         """Where an ELF object's ``.note.usdt`` and ``.rodata`` lie (the ELF phase).
 
@@ -297,15 +310,28 @@ class ParserChild:
         ``max_object_bytes``).  Raises :class:`RequestRejected` when the parser
         refused the object.  *dof* (catch-up): locate ``.SUNW_dof`` too, and
         accept an object that has only that (``NotesLocation.notes_found``).
+        *requester*: as for :meth:`parse_result`; a hit re-reads what the parser
+        read of the object and is used only if those bytes are the same.
         """
         if len(helper) != DOF_HELPER.size:
             raise ValueError(f"dof_helper_t is {DOF_HELPER.size} bytes, got {len(helper)}")
-        reads = _ObjectReads(read, size, self.limits)
+        cache = self.cache if requester is not None else None
+        key = b""
+        if cache is not None and requester is not None:
+            key = locate_key(helper, size, dof)
+            hit = cache.get_location(key, requester, read)
+            if hit is not None:
+                if meanwhile is not None:
+                    meanwhile()
+                return hit
+        reads = _ObjectReads(read, size, self.limits, record=cache is not None)
         located = _Located()
         self._request(LocateNotes(helper=helper, size=size, dof=dof), located, meanwhile, reads)
         if located.error is not None:
             raise RequestRejected(located.error.errno, located.error.message)
         assert located.location is not None
+        if cache is not None and requester is not None:
+            cache.put_location(key, reads.log, located.location, requester)
         return located.location
 
     def parse_note_blocks(
@@ -588,11 +614,17 @@ class _ObjectReads:
     broken or compromised (a protocol error), not the object's sender.
     """
 
-    def __init__(self, read: ReadFn, size: int, limits: ParseLimits) -> None:
+    def __init__(
+        self, read: ReadFn, size: int, limits: ParseLimits, *, record: bool = False
+    ) -> None:
+        """*record*: keep (offset, size, digest) of every answer in :attr:`log` (the
+        parse cache checks a later object against it)."""
         self._read = read
         self._size = size
         self._reads_left = limits.max_object_reads
         self._bytes_left = limits.max_object_bytes
+        self._record = record
+        self.log: list[tuple[int, int, bytes]] = []
 
     def answer(self, rec: ReadAt) -> bytes:
         if self._reads_left <= 0:
@@ -608,4 +640,6 @@ class _ObjectReads:
         data = self._read(rec.offset, rec.size)
         if len(data) > rec.size:  # shorter only when the file shrank meanwhile
             raise ValueError(f"read({rec.offset}, {rec.size}) returned {len(data)} bytes")
+        if self._record:
+            self.log.append((rec.offset, rec.size, read_digest(data)))
         return data

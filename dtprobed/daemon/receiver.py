@@ -121,7 +121,13 @@ class Parser(Protocol):
         requester: int | None = None,
     ) -> ParseResult: ...
     def locate_notes(
-        self, helper: bytes, size: int, read: Callable[[int, int], bytes], *, dof: bool = False
+        self,
+        helper: bytes,
+        size: int,
+        read: Callable[[int, int], bytes],
+        *,
+        dof: bool = False,
+        requester: int | None = None,
     ) -> NotesLocation: ...
     def parse_note_blocks(
         self,

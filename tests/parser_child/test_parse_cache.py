@@ -6,8 +6,10 @@ Every test runs the real sandboxed parser; the child's own request counter
 
 from __future__ import annotations
 
+import contextlib
 import errno
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -15,7 +17,7 @@ from common.dof_build import ProbeSpec, ProviderSpec, build_dof, build_helper
 from common.errors import RequestRejected
 from common.limits import ParseLimits
 from dtprobed.children.parsecache import ParseCache
-from dtprobed.children.parser import ParserChild
+from dtprobed.children.parser import ParserChild, notes_helper
 
 HELPER = build_helper("a.out", 0)
 PARENT, FORK_CHILD, OTHER = 1001, 1002, 1003
@@ -135,3 +137,59 @@ def test_bounds_evict_least_recently_used() -> None:
         assert cache.records <= cache.max_records
     finally:
         pc.stop()
+
+
+NOTES_OBJECT = Path(__file__).resolve().parents[1] / "parser" / "fixtures" / "notes" / "fx_exec"
+
+
+def _reader(data: bytes, reads: list[tuple[int, int]] | None = None) -> Callable[[int, int], bytes]:
+    def read(offset: int, size: int) -> bytes:
+        if reads is not None:
+            reads.append((offset, size))
+        return data[offset : offset + size]
+
+    return read
+
+
+def test_located_object_is_answered_after_its_bytes_are_checked(
+    cached: tuple[ParserChild, ParseCache],
+) -> None:
+    pc, cache = cached
+    data = NOTES_OBJECT.read_bytes()
+    helper = notes_helper("fx_exec", 0x7F0000000000)
+    first_reads: list[tuple[int, int]] = []
+    first = pc.locate_notes(helper, len(data), _reader(data, first_reads), requester=PARENT)
+    sent = _requests(pc)
+    again_reads: list[tuple[int, int]] = []
+    again = pc.locate_notes(helper, len(data), _reader(data, again_reads), requester=FORK_CHILD)
+    assert again == first and _requests(pc) == sent and cache.hits == 1
+    assert again_reads == first_reads  # the parser's reads, replayed and compared
+    # one byte the parser read differs in the other object: parsed again
+    offset, size = first_reads[-1]
+    changed = bytearray(data)
+    changed[offset + size - 1] ^= 0xFF
+    with contextlib.suppress(RequestRejected):
+        pc.locate_notes(helper, len(data), _reader(bytes(changed)), requester=OTHER)
+    assert _requests(pc) == sent + 1
+    # a byte it did not read may differ: the answer is the same, from the cache
+    unread = next(i for i in range(len(data)) if not any(o <= i < o + s for o, s in first_reads))
+    other = bytearray(data)
+    other[unread] ^= 0xFF
+    assert pc.locate_notes(helper, len(data), _reader(bytes(other)), requester=OTHER) == first
+    assert _requests(pc) == sent + 1
+
+
+def test_locate_of_the_same_requester_or_another_helper_goes_to_the_parser(
+    cached: tuple[ParserChild, ParseCache],
+) -> None:
+    pc, _ = cached
+    data = NOTES_OBJECT.read_bytes()
+    helper = notes_helper("fx_exec", 0x7F0000000000)
+    pc.locate_notes(helper, len(data), _reader(data), requester=PARENT)
+    sent = _requests(pc)
+    pc.locate_notes(helper, len(data), _reader(data), requester=PARENT)
+    pc.locate_notes(
+        notes_helper("fx_exec", 0x7F0000001000), len(data), _reader(data), requester=FORK_CHILD
+    )
+    pc.locate_notes(helper, len(data), _reader(data), requester=FORK_CHILD, dof=True)
+    assert _requests(pc) == sent + 3
