@@ -9,7 +9,10 @@ Measures:
 
 1. client-observed ``ioctl(ADDDOF)`` wall time (p50/p99) for a 3-probe DOF,
    a 2000-probe DOF without arguments and a 2000-probe DOF with 3 arguments
-   each (~206 KiB, upstream's tst.manyprobes size);
+   each (~206 KiB, upstream's tst.manyprobes size); every client is a fork
+   child of this script holding the same mapping, so since the daemon's parse
+   cache these are fork re-registrations (the parser is skipped):
+   ``bench/profile_registration.py`` measures fresh bytes per client too;
 2. registrations per second from many concurrent short-lived clients, forked
    by this script and by a C load generator (``tests/realkernel/client.c``
    ``load N C``: this script's own fork cost caps the first figure);
