@@ -221,7 +221,10 @@ def test_a_quota_refusal_says_so(daemon_factory: DaemonFactory, tmp_path: Path) 
         before = snapshot(daemon.state_dir)
         assert client.register(dof)["errno"] == errno.EINVAL
         assert snapshot(daemon.state_dir) == before
-        daemon.wait_for("the log line", lambda: "quota" in daemon.log_text())
+        # not just "quota": the test's own tmp_path (in the log) has that word in it
+        daemon.wait_for(
+            "the log line", lambda: "stash quota refused the registration" in daemon.log_text()
+        )
         text = daemon.log_text()
         assert "stash quota refused the registration" in text
         assert "probes of this process would be 2, limit 1" in text
