@@ -63,6 +63,8 @@ ReadFn = Callable[[int, int], bytes]
 
 #: Log records one request may carry before the child counts as misbehaving.
 MAX_LOG_RECORDS: Final = 64
+#: A batch of at least this many records is followed by a GIL hand-over (sleep(0)).
+_YIELD_AFTER_RECORDS: Final = 512
 #: Requests between two reads of the child's CPU time (a /proc read each).
 _CPU_CHECK_EVERY: Final = 64
 #: The backstop of one exchange: this many timeouts, plus one per this many request
@@ -499,6 +501,10 @@ class ParserChild:
                         self._slot.send(child, memoryview(frame), deadline, self.timeout)
                     else:
                         answer.feed_batch(batch, self._emit)
+                        if len(batch) >= _YIELD_AFTER_RECORDS:
+                            # let the small lanes' threads have the GIL between two
+                            # batches of a huge answer (~1.5 µs a record to check)
+                            time.sleep(0)
                 if answer.done and pending:
                     raise ProtocolError("bytes after the end of the stream")
             except ProtocolError as err:
