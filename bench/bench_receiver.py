@@ -233,6 +233,11 @@ def main() -> None:
     ap.add_argument(
         "--small-only", action="store_true", help="only the 3-probe ADDDOF latency (part 1)"
     )
+    ap.add_argument(
+        "--huge-only",
+        action="store_true",
+        help="only part 4 (small registrations during 20000-probe ones)",
+    )
     ap.add_argument("--register-object", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.register_object:
@@ -261,70 +266,71 @@ def main() -> None:
             bench = Bench(daemon.device, tmp_path)
             report: dict[str, object] = {}
 
-            # 1. latency, each registration from a fresh process, one at a time
-            for label, data, count in [
-                ("3 probes", small_dof(), n_small),
-                ("2000 probes, no args", many_dof(2000, 0), n_big),
-                ("2000 probes, 3 args", many_dof(2000, 3), n_big),
-            ]:
-                helper = bench.mapped_helper(data)
-                res = bench.in_children(helper, count, 1)
+            if not args.huge_only:
+                # 1. latency, each registration from a fresh process, one at a time
+                for label, data, count in [
+                    ("3 probes", small_dof(), n_small),
+                    ("2000 probes, no args", many_dof(2000, 0), n_big),
+                    ("2000 probes, 3 args", many_dof(2000, 3), n_big),
+                ]:
+                    helper = bench.mapped_helper(data)
+                    res = bench.in_children(helper, count, 1)
+                    ok = [t for t, r, _ in res if r >= 0]
+                    failed = len(res) - len(ok)
+                    print(
+                        f"ADDDOF {label:22s} ({len(data):7d} bytes): p50 {ms(pct(ok, 0.5))}, "
+                        f"p99 {ms(pct(ok, 0.99))}, n={len(ok)}"
+                        + (f", {failed} failed" if failed else "")
+                    )
+                    report[label] = {"p50_ms": pct(ok, 0.5) * 1000, "p99_ms": pct(ok, 0.99) * 1000}
+                    if args.small_only:
+                        return
+                daemon.wait_for("prune", lambda: daemon.stash_pids() == [], 60)
+
+                # 2. throughput: many concurrent short-lived clients
+                helper = bench.mapped_helper(small_dof())
+                t0 = time.perf_counter()
+                res = bench.in_children(helper, n_rate, 64)
+                wall = time.perf_counter() - t0
                 ok = [t for t, r, _ in res if r >= 0]
-                failed = len(res) - len(ok)
                 print(
-                    f"ADDDOF {label:22s} ({len(data):7d} bytes): p50 {ms(pct(ok, 0.5))}, "
-                    f"p99 {ms(pct(ok, 0.99))}, n={len(ok)}"
-                    + (f", {failed} failed" if failed else "")
+                    f"throughput: {len(ok)} registrations by {n_rate} processes (64 at a time) in "
+                    f"{wall:.2f} s = {len(ok) / wall:.0f} reg/s; ioctl p50 {ms(pct(ok, 0.5))}, "
+                    f"p99 {ms(pct(ok, 0.99))}"
                 )
-                report[label] = {"p50_ms": pct(ok, 0.5) * 1000, "p99_ms": pct(ok, 0.99) * 1000}
-                if args.small_only:
-                    return
-            daemon.wait_for("prune", lambda: daemon.stash_pids() == [], 60)
+                report["reg_per_s"] = len(ok) / wall
+                daemon.wait_for("prune", lambda: daemon.stash_pids() == [], 60)
 
-            # 2. throughput: many concurrent short-lived clients
-            helper = bench.mapped_helper(small_dof())
-            t0 = time.perf_counter()
-            res = bench.in_children(helper, n_rate, 64)
-            wall = time.perf_counter() - t0
-            ok = [t for t, r, _ in res if r >= 0]
-            print(
-                f"throughput: {len(ok)} registrations by {n_rate} processes (64 at a time) in "
-                f"{wall:.2f} s = {len(ok) / wall:.0f} reg/s; ioctl p50 {ms(pct(ok, 0.5))}, "
-                f"p99 {ms(pct(ok, 0.99))}"
-            )
-            report["reg_per_s"] = len(ok) / wall
-            daemon.wait_for("prune", lambda: daemon.stash_pids() == [], 60)
+                # 2b. the same from a C load generator: Python's fork of this process
+                # and FUSE open/close alone cap the figure above at roughly 800/s here
+                c_rate = c_load(daemon.device, tmp_path, n_rate * 4, 64)
+                if c_rate is not None:
+                    report["reg_per_s_c"] = c_rate
+                daemon.wait_for("prune", lambda: daemon.stash_pids() == [], 120)
 
-            # 2b. the same from a C load generator: Python's fork of this process
-            # and FUSE open/close alone cap the figure above at roughly 800/s here
-            c_rate = c_load(daemon.device, tmp_path, n_rate * 4, 64)
-            if c_rate is not None:
-                report["reg_per_s_c"] = c_rate
-            daemon.wait_for("prune", lambda: daemon.stash_pids() == [], 120)
-
-            # 3. exit -> stash entries gone
-            delays = []
-            dofpid = daemon.state_dir / "stash" / "dof-pid"
-            helper = bench.mapped_helper(small_dof())
-            for _ in range(n_prune):
-                go_r, go_w = os.pipe()
-                pid = os.fork()
-                if pid == 0:
-                    os.close(go_w)
-                    bench.register_timed(helper)
-                    os.read(go_r, 1)
-                    os._exit(0)
-                os.close(go_r)
-                daemon.wait_for("registration", lambda p=pid: (dofpid / str(p)).exists())  # type: ignore[misc]
-                os.close(go_w)  # child exits
-                os.waitpid(pid, 0)
-                exited = time.perf_counter()
-                delays.append(wait_gone(dofpid / str(pid)) - exited)
-            print(
-                f"prune after exit: p50 {ms(pct(delays, 0.5))}, p99 {ms(pct(delays, 0.99))}, max {ms(max(delays))}, n={len(delays)}"
-            )
-            report["prune_p50_ms"] = pct(delays, 0.5) * 1000
-            report["prune_p99_ms"] = pct(delays, 0.99) * 1000
+                # 3. exit -> stash entries gone
+                delays = []
+                dofpid = daemon.state_dir / "stash" / "dof-pid"
+                helper = bench.mapped_helper(small_dof())
+                for _ in range(n_prune):
+                    go_r, go_w = os.pipe()
+                    pid = os.fork()
+                    if pid == 0:
+                        os.close(go_w)
+                        bench.register_timed(helper)
+                        os.read(go_r, 1)
+                        os._exit(0)
+                    os.close(go_r)
+                    daemon.wait_for("registration", lambda p=pid: (dofpid / str(p)).exists())  # type: ignore[misc]
+                    os.close(go_w)  # child exits
+                    os.waitpid(pid, 0)
+                    exited = time.perf_counter()
+                    delays.append(wait_gone(dofpid / str(pid)) - exited)
+                print(
+                    f"prune after exit: p50 {ms(pct(delays, 0.5))}, p99 {ms(pct(delays, 0.99))}, max {ms(max(delays))}, n={len(delays)}"
+                )
+                report["prune_p50_ms"] = pct(delays, 0.5) * 1000
+                report["prune_p99_ms"] = pct(delays, 0.99) * 1000
 
             # 4. small registrations while a 20000-probe one is in flight: from the
             # huge one's uid (its parse time makes the fairness rules send that uid's
