@@ -32,9 +32,12 @@ preimage).  Sharing across processes and users reveals nothing the stash
 does not show: whether the same bytes were registered before is listed,
 world-readable, under the state directory.
 
-Bounded: at most *max_entries* results and *max_records* records in all,
-least recently used first out; a result larger than a quarter of the record
-budget is not kept (a huge DOF is rare, and would evict everything else).
+Bounded: at most *max_entries* results, *max_records* records and *max_bytes*
+(an estimate of the memory they hold, argument strings counted) in all, least
+recently used first out; a result larger than a quarter of either budget is
+not kept (a huge DOF is rare and would evict everything else, and a small DOF
+that decodes into megabytes of argument types — docs/security.md — must not
+stay in the daemon's memory).
 """
 
 from __future__ import annotations
@@ -53,11 +56,17 @@ from common.records import NotesLocation, ResultRecord
 Parsed = tuple[list[ResultRecord], list[ParsedProbe]]
 
 #: Defaults the daemon uses: a forking server's few DOFs, and room for upstream's
-#: largest test (2000 probes with arguments, ~6000 records) a few times over.  A kept
-#: record costs ~300 bytes (the records and their grouping per probe), so a full cache
-#: holds ~10 MiB: the bound is what the daemon's size at rest may grow by, per parser.
+#: largest test (2000 probes with 3 arguments: 6002 records, ~1.5 MiB by the estimate
+#: below, 1.8 MiB measured) a few times over.  The byte bound is what the daemon's
+#: size at rest may grow by, per parser.
 DEFAULT_MAX_ENTRIES: Final = 128
 DEFAULT_MAX_RECORDS: Final = 1 << 15
+DEFAULT_MAX_BYTES: Final = 8 << 20
+#: The estimate of a kept result: per record (the struct, its names, its share of the
+#: per-probe grouping), and per argument string on top of its bytes.
+_RECORD_BYTES: Final = 200
+_STR_BYTES: Final = 50
+_INT_BYTES: Final = 8
 
 _ADDRS: Final = struct.Struct("<QQQ")
 _LOCATE: Final = struct.Struct("<QB")
@@ -79,6 +88,19 @@ def locate_key(helper: bytes, size: int, dof: bool) -> bytes:
     h.update(helper)
     h.update(_LOCATE.pack(size, dof))
     return h.digest()
+
+
+def result_bytes(records: list[ResultRecord]) -> int:
+    """About how much memory a kept result holds (argument strings dominate a bomb)."""
+    total = len(records) * _RECORD_BYTES
+    for rec in records:
+        args = getattr(rec, "args", None)
+        if args:
+            total += sum(len(a) for a in args) + _STR_BYTES * len(args)
+        mapping = getattr(rec, "map", None)
+        if mapping:
+            total += _INT_BYTES * len(mapping)
+    return total
 
 
 def dof_key(helper: bytes, dof: bytes) -> bytes:
@@ -105,14 +127,20 @@ class ParseCache:
     """A bounded LRU of accepted parse results; thread-safe."""
 
     def __init__(
-        self, max_entries: int = DEFAULT_MAX_ENTRIES, max_records: int = DEFAULT_MAX_RECORDS
+        self,
+        max_entries: int = DEFAULT_MAX_ENTRIES,
+        max_records: int = DEFAULT_MAX_RECORDS,
+        max_bytes: int = DEFAULT_MAX_BYTES,
     ) -> None:
-        if max_entries < 0 or max_records < 0:
+        if max_entries < 0 or max_records < 0 or max_bytes < 0:
             raise ValueError("cache bounds must not be negative")
         self.max_entries = max_entries
         self.max_records = max_records
-        self._entries: OrderedDict[bytes, tuple[Parsed, int]] = OrderedDict()
+        self.max_bytes = max_bytes
+        # key -> ((records, probes), requester, estimated bytes)
+        self._entries: OrderedDict[bytes, tuple[Parsed, int, int]] = OrderedDict()
         self._records = 0
+        self._bytes = 0
         self._locations: OrderedDict[bytes, tuple[Reads, NotesLocation, int]] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = 0
@@ -125,6 +153,11 @@ class ParseCache:
     def records(self) -> int:
         """Records held in all (what the bound counts)."""
         return self._records
+
+    @property
+    def held_bytes(self) -> int:
+        """Estimated bytes held in all (:func:`result_bytes` of every result)."""
+        return self._bytes
 
     def get(self, key: bytes, requester: int) -> Parsed | None:
         """(records, probes) stored under *key* by another requester (fresh lists: a
@@ -149,16 +182,26 @@ class ParseCache:
         size = len(records)
         if self.max_entries == 0 or size > self.max_records // 4:
             return
+        nbytes = result_bytes(records)
+        if nbytes > self.max_bytes // 4:
+            return
         kept = (list(records), list(probes))
         with self._lock:
             old = self._entries.pop(key, None)
             if old is not None:
                 self._records -= len(old[0][0])
-            self._entries[key] = (kept, requester)
+                self._bytes -= old[2]
+            self._entries[key] = (kept, requester, nbytes)
             self._records += size
-            while len(self._entries) > self.max_entries or self._records > self.max_records:
-                _, (gone, _) = self._entries.popitem(last=False)
+            self._bytes += nbytes
+            while (
+                len(self._entries) > self.max_entries
+                or self._records > self.max_records
+                or self._bytes > self.max_bytes
+            ):
+                _, (gone, _, gone_bytes) = self._entries.popitem(last=False)
                 self._records -= len(gone[0])
+                self._bytes -= gone_bytes
 
     def get_location(
         self, key: bytes, requester: int, read: Callable[[int, int], bytes]
@@ -197,9 +240,11 @@ class ParseCache:
             self._entries.clear()
             self._locations.clear()
             self._records = 0
+            self._bytes = 0
 
 
 __all__ = [
+    "DEFAULT_MAX_BYTES",
     "DEFAULT_MAX_ENTRIES",
     "DEFAULT_MAX_RECORDS",
     "MAX_REPLAY_BYTES",
@@ -209,4 +254,5 @@ __all__ = [
     "locate_key",
     "notes_key",
     "read_digest",
+    "result_bytes",
 ]

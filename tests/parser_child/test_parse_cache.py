@@ -193,3 +193,26 @@ def test_locate_of_the_same_requester_or_another_helper_goes_to_the_parser(
     )
     pc.locate_notes(helper, len(data), _reader(data), requester=FORK_CHILD, dof=True)
     assert _requests(pc) == sent + 3
+
+
+def test_a_result_heavy_in_argument_bytes_is_not_kept() -> None:
+    """A small DOF that decodes into megabytes of argument types (docs/security.md) stays
+    out of the cache: its bound counts bytes, not only records."""
+    cache = ParseCache(max_bytes=1 << 20)
+    pc = ParserChild(limits=ParseLimits(), timeout=10, cache=cache)
+    try:
+        heavy_types = [f"struct type_{i:03d}_" + "x" * 100 for i in range(200)]
+        probes = [
+            ProbeSpec("main", f"p{i}", [0x10 * (i + 1)], native=heavy_types) for i in range(20)
+        ]
+        heavy = build_dof([ProviderSpec("heavy", probes)]).data
+        result = pc.parse_result(HELPER, heavy, requester=PARENT)
+        assert len(result.records) < cache.max_records // 4  # few records, many bytes
+        sent = _requests(pc)
+        pc.parse_result(HELPER, heavy, requester=FORK_CHILD)
+        assert _requests(pc) == sent + 1 and len(cache) == 0
+        # an ordinary result fits, and the bytes held are counted
+        pc.parse_result(HELPER, _dof(), requester=PARENT)
+        assert len(cache) == 1 and 0 < cache.held_bytes <= cache.max_bytes
+    finally:
+        pc.stop()
