@@ -33,6 +33,10 @@ T = TypeVar("T")
 ReadExactly = Callable[[int], bytes]
 
 
+#: A buffer grown beyond this by one big frame is dropped after it, not kept for life.
+KEEP_BUFFER_BYTES: Final = 1 << 20
+
+
 class FrameEncoder:
     """Encodes messages into frames, reusing one buffer (build one per stream)."""
 
@@ -44,7 +48,12 @@ class FrameEncoder:
         """One frame: header then body."""
         self._encoder.encode_into(msg, self._buf, HEADER_SIZE)
         HEADER.pack_into(self._buf, 0, len(self._buf) - HEADER_SIZE)
-        return bytes(self._buf)
+        frame = bytes(self._buf)
+        if len(frame) > KEEP_BUFFER_BYTES:
+            # one hostile request's frame (a 65 KB DOF can decode to 20 MB) would
+            # otherwise stay allocated in every process that ever encoded it
+            self._buf = bytearray(256)
+        return frame
 
 
 class FrameDecoder(Generic[T]):
