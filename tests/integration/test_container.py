@@ -25,7 +25,7 @@ What it shows:
 * a container started while nothing served the helper (its constructor's ioctl failed) is
   caught up when the daemon starts: the helper's directory is bind-mounted at
   ``/dev/dtrace`` from a shared mount, so the daemon's FUSE mount made later reaches the
-  container (a runtime does the same with a slave bind of ``/dev/dtrace``), and catch-up
+  container (a runtime can do the same: an ``rslave`` bind of ``/dev/dtrace``), and catch-up
   finds, through ``/proc/HOSTPID/root``, that its ``/dev/dtrace/helper`` is ours.
 
 The user-namespace variant runs where the kernel allows it (``/proc/sys/user/
