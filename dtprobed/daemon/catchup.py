@@ -68,7 +68,7 @@ from typing import Final, Protocol
 from common.errors import DtprobedError
 from common.records import NotesLocation
 from dtprobed.daemon import unmapped
-from dtprobed.daemon.identity import AddressSpace, Mapping, _open_object
+from dtprobed.daemon.identity import AddressSpace, Mapping, open_object
 from dtprobed.oslib.pidfd import pidfd_exited
 from dtprobed.oslib.procfs import current_exec_token, read_proc
 from dtprobed.stash.layout import (
@@ -420,7 +420,7 @@ class CatchUp:
             located = cache[key]
         else:
             try:
-                obj = _open_object(pid, first)
+                obj = open_object(pid, first)
             except DtprobedError as err:
                 log.debug("catch-up: %d: %s: %s", pid, first.path, err)
                 summary.skipped["objects unreadable"] += 1

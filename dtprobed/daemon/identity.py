@@ -386,14 +386,15 @@ def identify_object(tid: int, address: int) -> tuple[Caller, ObjectFile]:
     caller = _identify(tid, key)
     try:
         first = found[0]
-        obj = _open_object(caller.pid, first)
+        obj = open_object(caller.pid, first)
     except BaseException:
         caller.close()
         raise
     return caller, obj
 
 
-def _open_object(pid: int, first: Mapping) -> ObjectFile:
+def open_object(pid: int, first: Mapping) -> ObjectFile:
+    """Open the file behind mapping *first* of *pid* (``map_files``), checked to be that file."""
     path = f"/proc/{pid}/map_files/{first.start:x}-{first.end:x}"
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)

@@ -294,7 +294,8 @@ def test_executable_and_library_two_generations(
         assert sorted(generations(daemon.state_dir, pid)) == [0, 1]
         daemon.verify()
         assert main.prog.command("c") == "c"
-        # FUSE mode: the library's REMOVE never arrives; gen 1 stays until the exit
+        # FUSE mode: the library's REMOVE never arrives; gen 1 stays until the next
+        # periodic prune (60 s here; tests/integration/test_unmapped.py) or the exit
         assert sorted(generations(daemon.state_dir, pid)) == [0, 1]
         daemon.verify()
     finally:

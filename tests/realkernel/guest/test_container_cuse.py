@@ -258,8 +258,14 @@ def test_notes_program_in_a_container_over_cuse(
         finally:
             status, err = prog.quit()
         assert status == 0, err
-        daemon.wait_for("the exit's REMOVE", lambda: host not in daemon.stash_pids(), 300)
-        assert f"{host}: removed generation 0" in daemon.log_text()
+        daemon.wait_for(
+            "the exit's REMOVE",
+            lambda: (
+                f"{host}: removed generation 0" in daemon.log_text()
+                and host not in daemon.stash_pids()
+            ),
+            300,
+        )
         daemon.verify()
     except BaseException:
         daemon.cleanup_hard()

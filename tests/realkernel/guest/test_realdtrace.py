@@ -167,9 +167,14 @@ def test_cuse_hasusdt_list_fire_isenabled_dlclose(
         }
         assert prog.command("c") == "c"
         # CUSE delivers drti's REMOVE at dlclose: generation 1 goes, gen 0 stays
-        wait_until(daemon, lambda: gens(daemon, prog.pid) == [0], "REMOVE of the library's gen 1")
+        # the log line comes after the reply: wait for it, not only for the stash
+        wait_until(
+            daemon,
+            lambda: f"{prog.pid}: removed generation 1" in daemon.log(),
+            "REMOVE of the library's gen 1",
+        )
+        assert gens(daemon, prog.pid) == [0]
         assert not (daemon.state_dir / "probes" / str(prog.pid) / lib).exists()
-        assert f"{prog.pid}: removed generation 1" in daemon.log()
         assert rows(daemon, root, f"rdt*{prog.pid}") == main_rows(prog.pid)
     finally:
         status, err = prog.quit()
@@ -177,8 +182,12 @@ def test_cuse_hasusdt_list_fire_isenabled_dlclose(
     # drti's own messages: both registrations OK, both REMOVEs answered
     assert err.count("DRTI: Ioctl OK") == 2, err
     assert "Ioctl failed" not in err, err
-    wait_until(daemon, lambda: gens(daemon, prog.pid) == [], "REMOVE of gen 0 at exit")
-    assert f"{prog.pid}: removed generation 0" in daemon.log()
+    wait_until(
+        daemon,
+        lambda: f"{prog.pid}: removed generation 0" in daemon.log(),
+        "REMOVE of gen 0 at exit",
+    )
+    assert gens(daemon, prog.pid) == []
     assert not (daemon.state_dir / "probes" / str(prog.pid)).exists()
 
 
@@ -225,8 +234,10 @@ def test_cuse_fork_child_registers_fires_and_removes(
         assert prog.command("e") == "e 0"  # the parent's site was never enabled
         assert prog.command("w") == "w 0"
         # the child's exit sent REMOVE(0) for the child only
-        wait_until(daemon, lambda: gens(daemon, child) == [], "the child's REMOVE")
-        assert f"{child}: removed generation 0" in daemon.log()
+        wait_until(
+            daemon, lambda: f"{child}: removed generation 0" in daemon.log(), "the child's REMOVE"
+        )
+        assert gens(daemon, child) == []
         assert gens(daemon, prog.pid) == [0]
     finally:
         status, err = prog.quit()
