@@ -30,6 +30,7 @@ from dtprobed.children.writer import StashWriterChild
 from dtprobed.daemon.exitwatch import ExitWatcher
 from dtprobed.daemon.receiver import Receiver
 from dtprobed.device.cuse import CuseDevice
+from tests.device.fake_cuse import served_device
 from tests.device.fake_kernel import FakeCuseKernel, FakeMemory
 from tests.support.client import map_file
 
@@ -84,35 +85,15 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
     )
     holder["receiver"] = receiver
     watcher.start()
-    kernel = FakeCuseKernel()
-    fd = kernel.daemon_fd()
-    devs: list[CuseDevice] = []
-    starter = threading.Thread(
-        target=lambda: devs.append(
-            CuseDevice.serve_fd(
-                fd, "dtrace/helper", receiver.handle, max_dof_size=1 << 20, log=None
-            )
-        )
-    )
-    starter.start()
-    kernel.cuse_init()
-    starter.join(5)
-    [dev] = devs
-    stop = threading.Event()
-    server = threading.Thread(target=dev.run, args=(stop,), kwargs={"poll_interval": 0.05})
-    server.start()
     try:
-        yield Stack(kernel, dev, writer, state_dir, base, memory)
+        with served_device(receiver.handle) as (kernel, dev, _info):
+            yield Stack(kernel, dev, writer, state_dir, base, memory)
     finally:
-        stop.set()
-        server.join(5)
         receiver.close()
         watcher.stop()
         small.stop()
         large.stop()
         writer.stop()
-        dev.close()
-        kernel.close()
 
 
 def registered_gens(stack: Stack) -> list[str]:

@@ -23,6 +23,7 @@ from common.ioctl import (
 )
 from dtprobed.device.cuse import DOF_CHUNK, CuseDevice, devname_for
 from dtprobed.device.request import HelperRequest, Reply
+from tests.device.fake_cuse import served_device
 from tests.device.fake_kernel import FakeCuseKernel, FakeMemory, IoctlTrace
 from tests.device.test_fuse_device import Recorder
 
@@ -54,34 +55,10 @@ class Rig:
 @contextmanager
 def make_rig(**options: Any) -> Iterator[Rig]:
     """A CUSE device served beside a fake kernel; *options* go to ``CuseDevice.serve_fd``."""
-    kernel = FakeCuseKernel()
     recorder = Recorder(result=11)
-    fd = kernel.daemon_fd()
-    holder: dict[str, CuseDevice] = {}
-    # The handshake blocks until CUSE_INIT arrives: run it beside the fake kernel.
-    starter = threading.Thread(
-        target=lambda: holder.setdefault(
-            "dev",
-            CuseDevice.serve_fd(
-                fd, "dtrace/helper", recorder, max_dof_size=1 << 20, log=None, **options
-            ),
-        )
-    )
-    starter.start()
-    info = kernel.cuse_init()
-    starter.join(5)
-    dev = holder["dev"]
-    assert info == {"DEVNAME": "dtrace/helper"} and kernel.unrestricted
-    stop = threading.Event()
-    thread = threading.Thread(target=dev.run, args=(stop,), kwargs={"poll_interval": 0.05})
-    thread.start()
-    try:
+    with served_device(recorder, **options) as (kernel, dev, info):
+        assert info == {"DEVNAME": "dtrace/helper"} and kernel.unrestricted
         yield Rig(kernel, dev, recorder)
-    finally:
-        stop.set()
-        thread.join(5)
-        dev.close()
-        kernel.close()
 
 
 @pytest.fixture

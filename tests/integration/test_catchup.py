@@ -25,7 +25,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -41,8 +40,8 @@ from dtprobed.children.writer import StashWriterChild
 from dtprobed.daemon.catchup import CatchUp, parse_environ
 from dtprobed.daemon.exitwatch import ExitWatcher
 from dtprobed.daemon.receiver import Receiver
-from dtprobed.device.cuse import CuseDevice
 from dtprobed.stash.layout import XATTR_CAUGHT_UP
+from tests.device.fake_cuse import served_device
 from tests.device.fake_kernel import FakeCuseKernel, FakeMemory
 from tests.integration.test_sunw_dof import LIB, MAIN, Running, check_stash
 from tests.support import sunw_dof as sd
@@ -54,20 +53,13 @@ pytestmark = pytest.mark.timeout(600)
 SUMMARY = "catch-up: "
 
 
-def _build(providers: tuple[sd.SunwProvider, ...], kind: str, name: str) -> sd.BuiltObject:
-    try:
-        return sd.build_sunw_object(providers, kind=kind, name=name)
-    except sd.BuildError as err:
-        pytest.fail(str(err), pytrace=False)
-
-
 @pytest.fixture(scope="module")
 def objects() -> dict[str, sd.BuiltObject]:
     return {
-        "exe": _build(MAIN, "exe", "sunwexe"),
-        "pie": _build(MAIN, "pie", "sunwpie"),
-        "lib": _build(LIB, "lib", "libsunwlib.so"),
-        "driver": _build((), "pie", "sunwdriver"),
+        "exe": sd.build_or_fail(MAIN, "exe", "sunwexe"),
+        "pie": sd.build_or_fail(MAIN, "pie", "sunwpie"),
+        "lib": sd.build_or_fail(LIB, "lib", "libsunwlib.so"),
+        "driver": sd.build_or_fail((), "pie", "sunwdriver"),
     }
 
 
@@ -471,35 +463,15 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
     )
     receiver.ambiguous_remove = catch_up.on_ambiguous_remove
     watcher.start()
-    kernel = FakeCuseKernel()
-    fd = kernel.daemon_fd()
-    devs: list[CuseDevice] = []
-    starter = threading.Thread(
-        target=lambda: devs.append(
-            CuseDevice.serve_fd(
-                fd, "dtrace/helper", receiver.handle, max_dof_size=1 << 20, log=None
-            )
-        )
-    )
-    starter.start()
-    kernel.cuse_init()
-    starter.join(5)
-    [dev] = devs
-    stop = threading.Event()
-    server = threading.Thread(target=dev.run, args=(stop,), kwargs={"poll_interval": 0.05})
-    server.start()
     try:
-        yield Stack(helper, state_dir, writer, interleave, catch_up, kernel)
+        with served_device(receiver.handle) as (kernel, _dev, _info):
+            yield Stack(helper, state_dir, writer, interleave, catch_up, kernel)
     finally:
-        stop.set()
-        server.join(5)
         receiver.close()
         watcher.stop()
         small.stop()
         large.stop()
         writer.stop()
-        dev.close()
-        kernel.close()
 
 
 def test_remove_zero_or_minus_one_removes_only_what_is_unmapped(

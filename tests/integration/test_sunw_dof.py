@@ -48,20 +48,13 @@ LIB = (
 NOP_SITE = b"\x90" * sd.SITE_NOPS
 
 
-def _build(providers: tuple[sd.SunwProvider, ...], kind: str, name: str) -> sd.BuiltObject:
-    try:
-        return sd.build_sunw_object(providers, kind=kind, name=name)
-    except sd.BuildError as err:
-        pytest.fail(str(err), pytrace=False)
-
-
 @pytest.fixture(scope="module")
 def objects() -> dict[str, sd.BuiltObject]:
     return {
-        "exe": _build(MAIN, "exe", "sunwexe"),
-        "pie": _build(MAIN, "pie", "sunwpie"),
-        "lib": _build(LIB, "lib", "libsunwlib.so"),
-        "driver": _build((), "pie", "sunwdriver"),  # no DOF: it dlopens the library
+        "exe": sd.build_or_fail(MAIN, "exe", "sunwexe"),
+        "pie": sd.build_or_fail(MAIN, "pie", "sunwpie"),
+        "lib": sd.build_or_fail(LIB, "lib", "libsunwlib.so"),
+        "driver": sd.build_or_fail((), "pie", "sunwdriver"),  # no DOF: it dlopens the library
     }
 
 

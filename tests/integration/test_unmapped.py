@@ -57,16 +57,12 @@ MAIN = (sd.SunwProvider("unmapmain", (sd.SunwProbe("tick", ("int",)), sd.SunwPro
 LIB = (sd.SunwProvider("unmaplib", (sd.SunwProbe("call", ("int", "const char *")),)),)
 
 
-def _build(providers: tuple[sd.SunwProvider, ...], kind: str, name: str) -> sd.BuiltObject:
-    try:
-        return sd.build_sunw_object(providers, kind=kind, name=name)
-    except sd.BuildError as err:
-        pytest.fail(str(err), pytrace=False)
-
-
 @pytest.fixture(scope="module")
 def objects() -> dict[str, sd.BuiltObject]:
-    return {"pie": _build(MAIN, "pie", "unmappie"), "lib": _build(LIB, "lib", "libunmap.so")}
+    return {
+        "pie": sd.build_or_fail(MAIN, "pie", "unmappie"),
+        "lib": sd.build_or_fail(LIB, "lib", "libunmap.so"),
+    }
 
 
 @pytest.fixture

@@ -65,6 +65,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import pytest
+
 from common.dof_build import ProbeSpec, ProviderSpec, build_dof, build_helper
 
 HERE = Path(__file__).resolve().parent
@@ -521,6 +523,14 @@ def build_sunw_object(
             if not (final / ".built").exists():
                 _build(final, kind, name, providers, probes_c)
     return _load(final, kind, name, providers)
+
+
+def build_or_fail(providers: Sequence[SunwProvider], kind: str, name: str) -> BuiltObject:
+    """:func:`build_sunw_object` for a test: a build that fails fails the test, plainly."""
+    try:
+        return build_sunw_object(providers, kind=kind, name=name)
+    except BuildError as err:
+        pytest.fail(str(err), pytrace=False)
 
 
 def _build(
