@@ -68,7 +68,7 @@ from typing import Final, Protocol
 from common.errors import DtprobedError
 from common.records import NotesLocation
 from dtprobed.daemon import unmapped
-from dtprobed.daemon.identity import AddressSpace, Mapping, open_object
+from dtprobed.daemon.identity import AddressSpace, Mapping, fuse_devices, open_object
 from dtprobed.oslib.pidfd import pidfd_exited
 from dtprobed.oslib.procfs import current_exec_token, read_proc
 from dtprobed.stash.layout import (
@@ -231,6 +231,7 @@ class CatchUp:
         self._dofpid = os.path.join(state_dir, "stash", "dof-pid")
         self._max_dof_size = max_dof_size
         self._stopping = stopping
+        self._fuse_by_ns: dict[int, frozenset[int]] = {}
         self._own_pid = os.getpid()
         own = os.stat("/proc/self/exe")
         self._own_exe = (own.st_dev, own.st_ino)
@@ -270,11 +271,15 @@ class CatchUp:
         try:
             ours = helper_identity(self._device)
         except OSError as err:
-            log.error("catch-up: cannot stat our helper %s: %s", self._device, err)
+            # while stopping, the device closed under us (our FUSE helper answers no more)
+            (log.info if self._stopping() else log.error)(
+                "catch-up: cannot stat our helper %s: %s", self._device, err
+            )
             summary.skipped["our helper unreadable"] += 1
             summary.finished = time.monotonic()
             return summary
         cache: dict[tuple[int, int], _Located | None] = {}
+        self._fuse_by_ns = {}
         pids = sorted(int(name) for name in os.listdir("/proc") if name.isdigit())
         log.info("catch-up: scanning %d processes", len(pids))
         for pid in pids:
@@ -420,7 +425,12 @@ class CatchUp:
             located = cache[key]
         else:
             try:
-                obj = open_object(pid, first)
+                fuse = self._fuse_of(pid)
+                if first.dev in fuse:
+                    log.debug("catch-up: %d: %s is on a FUSE file system", pid, first.path)
+                    summary.skipped["objects on FUSE file systems"] += 1
+                    return
+                obj = open_object(pid, first, fuse)
             except DtprobedError as err:
                 log.debug("catch-up: %d: %s: %s", pid, first.path, err)
                 summary.skipped["objects unreadable"] += 1
@@ -450,6 +460,17 @@ class CatchUp:
             return
         summary.registered += 1
         log.info("catch-up: %d: registered %s as generation %d", pid, first.path, gen)
+
+    def _fuse_of(self, pid: int) -> frozenset[int]:
+        """:func:`fuse_devices` of *pid*, read once per mount namespace in a run."""
+        try:
+            ns = os.stat(f"/proc/{pid}/ns/mnt").st_ino
+        except OSError:
+            ns = -pid  # unknown: read its own
+        found = self._fuse_by_ns.get(ns)
+        if found is None:
+            found = self._fuse_by_ns[ns] = fuse_devices(pid)
+        return found
 
     def _locate(self, module: str, first: Mapping, size: int, fd: int) -> _Located | None:
         def read(offset: int, count: int) -> bytes:

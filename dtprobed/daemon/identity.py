@@ -40,6 +40,7 @@ ADDDOF), never a crash.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import errno
 import os
 import stat
@@ -393,8 +394,45 @@ def identify_object(tid: int, address: int) -> tuple[Caller, ObjectFile]:
     return caller, obj
 
 
-def open_object(pid: int, first: Mapping) -> ObjectFile:
-    """Open the file behind mapping *first* of *pid* (``map_files``), checked to be that file."""
+def fuse_devices(pid: int) -> frozenset[int]:
+    """The devices (glibc ``makedev``) of the FUSE file systems mounted where *pid* lives.
+
+    From ``/proc/PID/mountinfo`` (its mount namespace): field 3 is ``MM:mm``,
+    the first field after `` - `` the file system type (``fuse``,
+    ``fuse.sshfs``, ``fuseblk``, ...).  Reading it asks no file system anything.
+    """
+    try:
+        text = read_proc(f"/proc/{pid}/mountinfo")
+    except OSError as err:
+        raise _vanished(pid, err) from err
+    found = set()
+    for line in text.splitlines():
+        head, sep, tail = line.partition(b" - ")
+        fields = head.split()
+        if not sep or len(fields) < 3:
+            continue
+        fstype = tail.split(None, 1)[0] if tail.strip() else b""
+        if fstype in (b"fuse", b"fuseblk") or fstype.startswith(b"fuse."):
+            major, _, minor = fields[2].partition(b":")
+            with contextlib.suppress(ValueError):
+                found.add(glibc_makedev(int(major), int(minor)))
+    return frozenset(found)
+
+
+def open_object(pid: int, first: Mapping, fuse: frozenset[int] | None = None) -> ObjectFile:
+    """Open the file behind mapping *first* of *pid* (``map_files``), checked to be that file.
+
+    An object on a FUSE file system is refused before anything is opened: its
+    server answers our open and reads when it likes, and a thread waiting for
+    it can be neither cancelled nor killed (docs/security.md).  *fuse*: the
+    caller's :func:`fuse_devices`, if already known.
+    """
+    if first.dev in (fuse_devices(pid) if fuse is None else fuse):
+        raise RequestRejected(
+            errno.EINVAL,
+            f"object {first.path} is on a FUSE file system: not read "
+            "(its server could stall the daemon for ever)",
+        )
     path = f"/proc/{pid}/map_files/{first.start:x}-{first.end:x}"
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)

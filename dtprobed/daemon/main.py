@@ -105,6 +105,11 @@ DEFAULT_TIMEOUT: Final = 5.0
 #: Prune dead processes this often, to catch what pidfds can't see (exec, pid reuse), and
 #: drop objects their processes unmapped (``--prune-interval``).
 PRUNE_INTERVAL: Final = 60.0
+#: How long a stop waits for the maintenance job in hand (a reparse's mapping, a
+#: catch-up object) before closing the device under it; and after that, before
+#: leaving it behind.
+MAINTENANCE_STOP_WAIT: Final = 1.0
+MAINTENANCE_ABANDON_WAIT: Final = 5.0
 #: Without a watchdog, start-up extends the service manager's start timeout this often.
 STARTUP_PING: Final = 1.0
 #: … by at least this much (each time; -t × 4 if longer).
@@ -410,7 +415,7 @@ class Daemon:
         self._open_run_dir(stack)  # before the maintenance thread: closed after it stops
         self.watcher.start()
         self.maintenance.start()
-        stack.callback(self.maintenance.stop)  # runs first: before the receiver closes
+        stack.callback(self._stop_maintenance)  # runs first: before the receiver closes
         self.writer.on_progress = None  # from now on the main loop feeds the watchdog
         self.notifier.ready()
         if args.ready_fd is not None:
@@ -457,6 +462,26 @@ class Daemon:
                 os.unlink(name, dir_fd=run_dir)
 
         stack.callback(remove)
+
+    def _stop_maintenance(self) -> None:
+        """Stop the maintenance thread; if it hangs in a file system, close the device under it.
+
+        Catch-up stats helper paths, and in FUSE mode our own helper is a file
+        that only our main loop answers for, which has stopped by now: a stat
+        in flight would wait for ever.  Closing the device aborts the FUSE
+        connection, failing that request (ENOTCONN).  A thread waiting for some
+        other file system is left behind (it is a daemon thread; exit does
+        not wait for it).
+        """
+        if self.maintenance.stop(MAINTENANCE_STOP_WAIT):
+            return
+        log.warning(
+            "maintenance thread still busy %.0f s after stop: closing the device under it",
+            MAINTENANCE_STOP_WAIT,
+        )
+        self.device.close()
+        if not self.maintenance.stop(MAINTENANCE_ABANDON_WAIT):
+            log.warning("maintenance thread abandoned (a file system not answering?)")
 
     def _catch_up(self, *, start_up: bool = False) -> None:
         """One catch-up run (maintenance thread); its summary goes to the completion marker."""
@@ -656,12 +681,16 @@ class Maintenance:
     def stopping(self) -> bool:
         return self._stop.is_set()
 
-    def stop(self) -> None:
-        """Finish the mapping in hand, drop the rest; wait for the thread."""
+    def stop(self, timeout: float) -> bool:
+        """Finish the mapping in hand, drop the rest; wait for the thread, up to *timeout* s.
+
+        False if it is still running then (waiting for a file system: see
+        :meth:`Daemon._stop_maintenance`).
+        """
         self._stop.set()
         self._jobs.put(None)
-        if self._thread.is_alive():
-            self._thread.join()
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
 
     def _run(self) -> None:
         while not self._stop.is_set():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import shutil
 import subprocess
 import sys
@@ -13,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from common.errors import RequestRejected
-from dtprobed.daemon.identity import identify_object
+from dtprobed.daemon.identity import fuse_devices, identify_object
+from tests.integration.test_hostile_fetch import stuck_fuse
 from tests.support.stash_view import glibc_dev
 
 FIXTURES = Path(__file__).resolve().parents[1] / "parser" / "fixtures" / "notes"
@@ -93,3 +95,29 @@ def test_address_outside_any_file_mapping_is_einval() -> None:
     with pytest.raises(RequestRejected) as info:
         identify_object(os.getpid(), 8)  # never mapped
     assert "not mapped" in info.value.reason
+
+
+def test_object_on_a_fuse_file_system_is_refused_unopened(tmp_path: Path) -> None:
+    """A FUSE server can leave our open or reads unanswered for ever (and the waiting
+    thread cannot be killed): an object on a FUSE file system is refused before
+    anything of it is opened.  The server here never answers READ, and reports each
+    one it withholds: none may come."""
+    with stuck_fuse(tmp_path / "stuck") as server:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", HOLDER, str(tmp_path / "stuck")],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        try:
+            assert proc.stdout is not None
+            text = int(proc.stdout.readline())
+            assert glibc_dev(os.stat(tmp_path / "stuck").st_dev) in fuse_devices(proc.pid)
+            with pytest.raises(RequestRejected) as err:
+                identify_object(proc.pid, text + 16)
+            assert err.value.errno == errno.EINVAL
+            assert "on a FUSE file system" in str(err.value)
+            assert server.stdout is not None
+            assert select.select([server.stdout], [], [], 0.2)[0] == []  # no READ sent
+        finally:
+            proc.kill()
+            proc.wait()
