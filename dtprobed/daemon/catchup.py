@@ -23,7 +23,9 @@ leaves nothing behind):
    be the helper we serve (same character device, or same ``(st_dev, st_ino)``
    for a FUSE file) → otherwise skipped: another daemon's process is not ours.
    A process in our mount namespace, with our root, naming our very path is
-   ours without a ``stat``;
+   ours without a ``stat``; any other path is ``stat``ed in a child process
+   abandoned after :data:`STAT_TIMEOUT` (the path may cross a FUSE mount whose
+   server never answers);
 4. ``/proc/PID/maps``: each distinct file with an executable mapping, not
    already registered by this process (its ``dof-pid/$pid`` keys, when that
    directory is this process's: same start time), is opened through
@@ -60,6 +62,8 @@ import errno
 import logging
 import os
 import stat
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -165,6 +169,17 @@ def boot_ticks() -> int:
     return int(time.clock_gettime(time.CLOCK_BOOTTIME) * _CLOCK_TICKS)
 
 
+#: How long a helper path's ``stat`` (in a child process) may take.
+STAT_TIMEOUT: Final = 2.0
+#: The child: prints :func:`helper_identity` of argv[1] ("chr RDEV 0" or "file DEV INO").
+_STAT_HELPER: Final = (
+    "import os, stat, sys\n"
+    "st = os.stat(sys.argv[1])\n"
+    "print('chr', st.st_rdev, 0) if stat.S_ISCHR(st.st_mode)"
+    " else print('file', st.st_dev, st.st_ino)\n"
+)
+
+
 def helper_identity(path: str) -> tuple[str, int, int]:
     """What makes two paths the same helper: the character device, or the file's inode."""
     st = os.stat(path)
@@ -237,7 +252,10 @@ class CatchUp:
         self._own_exe = (own.st_dev, own.st_ino)
         self._started_before: int | None = None
         self._device_bytes = os.fsencode(device)
-        self._our_view = (-1, -1, -1)
+        self._our_view: tuple[int, str] = (-1, "")
+        #: helper-path stats that outlived STAT_TIMEOUT: reaped when they end
+        self._abandoned: list[subprocess.Popen[bytes]] = []
+        self._helper_seen: dict[tuple[int, str, bytes], tuple[str, int, int] | None] = {}
 
     def _open_pid_dir(self, pid: int) -> int | None:
         """A read-only fd on ``dof-pid/$pid`` (never through a symlink), None if absent."""
@@ -264,10 +282,11 @@ class CatchUp:
         self._started_before = started_before
         summary = Summary()
         try:
-            root = os.stat("/proc/self/root")
-            self._our_view = (os.stat("/proc/self/ns/mnt").st_ino, root.st_dev, root.st_ino)
+            self._our_view = (os.stat("/proc/self/ns/mnt").st_ino, os.readlink("/proc/self/root"))
         except OSError:
-            self._our_view = (-1, -1, -1)  # never equal: every helper path gets its stat
+            self._our_view = (-1, "")  # never equal: every helper path gets its stat
+        self._helper_seen = {}
+        self._abandoned = [proc for proc in self._abandoned if proc.poll() is None]
         try:
             ours = helper_identity(self._device)
         except OSError as err:
@@ -363,12 +382,7 @@ class CatchUp:
             raise _Skip("another helper")
         if name == self._device_bytes and self._sees_as_we_do(pid):
             return  # our path, resolved in our mount namespace from our root: our helper
-        where = f"/proc/{pid}/root" if name.startswith(b"/") else f"/proc/{pid}/cwd/"
-        try:
-            theirs = helper_identity(where + name.decode("utf-8", "surrogateescape"))
-        except (OSError, ValueError) as err:
-            raise _Skip("another helper") from err
-        if theirs != ours:
+        if self._their_helper(pid, name) != ours:
             raise _Skip("another helper")
 
     def _sees_as_we_do(self, pid: int) -> bool:
@@ -376,13 +390,59 @@ class CatchUp:
 
         Spares a ``stat`` of the helper per process (in FUSE mode a request to
         our own device) for the processes that name the very path we serve.
+        The root is compared by ``readlink`` (the kernel's name for it, from
+        our root), not ``stat``: a root on a FUSE file system would make a
+        ``stat`` a request to its server.
         """
         try:
-            mnt = os.stat(f"/proc/{pid}/ns/mnt").st_ino
-            root = os.stat(f"/proc/{pid}/root")
+            mnt = os.stat(f"/proc/{pid}/ns/mnt").st_ino  # nsfs: asks no file system
+            root = os.readlink(f"/proc/{pid}/root")
         except OSError:
             return False
-        return (mnt, root.st_dev, root.st_ino) == self._our_view
+        return (mnt, root) == self._our_view
+
+    def _their_helper(self, pid: int, name: bytes) -> tuple[str, int, int] | None:
+        """:func:`helper_identity` of *name* as process *pid* resolves it; None: unresolvable.
+
+        The path may cross any file system, including a FUSE mount whose
+        server never answers, and a thread waiting there can be neither
+        cancelled nor killed: so the ``stat`` runs in a child process, abandoned
+        after :data:`STAT_TIMEOUT`.  One per mount namespace, root and name in
+        a run.
+        """
+        absolute = name.startswith(b"/")
+        where = f"/proc/{pid}/root" if absolute else f"/proc/{pid}/cwd/"
+        path = where + name.decode("utf-8", "surrogateescape")
+        key: tuple[int, str, bytes] | None = None
+        if absolute:
+            try:
+                key = (os.stat(f"/proc/{pid}/ns/mnt").st_ino, os.readlink(where), name)
+            except OSError:
+                return None
+            if key in self._helper_seen:
+                return self._helper_seen[key]
+        found = self._stat_in_child(path)
+        if key is not None:
+            self._helper_seen[key] = found
+        return found
+
+    def _stat_in_child(self, path: str) -> tuple[str, int, int] | None:
+        proc = subprocess.Popen(
+            [sys.executable, "-I", "-c", _STAT_HELPER, path],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            out, _ = proc.communicate(timeout=STAT_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()  # it may stay, in the kernel, until that file system answers
+            self._abandoned.append(proc)
+            raise _Skip("helper path not answering") from None
+        fields = out.split()
+        if proc.returncode != 0 or len(fields) != 3:
+            return None
+        return (fields[0].decode(), int(fields[1]), int(fields[2]))
 
     def _registered_keys(self, pid: int, start_time: int) -> set[tuple[int, int]]:
         """The (dev, ino) this process has registered (its dof-pid directory, if it is its)."""

@@ -205,6 +205,9 @@ class AddressSpace:
             return "shared, not private (anonymous DOF's code must be private)"
         if self.pid <= 0:
             return "not checkable (no process to read map_files of)"
+        if m.dev in fuse_devices(self.pid):
+            # a stat there is a request to a server that may never answer (open_object)
+            return "of a file on a FUSE file system"
         path = f"/proc/{self.pid}/map_files/{m.start:x}-{m.end:x}"
         try:
             st = os.stat(path)  # follows the link without opening the file (no device open)

@@ -1,16 +1,19 @@
 """A hostile FUSE file system for tests: one file whose READ is never answered.
 
-Run as ``python -m tests.device.stuck_fuse MOUNTPOINT [--size N] [--readahead N]``.
+Run as ``python -m tests.device.stuck_fuse MOUNTPOINT [--size N] [--readahead N]
+[--withhold-getattr]``.
 It mounts a one-file FUSE file system on MOUNTPOINT (an existing regular file:
 the root inode is a regular file, as in the daemon's own helper mount), of
 *size* bytes, mode 0444, answers INIT, GETATTR, OPEN, FLUSH, RELEASE and
-INTERRUPT-free everything else with ENOSYS — and never answers READ.  A
+INTERRUPT-free everything else with ENOSYS — and never answers READ (nor, with
+``--withhold-getattr``, GETATTR: then even a ``stat`` of the file waits).  A
 process that maps the file and touches a page (or whose page another process
 touches through ``process_vm_readv``) waits in the kernel until this server
 answers or goes away.
 
 It prints one JSON line per event on stdout: ``{"mounted": true}`` once INIT
-is answered, ``{"read": offset, "size": n}`` for each READ it withholds.  It
+is answered, ``{"read": offset, "size": n}`` for each READ it withholds, ``{"getattr": n}`` for
+each withheld GETATTR.  It
 exits when stdin closes (the test ends it), unmounting first: every withheld
 READ then fails (the kernel aborts the connection when /dev/fuse is closed).
 
@@ -52,7 +55,7 @@ def _attr_reply(unique: int, size: int) -> bytes:
     return proto.encode_reply(unique, abi.FUSE_ATTR_OUT.pack(3600, 0, *attr))
 
 
-def serve(mountpoint: str, size: int, readahead: int) -> None:
+def serve(mountpoint: str, size: int, readahead: int, withhold_getattr: bool) -> None:
     fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
     options = f"fd={fd},rootmode=100000,user_id=0,group_id=0,allow_other".encode()
     if _libc.mount(b"stuckfs", mountpoint.encode(), b"fuse.stuck", MS_NOSUID | MS_NODEV, options):
@@ -86,6 +89,9 @@ def serve(mountpoint: str, size: int, readahead: int) -> None:
                     ),
                 )
                 _say({"mounted": True})
+            elif op == abi.FUSE_GETATTR and withhold_getattr:
+                withheld.append(req.unique)  # never answered
+                _say({"getattr": len(withheld)})
             elif op == abi.FUSE_GETATTR:
                 os.write(fd, _attr_reply(req.unique, size))
             elif op == abi.FUSE_OPEN:
@@ -110,8 +116,9 @@ def main() -> None:
     ap.add_argument("mountpoint")
     ap.add_argument("--size", type=int, default=1 << 20)
     ap.add_argument("--readahead", type=int, default=0, help="max_readahead in INIT")
+    ap.add_argument("--withhold-getattr", action="store_true")
     args = ap.parse_args()
-    serve(args.mountpoint, args.size, args.readahead)
+    serve(args.mountpoint, args.size, args.readahead, args.withhold_getattr)
 
 
 if __name__ == "__main__":

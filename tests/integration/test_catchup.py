@@ -241,6 +241,46 @@ def test_an_object_on_a_stalled_fuse_file_stalls_nothing(
     assert "Traceback" not in daemon.log_text()
 
 
+def test_a_helper_path_on_a_stalled_fuse_file_stalls_nothing(
+    programs: Programs, tmp_path: Path
+) -> None:
+    """A process names, as its helper, a file of a FUSE server that never answers
+    GETATTR: the stat that tells whether that is our helper would wait for ever.  It
+    runs in a child process, abandoned after a timeout: catch-up skips the process,
+    registers the others, and the daemon still stops."""
+    helper = tmp_path / "helper"
+    benign = programs.start("pie", helper)
+    with stuck_fuse(tmp_path / "stuck", withhold_getattr=True) as server:
+        holder = subprocess.Popen(
+            [sys.executable, "-c", "import sys; sys.stdin.read()"],
+            stdin=subprocess.PIPE,
+            env={**os.environ, "DTRACE_DOF_INIT_DEVNAME": str(tmp_path / "stuck")},
+        )
+        try:
+            daemon = start_daemon(tmp_path, device=helper)
+            try:
+                line = wait_summaries(daemon, 1)
+                assert "1 objects registered" in line, line
+                assert "helper path not answering" in line, line
+                check_stash(daemon, benign, benign.prog.pid, 1)
+                assert holder.pid not in daemon.stash_pids()
+                assert server.stdout is not None
+                assert "getattr" in json.loads(server.stdout.readline())  # it was asked
+                daemon.verify()
+                started = time.monotonic()
+                daemon.proc.send_signal(signal.SIGTERM)
+                assert daemon.proc.wait(STOP_TIMEOUT) == 0
+                assert time.monotonic() - started < STOP_TIMEOUT
+                daemon.stopped = True
+            except BaseException:
+                daemon.cleanup_hard()
+                raise
+        finally:
+            holder.kill()
+            holder.wait()
+    assert "Traceback" not in daemon.log_text()
+
+
 def test_sigterm_right_after_ready_stops_the_daemon(tmp_path: Path) -> None:
     """SIGTERM as soon as the daemon is ready, while its start-up catch-up stats the
     helper: in FUSE mode that stat is a request to the daemon's own device.  Before:

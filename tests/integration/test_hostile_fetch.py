@@ -73,11 +73,22 @@ def _hostile(device: Path, path: Path, size: int, count: int) -> subprocess.Pope
 
 
 @contextlib.contextmanager
-def stuck_fuse(mountpoint: Path, size: int = 1 << 20) -> Iterator[subprocess.Popen[str]]:
-    """Our own tiny FUSE file system: one file whose READ is never answered."""
+def stuck_fuse(
+    mountpoint: Path, size: int = 1 << 20, *, withhold_getattr: bool = False
+) -> Iterator[subprocess.Popen[str]]:
+    """Our own tiny FUSE file system: one file whose READ (and GETATTR) is never answered."""
     mountpoint.write_bytes(b"")
+    extra = ["--withhold-getattr"] if withhold_getattr else []
     server = subprocess.Popen(
-        [sys.executable, "-m", "tests.device.stuck_fuse", str(mountpoint), "--size", str(size)],
+        [
+            sys.executable,
+            "-m",
+            "tests.device.stuck_fuse",
+            str(mountpoint),
+            "--size",
+            str(size),
+            *extra,
+        ],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
