@@ -36,7 +36,10 @@ keeps being served and the watchdog fed throughout.  A mapping that vanished
 (its process pruned or its generation removed) between the scan and its turn
 is skipped.  On stop the maintenance thread finishes the mapping in hand and
 leaves the rest (a reparse is not resumed; the next start-up reparses
-whatever is still outdated).
+whatever is still outdated); a job still running after
+:data:`MAINTENANCE_STOP_WAIT` has the device closed under it (it may be
+waiting for our own FUSE helper, which the stopped main loop no longer
+answers).
 
 Exit status: 0 after a clean stop; 1 fatal (bad options, unusable or already
 served device, unusable state directory) — the unit's
