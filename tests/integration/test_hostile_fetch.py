@@ -4,7 +4,7 @@ Each test runs a real hostile process and real benign clients against a real
 daemon on the real FUSE device, and asserts that the benign clients'
 registrations keep succeeding, nothing is lost, ``verify`` is clean and the
 daemon stops on SIGTERM.  Latency under attack is measured in
-``bench/bench_hostile.py``, never here.
+``bench/bench_attack.py``, never here.
 """
 
 from __future__ import annotations
