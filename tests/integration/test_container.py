@@ -573,6 +573,19 @@ def test_container_started_before_the_daemon_is_caught_up(
             }, listed
             listed = partner.dtrace_list(daemon.state_dir, f"rdtmain{notes_ctr.pid}", root=root)
             assert len(listed.rows) == 4, listed
+            # and fires the caught-up probes (one CPU: the buffer comes in order)
+            os.sched_setaffinity(notes_ctr.pid, {min(os.sched_getaffinity(0))})
+            out = partner.dtrace_fire(
+                daemon.state_dir,
+                'rdtmain$target::fire_ticks:tick { printf("tick %d\\n", args[0]); }'
+                ' rdtmain$target::fire_ticks:done-all { printf("done %d\\n", args[0]);'
+                " exit(0); }",
+                notes_ctr.pid,
+                trigger=lambda: notes_prog.command("f 3"),
+                duration=240,
+                root=root,
+            )
+            assert out.stdout.split() == ["tick", "0", "tick", "1", "tick", "2", "done", "3"], out
     except BaseException:
         if daemon is not None:
             daemon.cleanup_hard()
