@@ -76,7 +76,7 @@ from common.errors import ChildFailed, DtprobedError, RequestRejected, StashErro
 from common.limits import DEFAULT_MAX_QUEUED_BYTES
 from common.records import NotesLocation, ResultRecord
 from common.stash_protocol import UNKNOWN_UID, RawBlock, Registration
-from dtprobed.children.parser import ParseResult, notes_helper, parse_object_notes
+from dtprobed.children.parser import NotesParser, ParseResult, notes_helper, parse_object_notes
 from dtprobed.daemon.catchup import AMBIGUOUS_GENS
 from dtprobed.daemon.exitwatch import ExitWatcher
 from dtprobed.daemon.fairness import (
@@ -111,7 +111,9 @@ WRITER_FAILURES_FATAL: Final = 5
 Reply = Callable[[int], None]
 
 
-class Parser(Protocol):
+class Parser(NotesParser, Protocol):
+    """What the receiver needs of a parser (:class:`ParserChild`): notes, DOF, the locate step."""
+
     def parse_result(
         self,
         helper: bytes,
@@ -129,16 +131,6 @@ class Parser(Protocol):
         dof: bool = False,
         requester: int | None = None,
     ) -> NotesLocation: ...
-    def parse_note_blocks(
-        self,
-        helper: bytes,
-        notes_addr: int,
-        notes: bytes,
-        rodata_addr: int,
-        rodata: bytes,
-        *,
-        requester: int | None = None,
-    ) -> ParseResult: ...
 
 
 class Writer(Protocol):

@@ -24,13 +24,9 @@ import pytest
 
 from common.dof_build import ProbeSpec, ProviderSpec, build_dof, build_helper
 from common.ioctl import DTRACEHIOC_ADDDOF, DTRACEHIOC_HASUSDT, DTRACEHIOC_REMOVE
-from common.limits import ParseLimits
-from dtprobed.children.parser import ParserChild
 from dtprobed.children.writer import StashWriterChild
-from dtprobed.daemon.exitwatch import ExitWatcher
-from dtprobed.daemon.receiver import Receiver
 from dtprobed.device.cuse import CuseDevice
-from tests.device.fake_cuse import served_device
+from tests.device.fake_cuse import in_process_receiver, served_device
 from tests.device.fake_kernel import FakeCuseKernel, FakeMemory
 from tests.support.client import map_file
 
@@ -68,32 +64,11 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
 
     state_dir = tmp_path / "run"
     state_dir.mkdir()
-    limits = ParseLimits()
-    writer = StashWriterChild(str(state_dir), timeout=30.0, log=logging.getLogger("t.stash"))
-    small = ParserChild(limits=limits, timeout=30.0, log=logging.getLogger("t.parser"))
-    large = ParserChild(limits=limits, timeout=30.0, log=logging.getLogger("t.parser"))
-    holder: dict[str, Receiver] = {}
-    watcher = ExitWatcher(lambda pid: holder["receiver"].prune_exited(pid))
-    writer.start()
-    small.start()
-    receiver = Receiver(
-        small_parser=small,
-        large_parser=large,
-        writer=writer,
-        watcher=watcher,
-        on_fatal=lambda status, reason: None,
-    )
-    holder["receiver"] = receiver
-    watcher.start()
-    try:
-        with served_device(receiver.handle) as (kernel, dev, _info):
-            yield Stack(kernel, dev, writer, state_dir, base, memory)
-    finally:
-        receiver.close()
-        watcher.stop()
-        small.stop()
-        large.stop()
-        writer.stop()
+    with (
+        in_process_receiver(state_dir) as (receiver, writer),
+        served_device(receiver.handle) as (kernel, dev, _info),
+    ):
+        yield Stack(kernel, dev, writer, state_dir, base, memory)
 
 
 def registered_gens(stack: Stack) -> list[str]:

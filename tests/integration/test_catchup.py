@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import select
 import signal
@@ -36,18 +35,16 @@ import pytest
 from common.ioctl import DTRACEHIOC_ADDDOF, DTRACEHIOC_REMOVE
 from common.limits import ParseLimits
 from common.records import NotesLocation
-from dtprobed.children.parser import ParserChild
 from dtprobed.children.writer import StashWriterChild
 from dtprobed.daemon.catchup import CatchUp, parse_environ
-from dtprobed.daemon.exitwatch import ExitWatcher
 from dtprobed.daemon.receiver import Receiver
 from dtprobed.stash.layout import XATTR_CAUGHT_UP
-from tests.device.fake_cuse import served_device
+from tests.device.fake_cuse import in_process_receiver, served_device
 from tests.device.fake_kernel import FakeCuseKernel, FakeMemory
 from tests.integration.test_hostile_fetch import stuck_fuse
 from tests.integration.test_sunw_dof import LIB, MAIN, Running, check_stash
 from tests.support import sunw_dof as sd
-from tests.support.daemon import REPO, STOP_TIMEOUT, DaemonHandle, finish, start_daemon
+from tests.support.daemon import REPO, DaemonHandle, finish, start_daemon
 from tests.support.stash_view import file_key, generations
 
 pytestmark = pytest.mark.timeout(600)
@@ -227,11 +224,7 @@ def test_an_object_on_a_stalled_fuse_file_stalls_nothing(
                 readable, _, _ = select.select([server.stdout], [], [], 0)
                 assert not readable, "the daemon read the stalled file"  # no READ was sent
                 daemon.verify()
-                started = time.monotonic()
-                daemon.proc.send_signal(signal.SIGTERM)
-                assert daemon.proc.wait(STOP_TIMEOUT) == 0
-                assert time.monotonic() - started < STOP_TIMEOUT
-                daemon.stopped = True
+                assert daemon.stop() == 0  # SIGTERM, within STOP_TIMEOUT
             except BaseException:
                 daemon.cleanup_hard()
                 raise
@@ -267,11 +260,7 @@ def test_a_helper_path_on_a_stalled_fuse_file_stalls_nothing(
                 assert server.stdout is not None
                 assert "getattr" in json.loads(server.stdout.readline())  # it was asked
                 daemon.verify()
-                started = time.monotonic()
-                daemon.proc.send_signal(signal.SIGTERM)
-                assert daemon.proc.wait(STOP_TIMEOUT) == 0
-                assert time.monotonic() - started < STOP_TIMEOUT
-                daemon.stopped = True
+                assert daemon.stop() == 0  # SIGTERM, within STOP_TIMEOUT
             except BaseException:
                 daemon.cleanup_hard()
                 raise
@@ -556,40 +545,18 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
     helper.write_bytes(b"")
     state_dir = tmp_path / "run"
     state_dir.mkdir()
-    limits = ParseLimits()
-    writer = StashWriterChild(str(state_dir), timeout=30.0, log=logging.getLogger("t.stash"))
-    small = ParserChild(limits=limits, timeout=30.0, log=logging.getLogger("t.parser"))
-    large = ParserChild(limits=limits, timeout=30.0, log=logging.getLogger("t.parser"))
-    holder: dict[str, Receiver] = {}
-    watcher = ExitWatcher(lambda pid: holder["receiver"].prune_exited(pid))
-    writer.start()
-    receiver = Receiver(
-        small_parser=small,
-        large_parser=large,
-        writer=writer,
-        watcher=watcher,
-        on_fatal=lambda status, reason: None,
-    )
-    holder["receiver"] = receiver
-    interleave = Interleave(receiver)
-    catch_up = CatchUp(
-        interleave,
-        remover=writer,
-        device=str(helper),
-        state_dir=str(state_dir),
-        max_dof_size=limits.max_dof_size,
-    )
-    receiver.ambiguous_remove = catch_up.on_ambiguous_remove
-    watcher.start()
-    try:
+    with in_process_receiver(state_dir) as (receiver, writer):
+        interleave = Interleave(receiver)
+        catch_up = CatchUp(
+            interleave,
+            remover=writer,
+            device=str(helper),
+            state_dir=str(state_dir),
+            max_dof_size=ParseLimits().max_dof_size,
+        )
+        receiver.ambiguous_remove = catch_up.on_ambiguous_remove
         with served_device(receiver.handle) as (kernel, _dev, _info):
             yield Stack(helper, state_dir, writer, interleave, catch_up, kernel)
-    finally:
-        receiver.close()
-        watcher.stop()
-        small.stop()
-        large.stop()
-        writer.stop()
 
 
 def test_remove_zero_or_minus_one_removes_only_what_is_unmapped(
