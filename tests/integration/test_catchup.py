@@ -380,11 +380,16 @@ def test_dlclosed_caught_up_library_goes_at_the_next_prune(
             lambda: generations(daemon.state_dir, pid) == {1: main_key},
             timeout=120,
         )
-        check_stash(daemon, main, pid, 1)
+        # the generation symlink goes first (what a consumer sees); its probe files and
+        # mapping directory follow in the same command, so look at the tree once it is done
+        probes = daemon.state_dir / "probes" / str(pid)
+        lib_providers = [probes / f"{pv.name}{pid}" for pv in lib.obj.providers]
         daemon.wait_for(
-            "its mapping directory to go",
-            lambda: not (daemon.state_dir / "stash" / "dof-pid" / str(pid) / lib_key).exists(),
+            "its mapping directory and probe files to go",
+            lambda: not (daemon.state_dir / "stash" / "dof-pid" / str(pid) / lib_key).exists()
+            and not any(p.exists() for p in lib_providers),
         )
+        check_stash(daemon, main, pid, 1)
         daemon.verify()
     except BaseException:
         daemon.cleanup_hard()
