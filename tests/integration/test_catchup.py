@@ -386,8 +386,10 @@ def test_dlclosed_caught_up_library_goes_at_the_next_prune(
         lib_providers = [probes / f"{pv.name}{pid}" for pv in lib.obj.providers]
         daemon.wait_for(
             "its mapping directory and probe files to go",
-            lambda: not (daemon.state_dir / "stash" / "dof-pid" / str(pid) / lib_key).exists()
-            and not any(p.exists() for p in lib_providers),
+            lambda: (
+                not (daemon.state_dir / "stash" / "dof-pid" / str(pid) / lib_key).exists()
+                and not any(p.exists() for p in lib_providers)
+            ),
         )
         check_stash(daemon, main, pid, 1)
         daemon.verify()
