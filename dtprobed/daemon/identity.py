@@ -50,15 +50,18 @@ from dataclasses import dataclass
 from typing import Final
 
 from common.errors import RequestRejected
+from dtprobed.oslib.fdio import read_all
 from dtprobed.oslib.pidfd import pidfd_exited
 from dtprobed.oslib.procfs import (
     AT_PHDR,
+    MAX_PROC_READ,
     exec_token,
     fsuid_of,
     parse_auxv,
     parse_start_time,
     read_proc,
 )
+from dtprobed.oslib.procmaps import MapsQuery
 
 assert sys.platform == "linux"
 
@@ -98,12 +101,15 @@ class Mapping:
 
 
 class AddressSpace:
-    """The caller's mappings, sorted, with O(log n) lookup by address.
+    """The caller's mappings, with lookup by address.
 
-    Built from the raw ``/proc/PID/maps`` text with :meth:`from_maps`, only
-    each line's address range is decoded up front; a line is parsed into a
-    :class:`Mapping` when a lookup lands on it.  A registration looks up two
-    or three mappings of a process that may have hundreds.
+    A registration looks up two or three mappings of a process that may have
+    hundreds.  :meth:`of_process` asks the kernel for each one
+    (``PROCMAP_QUERY``, :mod:`dtprobed.oslib.procmaps`) and reads the whole
+    ``/proc/PID/maps`` text only if :attr:`mappings` is wanted, or where the
+    kernel lacks the ioctl.  From the text (:meth:`from_maps`) only each
+    line's address range is decoded up front, for an O(log n) lookup; a line
+    is parsed into a :class:`Mapping` when a lookup lands on it.
     """
 
     def __init__(self, mappings: list[Mapping], pid: int = 0) -> None:
@@ -113,6 +119,27 @@ class AddressSpace:
         self._ends = [m.end for m in ordered]
         self._lines: list[bytes] = []
         self._parsed: dict[int, Mapping] = dict(enumerate(ordered))
+        self._query: MapsQuery | None = None
+        self._text_read = True
+
+    @classmethod
+    def of_process(cls, pid: int) -> AddressSpace:
+        """*pid*'s mappings, looked up in the kernel where it can; :meth:`close` it.
+
+        ``OSError`` when the process can't be read, ``ValueError`` on malformed text.
+        """
+        query = MapsQuery.open(pid)
+        if query is None:
+            return cls.from_maps(read_proc(f"/proc/{pid}/maps"), pid)
+        space = cls([], pid)
+        space._query, space._text_read = query, False
+        return space
+
+    def close(self) -> None:
+        """Close the maps file a kernel lookup holds open (nothing to do for text)."""
+        query, self._query = self._query, None
+        if query is not None:
+            query.close()
 
     @classmethod
     def from_maps(cls, text: bytes, pid: int = 0) -> AddressSpace:
@@ -139,11 +166,44 @@ class AddressSpace:
             found = self._parsed[i] = parse_maps(self._lines[i])[0]
         return found
 
+    def _read_text(self) -> None:
+        """Kernel lookups: read the whole text now (:attr:`mappings` was asked for)."""
+        if self._query is None:
+            raise ValueError("the address space is closed")
+        try:
+            os.lseek(self._query.fd, 0, os.SEEK_SET)
+            text = read_all(self._query.fd, MAX_PROC_READ, what=f"/proc/{self.pid}/maps")
+        except OSError as err:
+            raise _vanished(self.pid, err) from err
+        parsed = AddressSpace.from_maps(text, self.pid)
+        self._starts, self._ends, self._lines = parsed._starts, parsed._ends, parsed._lines
+        self._text_read = True
+
     @property
     def mappings(self) -> list[Mapping]:
+        if not self._text_read:
+            self._read_text()
         return [self._mapping(i) for i in range(len(self._starts))]
 
     def find(self, addr: int) -> Mapping | None:
+        if not self._text_read and self._query is None:
+            raise ValueError("the address space is closed")
+        if self._query is not None:
+            try:
+                vma = self._query.at(addr)
+            except OSError as err:
+                raise _vanished(self.pid, err) from err
+            if vma is None:
+                return None
+            return Mapping(
+                start=vma.start,
+                end=vma.end,
+                perms=vma.perms,
+                offset=vma.offset,
+                dev=glibc_makedev(vma.major, vma.minor),
+                ino=vma.inode,
+                path=vma.name,
+            )
         i = bisect.bisect_right(self._starts, addr) - 1
         if i >= 0 and addr < self._ends[i]:
             return self._mapping(i)
@@ -299,6 +359,7 @@ class Caller:
         return fd
 
     def close(self) -> None:
+        self.space.close()
         fd, self.pidfd = self.pidfd, -1
         if fd >= 0:
             os.close(fd)
@@ -496,9 +557,10 @@ def _identify(tid: int, key: Callable[[AddressSpace], tuple[int, int]]) -> Calle
         except OSError as err:
             raise _vanished(pid, err) from err
     handed_over = False
+    space: AddressSpace | None = None
     try:
         start_time = parse_start_time(read_proc(f"/proc/{pid}/stat"))
-        space = AddressSpace.from_maps(read_proc(f"/proc/{pid}/maps"), pid)
+        space = AddressSpace.of_process(pid)
         try:
             auxv = parse_auxv(read_proc(f"/proc/{pid}/auxv"))
         except ValueError:
@@ -517,3 +579,5 @@ def _identify(tid: int, key: Callable[[AddressSpace], tuple[int, int]]) -> Calle
     finally:
         if not handed_over:
             os.close(pidfd)
+            if space is not None:
+                space.close()
