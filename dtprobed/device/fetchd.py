@@ -63,10 +63,22 @@ def serve_one(tid: int, address: int, max_size: int, stream_limit: int, out: int
     except OSError as err:
         _write_all(out, CODE.pack(-(err.errno or errno.EFAULT)))
         return
-    _write_all(out, CODE.pack(len(header)) + header)
+    first = CODE.pack(len(header)) + header
     loadsz = int(DOF_HDR.unpack_from(header).loadsz)
     if not HEADER_SIZE <= loadsz <= min(max_size, stream_limit):
+        _write_all(out, first)
         return  # the daemon refuses it or fetches it again in the large lane
+    if loadsz <= CHUNK:
+        # one write for a DOF that fits one chunk (every small one): the daemon
+        # wakes once, not once for the header and again for the rest
+        try:
+            rest = read_memory(tid, address + HEADER_SIZE, loadsz - HEADER_SIZE)
+        except OSError as err:
+            _write_all(out, first + CODE.pack(-(err.errno or errno.EFAULT)))
+            return
+        _write_all(out, first + CODE.pack(len(rest)) + rest if rest else first)
+        return
+    _write_all(out, first)
     done = HEADER_SIZE
     while done < loadsz:
         want = min(CHUNK, loadsz - done)
