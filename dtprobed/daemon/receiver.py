@@ -109,6 +109,8 @@ TRIM_AFTER_RECORDS: Final = 20000
 WRITER_FAILURES_FATAL: Final = 5
 
 Reply = Callable[[int], None]
+#: The caller's fsuid was not read yet (``Receiver._commit`` reads it then).
+_UNREAD: Final = object()
 
 
 class Parser(NotesParser, Protocol):
@@ -374,13 +376,16 @@ class Receiver:
 
     # --- ADDDOF -------------------------------------------------------------------
 
-    def _fetch_remote(self, job: _Job) -> bytes:
-        """FUSE mode: the caller's DOF, fetched by a helper process within its time bound."""
+    def _fetch_remote(self, job: _Job, meanwhile: Callable[[], object] | None = None) -> bytes:
+        """FUSE mode: the caller's DOF, fetched by a helper process within its time bound;
+        *meanwhile* runs while the helper reads."""
         request, uid = job.request, job.request.uid
         address = helper_dof_address(request.helper)
         max_size = self.fairness.max_dof_size
         limit = SMALL_DOF - 1 if job.lane == "small" else max_size
-        data = self._fetch.fetch(request.tid, uid, address, max_size=max_size, stream_limit=limit)
+        data = self._fetch.fetch(
+            request.tid, uid, address, max_size=max_size, stream_limit=limit, meanwhile=meanwhile
+        )
         loadsz = check_dof_header(data[: DOF_HDR.size], max_size)
         if job.lane == "small" and loadsz >= SMALL_DOF:
             self._move_to_large(job, loadsz)
@@ -414,55 +419,71 @@ class Receiver:
         raise _Moved
 
     def _adddof(self, job: _Job) -> tuple[int, Callable[[], object]]:
-        """The generation, and the log lines to write once the client has it."""
+        """The generation, and the log lines to write once the client has it.
+
+        The caller's /proc reads overlap the waits for its children: in FUSE
+        mode they run while the fetch helper reads the DOF (its uid is read
+        while the parser parses), in CUSE mode while the parser parses.
+        """
         request, uid = job.request, job.request.uid
         started = time.monotonic()
         penalty = self.penalties.remaining(uid)
         if penalty > 0:  # queued before its sender was penalised
             raise RequestRejected(errno.EINVAL, f"uid {uid} is refused for another {penalty:.1f} s")
-        if request.remote:
-            job.dof = self._fetch_remote(job)
-            size = len(job.dof)
-            if job.lane == "large" and not job.held:
-                refused = self._hold(job, "large", size)
-                if refused:
-                    raise RequestRejected(errno.EINVAL, refused)
-        else:
-            job.dof = request.dof
-            size = len(job.dof)
-        if job.lane == "small" and self._parse_meter.heavy(uid):
-            self._move_to_large(job, size)  # it used the small parser a lot lately
         helper = request.helper  # 80 bytes: the device layer checked it
         fields = DOF_HELPER.unpack_from(helper)
         dof_addr: int = fields.dof
-        parser = self._large_parser if job.lane == "large" else self._small_parser
         identified: list[Caller] = []
+        owner: list[int | None] = []
 
         def identify_caller() -> None:
-            identified.append(identify(request.tid, dof_addr))
+            if not identified:
+                identified.append(identify(request.tid, dof_addr))
+            else:  # identified during the fetch: the parse covers the uid's read
+                owner.append(fsuid_of(identified[0].pid))
 
-        # The /proc reads overlap the parse: the parser child works while we read.
-        parse_started = time.monotonic()
-        job.in_parser = True
         try:
-            # requester: a fork child's identical request is answered from the parse cache
-            result = parser.parse_result(
-                helper, job.dof, meanwhile=identify_caller, requester=request.tid
-            )
+            if request.remote:
+                job.dof = self._fetch_remote(job, identify_caller)
+                size = len(job.dof)
+                if job.lane == "large" and not job.held:
+                    refused = self._hold(job, "large", size)
+                    if refused:
+                        raise RequestRejected(errno.EINVAL, refused)
+            else:
+                job.dof = request.dof
+                size = len(job.dof)
+            if job.lane == "small" and self._parse_meter.heavy(uid):
+                self._move_to_large(job, size)  # it used the small parser a lot lately
+            parser = self._large_parser if job.lane == "large" else self._small_parser
+            parse_started = time.monotonic()
+            job.in_parser = True
+            try:
+                # requester: a fork child's identical request is answered from the parse cache
+                result = parser.parse_result(
+                    helper, job.dof, meanwhile=identify_caller, requester=request.tid
+                )
+            finally:
+                self._parse_meter.add(uid, time.monotonic() - parse_started)
+            job.in_parser = False
+            parsed = time.monotonic()
+            if not identified:  # a Parser implementation that answered without running it
+                identify_caller()
         except BaseException:
             for caller in identified:
                 caller.close()
             raise
-        finally:
-            self._parse_meter.add(uid, time.monotonic() - parse_started)
-        job.in_parser = False
-        parsed = time.monotonic()
-        if not identified:  # a Parser implementation that answered without running it
-            identify_caller()
         caller = identified[0]
         try:
             # tracepoints in the DOF's own file, or (anonymous DOF) in unlinked private code
-            gen = self._commit(caller, helper, [RawBlock(0, job.dof)], result, caller.dof_object)
+            gen = self._commit(
+                caller,
+                helper,
+                [RawBlock(0, job.dof)],
+                result,
+                caller.dof_object,
+                owner=owner[0] if owner else _UNREAD,
+            )
         finally:
             caller.close()
         job.heavy = (
@@ -533,13 +554,21 @@ class Receiver:
         object_key: tuple[int, int] | None,
         *,
         caught_up: bool = False,
+        owner: object = _UNREAD,
     ) -> int:
-        """Check the tracepoints, stash the registration, watch the process; the generation."""
+        """Check the tracepoints, stash the registration, watch the process; the generation.
+
+        *owner*: the caller's fsuid if already read (while its pidfd was open, so of
+        this process: the liveness check below comes after it), else ``_UNREAD``.
+        """
         self._watcher.settle(caller.pid)
         caller.space.check_tracepoints(result.tracepoint_addrs(), object_key=object_key)
+        if owner is _UNREAD:
+            owner = fsuid_of(caller.pid)  # per-uid stash quotas
         if not caller.still_alive():
             raise RequestRejected(errno.EINVAL, f"process {caller.pid} exited")
-        gen = self._register(caller, helper, raw, result.records, caught_up=caught_up)
+        uid = owner if isinstance(owner, int) else None
+        gen = self._register(caller, helper, raw, result.records, uid, caught_up=caught_up)
         self._watcher.watch(caller.pid, caller.take_pidfd())
         return gen
 
@@ -549,10 +578,10 @@ class Receiver:
         helper: bytes,
         raw: list[RawBlock],
         records: list[ResultRecord],
+        uid: int | None,
         *,
         caught_up: bool = False,
     ) -> int:
-        uid = fsuid_of(caller.pid)  # per-uid stash quotas; the pidfd was checked just before
         reg = Registration(
             pid=caller.pid,
             start_time=caller.start_time,

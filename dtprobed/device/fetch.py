@@ -41,6 +41,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
@@ -121,11 +122,22 @@ class Fetcher:
         return True
 
     def fetch(
-        self, tid: int, address: int, max_size: int, stream_limit: int, timeout: float
+        self,
+        tid: int,
+        address: int,
+        max_size: int,
+        stream_limit: int,
+        timeout: float,
+        meanwhile: Callable[[], object] | None = None,
     ) -> bytearray | int | None:
         """The header (and, within *stream_limit*, the whole DOF); ``-errno`` if the
-        read faulted; None if the helper went silent for *timeout* s or died."""
+        read faulted; None if the helper went silent for *timeout* s or died.
+
+        *meanwhile* runs once the request is sent, while the helper reads; what it
+        raises propagates (the answer is then left unread: the caller abandons us)."""
         os.write(self._to, REQUEST.pack(tid, address, max_size, stream_limit))
+        if meanwhile is not None:
+            meanwhile()
         out = bytearray()
         expected = DOF_HDR.size
         while True:
@@ -219,17 +231,38 @@ class FetchPool:
                 self._all.remove(fetcher)
             self._stuck.append(_Stuck(fetcher.proc, uid, time.monotonic()))
 
-    def fetch(self, tid: int, uid: int, address: int, *, max_size: int, stream_limit: int) -> bytes:
+    def fetch(
+        self,
+        tid: int,
+        uid: int,
+        address: int,
+        *,
+        max_size: int,
+        stream_limit: int,
+        meanwhile: Callable[[], object] | None = None,
+    ) -> bytes:
         """The DOF header (64 bytes) and, if its ``loadsz`` ≤ *stream_limit*, the rest.
 
         Raises :class:`RequestRejected` (EINVAL) when the memory is unreadable,
         :class:`FetchTimeout` when it did not come in time (the helper is
-        abandoned, counted against *uid*).
+        abandoned, counted against *uid*).  *meanwhile* runs in this thread while
+        the helper reads (the receiver reads the caller's /proc then); an
+        exception from it is raised once the answer is in, unless the fetch failed.
         """
         self._reap()
         fetcher = self._fetcher()
+        side_error: Exception | None = None
+
+        def side() -> None:
+            nonlocal side_error
+            if meanwhile is not None:
+                try:
+                    meanwhile()
+                except Exception as err:
+                    side_error = err
+
         try:
-            got = fetcher.fetch(tid, address, max_size, stream_limit, self.timeout)
+            got = fetcher.fetch(tid, address, max_size, stream_limit, self.timeout, side)
         except OSError as err:  # the helper died (EPIPE)
             self._abandon(fetcher, uid)
             raise RequestRejected(_errno.EINVAL, f"fetch helper failed: {err}") from err
@@ -244,6 +277,8 @@ class FetchPool:
             raise RequestRejected(
                 _errno.EINVAL, f"cannot read DOF at {address:#x}: {os.strerror(-got)}"
             )
+        if side_error is not None:
+            raise side_error
         return bytes(got)
 
     def close(self) -> None:
