@@ -57,7 +57,9 @@ CUSE VM).  Facts we rely on (fs/fuse/cuse.c, fs/fuse/ioctl.c ``fuse_do_ioctl``):
   value: ``arg`` is the address, handed to the handler as is.  Dispatch is on
   ``_IOC_TYPE``/``_IOC_NR`` (:func:`common.ioctl.helper_ioctl_kind`), so the
   32-bit numbers of both are accepted.
-* CUSE sends OPEN (node id 0), IOCTL, RELEASE; no LOOKUP or GETATTR.
+* CUSE sends OPEN (node id 0), IOCTL, RELEASE; no LOOKUP or GETATTR.  Our
+  ENOSYS to the first OPEN ends OPEN and RELEASE for the connection, as for
+  a FUSE file (``DeviceServer._dispatch``).
 """
 
 from __future__ import annotations

@@ -43,8 +43,9 @@ same path and issue the same ioctls.  Facts we rely on (fs/fuse/ioctl.c,
   be turned into ENOTTY by the kernel.
 
 The filesystem: root inode 1 is a regular file, mode 0666, owner root, size
-0; LOOKUP finds nothing; OPEN succeeds (``FOPEN_NOFLUSH``); everything else we
-do not need is ENOSYS.  See :mod:`dtprobed.device.mount` for mounting, the host mount
+0; LOOKUP finds nothing; OPEN and FLUSH are ENOSYS, so the kernel stops sending
+them (and RELEASE: see ``DeviceServer._dispatch``); everything else we do not
+need is ENOSYS too.  See :mod:`dtprobed.device.mount` for mounting, the host mount
 namespace and stale mounts.
 """
 

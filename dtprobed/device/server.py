@@ -91,7 +91,6 @@ class DeviceServer:
         #: Refusals are logged per uid at a bounded rate (the daemon may replace it).
         self.ratelog = RateLog(self.log)
         self._buf = bytearray(READ_BUFFER_SIZE)
-        self._next_fh = 1
         self._mtime = 0
         self.proto_minor = 0
 
@@ -176,11 +175,14 @@ class DeviceServer:
                     valid_s=ATTR_VALID_S,
                 )
             )
-        elif op == abi.FUSE_OPEN:
-            fh, self._next_fh = self._next_fh, self._next_fh + 1
-            # FOPEN_NOFLUSH spares every client's close() a round trip (kernel ≥ 5.16).
-            self.send(proto.encode_open(req.unique, fh=fh, open_flags=abi.FOPEN_NOFLUSH))
-        elif op in (abi.FUSE_FLUSH, abi.FUSE_RELEASE, abi.FUSE_DESTROY):
+        elif op in (abi.FUSE_OPEN, abi.FUSE_FLUSH):
+            # We keep no per-open state.  ENOSYS to the first OPEN makes the kernel
+            # open every later file without asking us, and send no RELEASE for any
+            # of them (fc->no_open, FUSE and CUSE alike, Linux ≥ 3.14); ENOSYS to
+            # the first FLUSH likewise ends FLUSH (fc->no_flush).  A registration
+            # is then one request, its IOCTL, instead of three.
+            self.send(proto.encode_error(req.unique, _errno.ENOSYS))
+        elif op in (abi.FUSE_RELEASE, abi.FUSE_DESTROY):
             self.send(proto.encode_reply(req.unique))
         elif op == abi.FUSE_STATFS:
             self.send(proto.encode_statfs(req.unique))

@@ -73,9 +73,11 @@ def test_devname_for() -> None:
     assert devname_for("/dev/") is None
 
 
-def test_open_and_release(rig: Rig) -> None:
-    fh = rig.kernel.open(pid=100)
-    rig.kernel.release(pid=100, fh=fh)
+def test_open_and_flush_are_enosys_release_is_answered(rig: Rig) -> None:
+    # ENOSYS: the kernel stops sending OPEN, FLUSH and RELEASE (fc->no_open, no_flush)
+    assert rig.kernel.open(pid=100) == errno.ENOSYS
+    assert rig.kernel.flush(pid=100) == errno.ENOSYS
+    rig.kernel.release(pid=100, fh=0)  # a kernel that sends it anyway gets an answer
 
 
 @pytest.mark.parametrize("size", [64, 65535, 65536, 65537, 65600, 131137])

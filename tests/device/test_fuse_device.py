@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -142,6 +143,23 @@ def test_adddof_delivers_exact_helper_and_dof(served: Served, tmp_path: Path) ->
     assert req.kind == "adddof" and req.tid == out[0]["tid"]
     assert req.dof == SMALL_DOF and len(req.helper) == 80
     assert req.helper[:6] == b"client"
+
+
+def test_after_the_first_open_a_registration_is_one_request(
+    served: Served, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """ENOSYS to OPEN and FLUSH: the kernel stops sending OPEN, FLUSH and RELEASE."""
+    caplog.set_level(logging.DEBUG, logger="dtprobed.device")
+    for _ in range(5):  # opens and closes of the device, as every drti client does
+        os.close(os.open(served.path, os.O_RDWR | os.O_CLOEXEC))
+    for _ in range(3):
+        assert run_client(served.path, dof=SMALL_DOF, tmp=tmp_path)[0]["result"] == 7
+    assert len(served.recorder.requests) == 3
+    names = [r.getMessage().split()[0] for r in caplog.records if " unique=" in r.getMessage()]
+    assert names.count("FUSE_OPEN") == 1, names  # answered ENOSYS: the kernel remembers
+    assert names.count("FUSE_FLUSH") <= 1, names
+    assert names.count("FUSE_RELEASE") == 0, names
+    assert names.count("FUSE_IOCTL") == 3, names
 
 
 def test_dof_larger_than_64k(served: Served, tmp_path: Path) -> None:
