@@ -362,7 +362,10 @@ class FairLane:
                         self._running[uid] = left
                     else:
                         del self._running[uid]
-                    self._cond.notify_all()
+                    if self._ring or self._closed:
+                        # a job held back by its uid's worker limit may be takeable
+                        # now; with nothing queued, idle workers sleep on
+                        self._cond.notify_all()
 
     def shutdown(self) -> None:
         """Refuse new jobs, run the queued ones, wait for the workers."""
