@@ -209,6 +209,26 @@ class AddressSpace:
             return self._mapping(i)
         return None
 
+    def object_start(self, m: Mapping) -> Mapping:
+        """The first mapping of the object *m* belongs to (its start is the load base).
+
+        With kernel lookups: walk down through the mappings of *m*'s file that
+        adjoin it (an ELF object's segments, and the ``---p`` gaps between them,
+        are one run), and take the lowest if it maps the file from offset 0 (its
+        ELF header).  Anything else (a run that does not start at offset 0, or
+        only the text at hand) is :meth:`first_of`, the file's lowest mapping.
+        """
+        if self._query is not None and m.file_backed:
+            first = m
+            while first.start > 0:
+                below = self.find(first.start - 1)
+                if below is None or (below.dev, below.ino) != (m.dev, m.ino):
+                    break
+                first = below
+            if first.offset == 0:
+                return first
+        return self.first_of(m.dev, m.ino)
+
     def first_of(self, dev: int, ino: int) -> Mapping:
         """The lowest mapping of file (*dev*, *ino*) (one exists: the caller found one)."""
         for m in self.mappings:
@@ -445,7 +465,7 @@ def identify_object(tid: int, address: int) -> tuple[Caller, ObjectFile]:
             raise RequestRejected(
                 errno.EINVAL, f"address {address:#x} is not in a file mapping ({m.path or 'anon'})"
             )
-        found.append(space.first_of(m.dev, m.ino))
+        found.append(space.object_start(m))
         return m.dev, m.ino
 
     caller = _identify(tid, key)

@@ -97,6 +97,22 @@ def test_every_mapping_reads_the_same_from_the_kernel_and_from_the_text(mapper) 
         kernel.close()
 
 
+def test_an_objects_first_mapping_is_the_same_from_the_kernel_and_from_the_text() -> None:
+    """HASUSDT's load base: the walk down the object's mappings finds what the text does."""
+    pid = os.getpid()
+    text_space, mappings = _by_text(pid)
+    kernel = AddressSpace.of_process(pid)
+    try:
+        objects = {(m.dev, m.ino) for m in mappings if m.file_backed}
+        assert len(objects) >= 3, objects  # python, libc, ld.so at least
+        for m in mappings:
+            if m.file_backed and m.executable:
+                assert kernel.object_start(m) == text_space.first_of(m.dev, m.ino), m
+                assert kernel.object_start(m).offset == 0
+    finally:
+        kernel.close()
+
+
 def test_a_lookup_after_the_process_is_gone_is_refused_not_a_crash() -> None:
     proc = subprocess.Popen(
         [sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE
