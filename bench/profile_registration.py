@@ -108,15 +108,17 @@ def fork_register(register: Callable[[], tuple[float, int]], count: int) -> list
     return times
 
 
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
+
+
 def timed_ioctl(device: str, request: int, arg: bytearray | int) -> tuple[float, int]:
     fd = os.open(device, os.O_RDWR | os.O_CLOEXEC)
     try:
         t0 = time.perf_counter()
         try:
-            if isinstance(arg, int):
-                libc = ctypes.CDLL(None, use_errno=True)
-                libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
-                result = libc.ioctl(fd, request, arg)
+            if isinstance(arg, int):  # by value (HASUSDT): libc's ioctl, loaded beforehand
+                result = _libc.ioctl(fd, request, arg)
                 if result < 0:
                     result = -ctypes.get_errno()
             else:

@@ -40,9 +40,9 @@ ADDDOF), never a crash.
 from __future__ import annotations
 
 import bisect
-import contextlib
 import errno
 import os
+import re
 import stat
 import sys
 from collections.abc import Callable, Iterable
@@ -478,29 +478,32 @@ def identify_object(tid: int, address: int) -> tuple[Caller, ObjectFile]:
     return caller, obj
 
 
+#: A mountinfo line of a FUSE file system: ``ID PARENT MAJ:MIN root mountpoint options
+#: [optional fields] - fstype source superoptions``.  No field holds a raw space (the
+#: kernel escapes it as ``\\040``), so the first `` - `` of a line is its separator.
+_FUSE_MOUNT: Final = re.compile(
+    rb"^\S+ \S+ (\d+):(\d+) [^\n]*? - (?:fuse|fuseblk|fuse\.[^ \n]*) ", re.MULTILINE
+)
+
+
 def fuse_devices(pid: int) -> frozenset[int]:
     """The devices (glibc ``makedev``) of the FUSE file systems mounted where *pid* lives.
 
-    From ``/proc/PID/mountinfo`` (its mount namespace): field 3 is ``MM:mm``,
-    the first field after `` - `` the file system type (``fuse``,
-    ``fuse.sshfs``, ``fuseblk``, ...).  Reading it asks no file system anything.
+    From ``/proc/PID/mountinfo`` (its mount namespace), which asks no file
+    system anything; see :func:`fuse_devices_in`.
     """
     try:
         text = read_proc(f"/proc/{pid}/mountinfo")
     except OSError as err:
         raise _vanished(pid, err) from err
-    found = set()
-    for line in text.splitlines():
-        head, sep, tail = line.partition(b" - ")
-        fields = head.split()
-        if not sep or len(fields) < 3:
-            continue
-        fstype = tail.split(None, 1)[0] if tail.strip() else b""
-        if fstype in (b"fuse", b"fuseblk") or fstype.startswith(b"fuse."):
-            major, _, minor = fields[2].partition(b":")
-            with contextlib.suppress(ValueError):
-                found.add(glibc_makedev(int(major), int(minor)))
-    return frozenset(found)
+    return fuse_devices_in(text)
+
+
+def fuse_devices_in(mountinfo: bytes) -> frozenset[int]:
+    """The devices of the ``fuse``, ``fuseblk`` and ``fuse.*`` mounts of *mountinfo* text."""
+    return frozenset(
+        glibc_makedev(int(m.group(1)), int(m.group(2))) for m in _FUSE_MOUNT.finditer(mountinfo)
+    )
 
 
 def open_object(pid: int, first: Mapping, fuse: frozenset[int] | None = None) -> ObjectFile:

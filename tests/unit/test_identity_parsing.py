@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from common.errors import RequestRejected
-from dtprobed.daemon.identity import AddressSpace, glibc_makedev, parse_maps
+from dtprobed.daemon.identity import AddressSpace, fuse_devices_in, glibc_makedev, parse_maps
 from dtprobed.oslib.procfs import parse_start_time
 
 
@@ -109,3 +109,28 @@ def test_notes_tracepoints_must_lie_in_the_registering_object() -> None:
         with pytest.raises(RequestRejected) as info:
             space.check_tracepoints([0x2000, addr], object_key=own)
         assert why in info.value.reason
+
+
+MOUNTINFO = b"""\
+22 1 254:1 / / rw,relatime shared:1 - ext4 /dev/vda1 rw
+23 22 0:21 / /proc rw,nosuid,nodev,noexec,relatime shared:12 - proc proc rw
+40 22 0:45 / /home/u/remote rw,nosuid,nodev,relatime shared:20 - fuse.sshfs u@h:/ rw,user_id=1000
+41 22 0:46 / /dev/dtrace/helper rw,nosuid,nodev,relatime shared:21 master:3 - fuse dtprobed rw
+42 22 8:17 / /mnt/usb rw,relatime - fuseblk /dev/sdb1 rw,user_id=0
+43 22 0:47 / /mnt/a\\040-\\040fuse\\040x rw,relatime - tmpfs fuse rw
+44 22 0:48 / /mnt/fusectl rw,relatime - fusectl fusectl rw
+45 22 0:49 / /srv/fuse.data rw - fuse2 x rw
+46 22 300:70000 / /odd rw - fuse.x y rw
+"""
+
+
+def test_fuse_devices_are_read_from_the_fstype_not_the_names() -> None:
+    # sshfs, our own helper file and an NTFS fuseblk; not a tmpfs whose mount point and
+    # source say "fuse", not fusectl (the control file system), not a "fuse2" type
+    assert fuse_devices_in(MOUNTINFO) == {
+        glibc_makedev(0, 45),
+        glibc_makedev(0, 46),
+        glibc_makedev(8, 17),
+        glibc_makedev(300, 70000),
+    }
+    assert fuse_devices_in(b"") == frozenset()
