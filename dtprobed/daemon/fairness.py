@@ -281,14 +281,23 @@ class LaneClosed(Exception):
 
 
 class FairLane:
-    """Worker threads serving per-uid queues round-robin (see the module docstring)."""
+    """Worker threads serving per-uid queues round-robin (see the module docstring).
+
+    An idle worker waits on an event of its own, and a new job wakes the one
+    that went idle last: a steady trickle of requests is served by one thread
+    (and the one fetch helper it last used) whose caches are warm, instead of
+    each request going to the next thread in turn.  A worker that finishes a
+    job takes the next takeable one itself before it goes idle, so a job held
+    back by its uid's worker limit needs no wake-up.
+    """
 
     def __init__(self, name: str, workers: int, *, max_queued_per_uid: int) -> None:
         self.name = name
         self.workers = workers
         self.per_uid_workers = max(1, workers - 1)
         self.max_queued_per_uid = max_queued_per_uid
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
+        self._idle: list[threading.Event] = []  # idle workers' wake-ups, last idle last
         self._queues: dict[int, deque[Job]] = {}
         self._ring: deque[int] = deque()  # uids with queued work, in turn order
         self._running: dict[int, int] = {}
@@ -302,7 +311,7 @@ class FairLane:
 
     def submit(self, uid: int, job: Job) -> str:
         """Queue *job* for *uid*: "" if queued, else why not (closed, queue full)."""
-        with self._cond:
+        with self._lock:
             if self._closed:
                 raise LaneClosed(self.name)
             queue = self._queues.get(uid)
@@ -312,18 +321,19 @@ class FairLane:
             elif len(queue) >= self.max_queued_per_uid:
                 return f"uid {uid} has {len(queue)} requests queued in the {self.name} lane"
             queue.append(job)
-            self._cond.notify()
+            if self._idle:
+                self._idle.pop().set()
         return ""
 
     def queued(self, uid: int | None = None) -> int:
-        with self._cond:
+        with self._lock:
             if uid is None:
                 return sum(len(q) for q in self._queues.values())
             queue = self._queues.get(uid)
             return len(queue) if queue is not None else 0
 
     def _take(self) -> tuple[int, Job] | None:
-        """The next job in turn whose uid has a worker to spare (cond held)."""
+        """The next job in turn whose uid has a worker to spare (lock held)."""
         for _ in range(len(self._ring)):
             uid = self._ring[0]
             if self._running.get(uid, 0) >= self.per_uid_workers:
@@ -340,37 +350,44 @@ class FairLane:
             return uid, job
         return None
 
+    def _next(self) -> tuple[int, Job] | None:
+        """Wait for a takeable job; None once the lane is closed and drained."""
+        wake = threading.Event()
+        while True:
+            with self._lock:
+                taken = self._take()
+                if taken is not None:
+                    return taken
+                if self._closed and not self._queues:
+                    return None
+                wake.clear()
+                self._idle.append(wake)
+            wake.wait()
+
     def _work(self) -> None:
         while True:
-            with self._cond:
-                while True:
-                    taken = self._take()
-                    if taken is not None:
-                        break
-                    if self._closed and not self._queues:
-                        return
-                    self._cond.wait()
+            taken = self._next()
+            if taken is None:
+                return
             uid, job = taken
             try:
                 job()
             except Exception:
                 log.exception("%s lane: job failed (a bug)", self.name)
             finally:
-                with self._cond:
+                with self._lock:
                     left = self._running[uid] - 1
                     if left:
                         self._running[uid] = left
                     else:
                         del self._running[uid]
-                    if self._ring or self._closed:
-                        # a job held back by its uid's worker limit may be takeable
-                        # now; with nothing queued, idle workers sleep on
-                        self._cond.notify_all()
 
     def shutdown(self) -> None:
         """Refuse new jobs, run the queued ones, wait for the workers."""
-        with self._cond:
+        with self._lock:
             self._closed = True
-            self._cond.notify_all()
+            idle, self._idle = self._idle, []
+        for wake in idle:
+            wake.set()
         for thread in self._threads:
             thread.join()

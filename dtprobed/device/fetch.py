@@ -9,7 +9,9 @@ SIGKILL does not end the wait (measured; ``tests/device/test_fetch.py``).  So:
 * the device thread never reads client memory; the receiver's lane worker
   calls :meth:`FetchPool.fetch`;
 * the read happens in a **fetch helper process** (:mod:`dtprobed.device.fetchd`),
-  one per worker thread, started on first use;
+  taken from a pool for one request (the one used last, so one helper serves
+  a steady trickle), started when none is idle: at most one per thread that
+  fetches at the same time;
 * a fetch that goes silent for ``timeout`` seconds (no chunk of at most
   1 MiB arrived) is *abandoned*: the helper gets SIGKILL (it dies once the
   wait ends, i.e. when the hostile server answers or goes away), is counted
@@ -175,9 +177,9 @@ class FetchPool:
         self.max_stuck_per_uid = max_stuck_per_uid
         self.log = log or logging.getLogger("dtprobed.device")
         self._argv = argv or [sys.executable, "-I", "-m", "dtprobed.device.fetchd"]
-        self._local = threading.local()
         self._lock = threading.Lock()
         self._all: list[Fetcher] = []
+        self._idle: list[Fetcher] = []  # helpers no request uses, the last used last
         self._stuck: list[_Stuck] = []
         self._closed = False
 
@@ -211,18 +213,22 @@ class FetchPool:
 
     # --- fetching ------------------------------------------------------------------------
     def _fetcher(self) -> Fetcher:
-        fetcher: Fetcher | None = getattr(self._local, "fetcher", None)
-        if fetcher is None:
-            with self._lock:
-                if self._closed:
-                    raise RequestRejected(_errno.EINVAL, "the daemon is shutting down")
-                fetcher = Fetcher(self._argv)
-                self._all.append(fetcher)
-            self._local.fetcher = fetcher
-        return fetcher
+        """An idle helper (the one used last), or a new one when all are busy."""
+        with self._lock:
+            if self._closed:
+                raise RequestRejected(_errno.EINVAL, "the daemon is shutting down")
+            if self._idle:
+                return self._idle.pop()
+            fetcher = Fetcher(self._argv)
+            self._all.append(fetcher)
+            return fetcher
+
+    def _put_back(self, fetcher: Fetcher) -> None:
+        with self._lock:
+            if not self._closed:
+                self._idle.append(fetcher)
 
     def _abandon(self, fetcher: Fetcher, uid: int) -> None:
-        self._local.fetcher = None
         with contextlib.suppress(ProcessLookupError):
             fetcher.proc.send_signal(signal.SIGKILL)
         fetcher.close()
@@ -273,6 +279,7 @@ class FetchPool:
                 f"DOF at {address:#x} not readable within {self.timeout:g} s "
                 f"(a page on a stalled file system?); fetch abandoned",
             )
+        self._put_back(fetcher)  # it answered in full: ready for the next request
         if isinstance(got, int):
             raise RequestRejected(
                 _errno.EINVAL, f"cannot read DOF at {address:#x}: {os.strerror(-got)}"
@@ -286,6 +293,7 @@ class FetchPool:
         with self._lock:
             self._closed = True
             fetchers, self._all = self._all, []
+            self._idle = []
             stuck, self._stuck = self._stuck, []
         for f in fetchers:
             f.close()

@@ -160,6 +160,8 @@ def test_after_the_first_open_a_registration_is_one_request(
     assert names.count("FUSE_FLUSH") <= 1, names
     assert names.count("FUSE_RELEASE") == 0, names
     assert names.count("FUSE_IOCTL") == 3, names
+    # one request at a time: the one fetch helper, back in the pool after each
+    assert len(served.recorder.pool._all) == 1
 
 
 def test_dof_larger_than_64k(served: Served, tmp_path: Path) -> None:
