@@ -258,8 +258,9 @@ class _WriterLock:
         self._fd = -1
 
 
-def _open_in_place(dir_fd: int, name: str) -> int:
-    """Open a file the writer changes in place (``next-gen``) for writing, or refuse.
+def _open_in_place(dir_fd: int, name: str) -> tuple[int, int]:
+    """Open a file the writer changes in place (``next-gen``) for writing, or refuse;
+    the fd and the file's size.
 
     Never through a symlink (``O_NOFOLLOW``), never a FIFO or device (no
     blocking open, then ``S_ISREG``), and never a file with a second link: a
@@ -280,7 +281,7 @@ def _open_in_place(dir_fd: int, name: str) -> int:
     except BaseException:
         os.close(fd)
         raise
-    return fd
+    return fd, st.st_size
 
 
 def os_detail(err: OSError) -> str:
@@ -663,6 +664,29 @@ class Stash:
     def _link_fd(fd: int, dir_fd: int, name: str) -> None:
         os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=dir_fd, follow_symlinks=True)
 
+    def _write_new(self, dir_fd: int, name: str, data: bytes) -> None:
+        """Create *name* and write it in place (``O_CREAT|O_EXCL``; ``EEXIST`` if taken).
+
+        Only in a directory this command created and nothing names yet (a new
+        ``dof-pid/$pid`` before its first generation, a mapping directory before
+        the generation symlink): no reader sees the file before it is complete,
+        and the directory's undo, or start-up recovery after a crash, removes it
+        whole.  Three system calls instead of :meth:`_write_file`'s four and its
+        ``/proc/self/fd`` path walk.
+        """
+        fd = os.open(
+            name,
+            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+            FILE_MODE,
+            dir_fd=dir_fd,
+        )
+        try:
+            write_all(fd, data)
+            if self._fix_modes:
+                os.fchmod(fd, FILE_MODE)
+        finally:
+            os.close(fd)
+
     def _write_file(self, dir_fd: int, name: str, data: bytes) -> None:
         """Create *name* complete in one step; ``EEXIST`` if the name is taken."""
         fd = self._tmpfile(dir_fd, data)
@@ -962,8 +986,8 @@ class Stash:
         os.setxattr(pdir.fd, XATTR_EXEC_TOKEN, reg.exec_token.encode())
         os.setxattr(pdir.fd, XATTR_UID, str(reg.uid).encode())
         # a caught-up process may hold generation 0 from its failed ioctl: start at 1
-        self._write_file(pdir.fd, "next-gen", b"\0" if reg.caught_up else b"")
-        self._write_file(pdir.fd, "exec-mapping", exec_mapping_bytes(reg.exec_dev, reg.exec_ino))
+        self._write_new(pdir.fd, "next-gen", b"\0" if reg.caught_up else b"")
+        self._write_new(pdir.fd, "exec-mapping", exec_mapping_bytes(reg.exec_dev, reg.exec_ino))
 
     def _complete_pid_dir(self, pdir: DirFd, reg: Registration, undo: _Undo) -> None:
         """An existing dir of this same process: add what an upstream daemon did not write."""
@@ -995,7 +1019,7 @@ class Stash:
         undo.add(_remove_tree, pdir.fd, key)  # raw, dh, parsed/ go with it
         with DirFd(pdir.fd, key) as mdir:
             self._write_raw(mdir, reg, key, undo)
-            self._write_file(mdir.fd, "dh", reg.helper)
+            self._write_new(mdir.fd, "dh", reg.helper)
             self._mkdir_new(mdir.fd, "parsed")
             with DirFd(mdir.fd, "parsed") as parsed:
                 self._write_parsed(reg.pid, parsed, probes, undo, undo_files=False)
@@ -1009,7 +1033,7 @@ class Stash:
     ) -> None:
         own, shared = raw_name(index), shared_raw_name(key, index)
         if reg.dev == 0:  # anonymous memory: per process, never shared
-            self._write_file(mdir.fd, own, data)
+            self._write_new(mdir.fd, own, data)  # mdir is the new mapping's
             return
         try:
             st = os.lstat(shared, dir_fd=self.dof.fd)
@@ -1024,7 +1048,7 @@ class Stash:
             os.link(shared, own, src_dir_fd=self.dof.fd, dst_dir_fd=mdir.fd, follow_symlinks=False)
         else:
             # different bytes (ASLR relocations, or a hostile process): keep our own copy
-            self._write_file(mdir.fd, own, data)
+            self._write_new(mdir.fd, own, data)
 
     def _write_parsed(
         self,
@@ -1176,7 +1200,10 @@ class Stash:
                             errno.EINVAL, f"probes entry {printable(prb)} is not a file"
                         ) from None
                 self._tick_yield()
-            self._write_file(parsed_fd, "version", VERSION_BYTES)
+            if in_place:
+                self._write_new(parsed_fd, "version", VERSION_BYTES)
+            else:
+                self._write_file(parsed_fd, "version", VERSION_BYTES)
             created_files.append("version")
         finally:
             if fun_open is not None:
@@ -1210,9 +1237,8 @@ class Stash:
         return current
 
     def _add_generation(self, pdir: DirFd, key: str, undo: _Undo) -> int:
-        fd = _open_in_place(pdir.fd, "next-gen")
+        fd, gen = _open_in_place(pdir.fd, "next-gen")
         try:
-            gen = os.fstat(fd).st_size
             if gen >= (1 << 31) - 1:
                 raise OSError(errno.EOVERFLOW, "generation numbers exhausted")
             # The commit point first: a crash before it leaves next-gen as it was
@@ -1697,7 +1723,7 @@ class Stash:
 
     def _recover_next_gen(self, pid: int, pid_fd: int, needed: int, actions: list[str]) -> None:
         try:
-            fd = _open_in_place(pid_fd, "next-gen")
+            fd, _ = _open_in_place(pid_fd, "next-gen")
         except OSError as err:
             if err.errno != errno.ENOENT:
                 # planted link or non-file: never written through; verify reports it
