@@ -422,8 +422,8 @@ class Receiver:
         """The generation, and the log lines to write once the client has it.
 
         The caller's /proc reads overlap the waits for its children: in FUSE
-        mode they run while the fetch helper reads the DOF (its uid is read
-        while the parser parses), in CUSE mode while the parser parses.
+        mode they run while the fetch helper reads the DOF, in CUSE mode while
+        the parser parses.
         """
         request, uid = job.request, job.request.uid
         started = time.monotonic()
@@ -434,13 +434,10 @@ class Receiver:
         fields = DOF_HELPER.unpack_from(helper)
         dof_addr: int = fields.dof
         identified: list[Caller] = []
-        owner: list[int | None] = []
 
         def identify_caller() -> None:
             if not identified:
                 identified.append(identify(request.tid, dof_addr))
-            else:  # identified during the fetch: the parse covers the uid's read
-                owner.append(fsuid_of(identified[0].pid))
 
         try:
             if request.remote:
@@ -482,7 +479,7 @@ class Receiver:
                 [RawBlock(0, job.dof)],
                 result,
                 caller.dof_object,
-                owner=owner[0] if owner else _UNREAD,
+                owner=_owner(request),
             )
         finally:
             caller.close()
@@ -529,7 +526,14 @@ class Receiver:
                 RawBlock(where.notes_addr, found.notes),
                 RawBlock(where.rodata_addr, found.rodata),
             ]
-            gen = self._commit(caller, found.helper, blocks, result, (caller.dev, caller.ino))
+            gen = self._commit(
+                caller,
+                found.helper,
+                blocks,
+                result,
+                (caller.dev, caller.ino),
+                owner=_owner(request),
+            )
         finally:
             obj.close()
             caller.close()
@@ -558,8 +562,9 @@ class Receiver:
     ) -> int:
         """Check the tracepoints, stash the registration, watch the process; the generation.
 
-        *owner*: the caller's fsuid if already read (while its pidfd was open, so of
-        this process: the liveness check below comes after it), else ``_UNREAD``.
+        *owner* (per-uid stash quotas): the caller's fsuid as its request header
+        gave it, else ``_UNREAD`` (catch-up: read from ``/proc``, before the
+        liveness check, so it is this process's).
         """
         self._watcher.settle(caller.pid)
         caller.space.check_tracepoints(result.tracepoint_addrs(), object_key=object_key)
@@ -797,6 +802,12 @@ def _pread(fd: int, offset: int, size: int) -> bytes:
 def _done(call: Callable[..., None], *args: int) -> int:
     call(*args)
     return 0
+
+
+def _owner(request: HelperRequest) -> object:
+    """The uid a request's registration is counted against: the fsuid the kernel put
+    in its header (the calling thread's, at the call), or ``_UNREAD`` if unknown."""
+    return request.uid if request.uid >= 0 else _UNREAD
 
 
 def _safe_reply(reply: Reply, result: int) -> None:
