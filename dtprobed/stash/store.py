@@ -1144,7 +1144,6 @@ class Stash:
             return mod_dir.fd, path[-1] + "/"
 
         in_place = not undo_files
-        create_flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         parsed_fd = parsed.fd
         undo.add(unwind)
         try:
@@ -1168,13 +1167,7 @@ class Stash:
                 )
                 spec = probe.spec
                 if in_place:
-                    fd = os.open(spec, create_flags, FILE_MODE, dir_fd=parsed_fd)
-                    try:
-                        write_all(fd, data)
-                        if self._fix_modes:
-                            os.fchmod(fd, FILE_MODE)
-                    finally:
-                        os.close(fd)
+                    self._write_new(parsed_fd, spec, data)
                     created_files.append(spec)
                 else:
                     fd = self._tmpfile(parsed_fd, data)
