@@ -57,7 +57,10 @@ BACKOFF_FIRST: Final = 0.5
 BACKOFF_MAX: Final = 30.0
 #: How long a child that closed its pipe gets to finish exiting before SIGKILL.
 EXIT_GRACE: Final = 1.0
-_READ_CHUNK: Final = 1 << 20
+#: One read of a child's answer: below glibc's mmap threshold and far below its trim
+#: threshold, so a read's buffer comes from the heap and goes back to it (a 1 MiB
+#: buffer made two brk calls, grow and trim, of every read: measured with strace).
+_READ_CHUNK: Final = 64 << 10
 _F_SETPIPE_SZ: Final = 1031
 _PIPE_SIZE: Final = 1 << 20  # fewer wake-ups for big frames; best effort
 
