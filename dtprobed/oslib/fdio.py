@@ -6,7 +6,10 @@ import errno
 import os
 from typing import Final
 
-_CHUNK: Final = 1 << 20
+#: Most reads are of a small /proc file or frame: a 64 KiB buffer comes from the heap
+#: and goes back to it, where a 1 MiB one cost an mmap and a munmap (or, in the daemon,
+#: whose mmap threshold is fixed higher, two brk calls) per read.
+_CHUNK: Final = 64 << 10
 
 
 def read_exactly(fd: int, n: int) -> bytes:
