@@ -23,7 +23,14 @@ from typing import Any
 import pytest
 
 from tests.support.clients import Clients, code_dof, write_dof
-from tests.support.daemon import REPO, STOP_TIMEOUT, DaemonFactory, DaemonHandle, mounted
+from tests.support.daemon import (
+    REPO,
+    STOP_TIMEOUT,
+    DaemonFactory,
+    DaemonHandle,
+    mounted,
+    status_kib,
+)
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -190,17 +197,9 @@ def test_header_only_claims_cost_only_what_is_read(
     daemon.verify()
 
 
-def _status_kib(pid: int, field: str) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise AssertionError(f"no {field} in /proc/{pid}/status")
-
-
 def _rss(pid: int) -> int:
-    return _status_kib(pid, "VmRSS") << 10
+    return status_kib(pid, "VmRSS") << 10
 
 
 def _peak(pid: int) -> int:
-    return _status_kib(pid, "VmHWM") << 10
+    return status_kib(pid, "VmHWM") << 10

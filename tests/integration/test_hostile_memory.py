@@ -14,9 +14,6 @@ another uid's.  Full size, with latencies: ``bench/bench_attack.py``.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +28,7 @@ from tests.integration.test_hostile_stash import (
 )
 from tests.support.client import CODE_ADDR
 from tests.support.clients import Clients, code_dof, dof_bytes, write_dof
-from tests.support.daemon import DaemonFactory, DaemonHandle
+from tests.support.daemon import DaemonFactory, DaemonHandle, status_kib
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -41,34 +38,6 @@ QUEUED_TOTAL, QUEUED_PER_UID = 3 * MIB, 2 * MIB
 #: large lane may hold, twice (the fetched buffer and the parser's frame of it), plus
 #: the records of the DOF being parsed and committed and the interpreter's slack.
 PEAK_SLACK = 96 * MIB
-
-
-@pytest.fixture
-def shared() -> Iterator[Path]:
-    """A directory every user can read (device, code file, DOF files of other users)."""
-    d = Path(tempfile.mkdtemp(prefix="dtprobed-hostile-mem-", dir="/tmp"))
-    d.chmod(0o755)
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
-
-
-@pytest.fixture
-def shm() -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix="dtprobed-hostile-mem-", dir="/dev/shm"))
-    try:
-        yield d / "run"
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
-
-
-def _status_kib(pid: int, field: str) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise AssertionError(f"no {field} in /proc/{pid}/status")
 
 
 def test_six_concurrent_large_dof_are_refused_only_to_their_sender(
@@ -92,7 +61,7 @@ def test_six_concurrent_large_dof_are_refused_only_to_their_sender(
     try:
         canary, large_canary = clients.start(), clients.start()
         assert canary.register(small)["gen"] == 0
-        rest = _status_kib(daemon.pid, "VmRSS") << 10
+        rest = status_kib(daemon.pid, "VmRSS") << 10
         flooder = foreign.start()
         answers: list[dict[str, Any]] = []
         flood: list[dict[str, Any]] = []
@@ -103,7 +72,7 @@ def test_six_concurrent_large_dof_are_refused_only_to_their_sender(
                 answers.append(canary.register(small))
             flood += flooder.read(timeout=120)["children"]
             assert flooder.send({"op": "end_children"}) == {"ended": True}
-        peak = _status_kib(daemon.pid, "VmHWM") << 10
+        peak = status_kib(daemon.pid, "VmHWM") << 10
         assert [a for a in answers if "gen" not in a] == []  # root: never refused
         assert len(flood) == 12
         refused = [c for c in flood if "gen" not in c]
@@ -133,7 +102,7 @@ def _argument_bomb() -> bytes:
 
 
 def _settled_rss_kib(daemon: DaemonHandle) -> tuple[int, int]:
-    return _status_kib(daemon.pid, "VmRSS"), _status_kib(daemon.writer_pid(), "VmRSS")
+    return status_kib(daemon.pid, "VmRSS"), status_kib(daemon.writer_pid(), "VmRSS")
 
 
 def test_daemon_and_writer_return_to_rest_after_the_argument_bomb(
@@ -161,7 +130,7 @@ def test_daemon_and_writer_return_to_rest_after_the_argument_bomb(
             assert victim.register(small)["gen"] == round_ + 1
         assert daemon.writer_pid() == writer
         after_daemon, after_writer = _settled_rss_kib(daemon)
-        peak_daemon = _status_kib(daemon.pid, "VmHWM")
+        peak_daemon = status_kib(daemon.pid, "VmHWM")
         # measured: daemon +3.3 MiB (peak +69 MiB), writer +2.1 to +3.5 MiB
         assert after_writer - rest_writer <= 6144, (rest_writer, after_writer)
         assert after_daemon - rest_daemon <= 8192, (rest_daemon, after_daemon, peak_daemon)

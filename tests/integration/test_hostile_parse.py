@@ -19,12 +19,9 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -98,16 +95,6 @@ def canary_2000() -> bytes:
         for i in range(2000)
     ]
     return build_dof([ProviderSpec("canary", probes)]).data
-
-
-@pytest.fixture
-def shm() -> Iterator[Path]:
-    """A state directory on tmpfs, as in production (the writer's speed is not the subject)."""
-    d = Path(tempfile.mkdtemp(prefix="dtprobed-hostile-parse-", dir="/dev/shm"))
-    try:
-        yield d / "run"
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def test_slow_parses_in_a_loop_cost_only_their_sender(

@@ -20,7 +20,6 @@ import os
 import shutil
 import signal
 import socket
-import tempfile
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
@@ -33,7 +32,7 @@ from dtprobed.stash.layout import XATTR_UID
 from tests.stash.support import many_records, registration, sleepers
 from tests.support.client import CODE_ADDR
 from tests.support.clients import ClientHandle, Clients, code_dof, dof_bytes, wait_until, write_dof
-from tests.support.daemon import DaemonFactory, DaemonHandle
+from tests.support.daemon import DaemonFactory, DaemonHandle, status_kib
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -44,27 +43,6 @@ def probes_dof(n: int, provider: str = "big") -> bytes:
     """A valid DOF of *n* probes, every tracepoint in the clients' shared text."""
     probes = [ProbeSpec(f"f{i // 100}", f"p{i}", [0x10], addr=CODE_ADDR + 0x100) for i in range(n)]
     return build_dof([ProviderSpec(provider, probes)]).data
-
-
-@pytest.fixture
-def shared() -> Iterator[Path]:
-    """A directory every user can read (device, code file, DOF files of other users)."""
-    d = Path(tempfile.mkdtemp(prefix="dtprobed-hostile-", dir="/tmp"))
-    d.chmod(0o755)
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
-
-
-@pytest.fixture
-def shm() -> Iterator[Path]:
-    """A state directory on tmpfs (as in production: /run is a tmpfs)."""
-    d = Path(tempfile.mkdtemp(prefix="dtprobed-hostile-", dir="/dev/shm"))
-    try:
-        yield d / "run"
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def as_user_python(shared: Path, uid: int = HOSTILE_UID) -> str:
@@ -358,14 +336,6 @@ def test_raw_bytes_are_bounded_per_process_and_per_user(
 # ------------------------------------------------------ row 4: the writer's memory
 
 
-def _rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError(f"no VmRSS for {pid}")
-
-
 @contextlib.contextmanager
 def _shared_argument_runs() -> Iterator[None]:
     """Let DOF built here reuse one string run for every probe's argument types (a
@@ -409,7 +379,7 @@ def test_writer_returns_to_its_rest_size_after_a_hostile_request(
         victim = clients.start()
         assert victim.register(small)["gen"] == 0
         writer = daemon.writer_pid()
-        rest = _rss_kib(writer)
+        rest = status_kib(writer, "VmRSS")
         hostile = clients.start()
         assert hostile.register(big)["gen"] == 0
         assert hostile.exit() == 0
@@ -418,7 +388,7 @@ def test_writer_returns_to_its_rest_size_after_a_hostile_request(
         )
         assert victim.register(small)["gen"] == 1  # the writer has finished its clean-up
         assert daemon.writer_pid() == writer
-        after = _rss_kib(writer)
+        after = status_kib(writer, "VmRSS")
         assert after - rest <= 4096, f"writer RSS {rest} KiB at rest, {after} KiB after"
         daemon.verify()
     finally:

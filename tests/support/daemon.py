@@ -352,3 +352,12 @@ def daemon_factory(tmp_path: Path) -> Iterator[DaemonFactory]:
         yield factory
     finally:
         factory.finish_all()
+
+
+def status_kib(pid: int, field: str) -> int:
+    """A ``kB`` field of ``/proc/PID/status`` (``VmRSS``, ``VmHWM``, ...)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
