@@ -68,6 +68,7 @@ class Record(
     frozen=True,
     forbid_unknown_fields=True,
     tag_field="kind",
+    gc=False,
 ):
     """Base of every record the parser sends; on the wire the tag is item 0."""
 
