@@ -788,12 +788,11 @@ class Stash:
         """check_stream, with a look at the priority channel every CHECK_YIELD_EVERY records
         (60000 records of a 20000-probe DOF take ~50 ms to check)."""
         checker = StreamChecker(max_probes=None, max_tracepoints=None, notes=notes)
-        feed, interleave = checker.feed, self.interleave
+        interleave = self.interleave
         assert interleave is not None
-        for index, rec in enumerate(records):
-            feed(rec)
-            if index % CHECK_YIELD_EVERY == CHECK_YIELD_EVERY - 1:
-                interleave()
+        for start in range(0, len(records), CHECK_YIELD_EVERY):
+            checker.feed_all(records, start, start + CHECK_YIELD_EVERY)
+            interleave()
         if not checker.done:
             raise ProtocolError(f"stream ended early, expected {checker.expected}")
         return checker

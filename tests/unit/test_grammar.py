@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
+import random
+
 import pytest
 
 from common.errors import ProtocolError
-from common.grammar import check_stream
+from common.grammar import StreamChecker, check_stream
 from common.records import (
     ArgsMap,
     ArgsNative,
@@ -94,3 +97,75 @@ def test_notes_streams_take_the_dof_order_too() -> None:
     assert len(check_stream(reordered, notes=True).probes) == 1
     with pytest.raises(ProtocolError, match="after an is-enabled"):
         check_stream(reordered)
+
+
+def _outcome(recs: list[ResultRecord], cuts: list[int] | None, notes: bool) -> tuple[object, ...]:
+    """What a checker ends with: fed one record at a time (*cuts* None) or in slices."""
+    checker = StreamChecker(max_probes=6, max_tracepoints=9, max_providers=2, notes=notes)
+    try:
+        if cuts is None:
+            for rec in recs:
+                checker.feed(rec)
+        else:
+            bounds = [0, *cuts, len(recs)]
+            for start, stop in itertools.pairwise(bounds):
+                checker.feed_all(recs, start, stop)
+    except ProtocolError as err:
+        return ("refused", str(err))
+    return ("fed", checker.done, checker.error, checker.probes, checker.providers)
+
+
+def _random_stream(rng: random.Random) -> list[ResultRecord]:
+    recs: list[ResultRecord] = []
+    for pv in range(rng.randint(0, 3)):
+        n = rng.randint(0, 3)
+        recs.append(Provider(name=f"v{pv}", nprobes=n))
+        for i in range(n):
+            nargc = rng.choice((0, 0, 1, 2))
+            xargc = rng.choice((0, 1)) if nargc else 0
+            ntp = rng.randint(1, 3)
+            recs.append(probe(f"p{i}" if rng.random() < 0.9 else "p0", ntp, nargc, xargc))
+            if nargc:
+                recs.append(ArgsNative(args=["int"] * nargc))
+            if xargc:
+                recs += [ArgsXlat(args=["long"] * xargc), ArgsMap(map=[rng.randint(0, nargc)])]
+            addrs = sorted(rng.sample(range(1, 40), ntp))
+            recs += [tp(a, en=k >= ntp - rng.randint(0, 1)) for k, a in enumerate(addrs)]
+    recs.append(Eof())
+    return recs
+
+
+def _mutate(rng: random.Random, recs: list[ResultRecord]) -> list[ResultRecord]:
+    out = list(recs)
+    for _ in range(rng.randint(0, 2)):
+        i = rng.randrange(len(out))
+        match rng.randrange(5):
+            case 0:
+                del out[i]
+                if not out:
+                    out.append(Eof())
+            case 1:
+                out.insert(i, out[rng.randrange(len(out))])
+            case 2:
+                j = rng.randrange(len(out))
+                out[i], out[j] = out[j], out[i]
+            case 3:
+                out[i] = tp(rng.randint(0, 40), rng.random() < 0.5)
+            case 4:
+                out.insert(i, Err(errno=22, message="no"))
+    return out
+
+
+@pytest.mark.parametrize("notes", [False, True])
+def test_feeding_whole_probes_ends_as_feeding_records_one_by_one(notes: bool) -> None:
+    """feed_all's fast path (a probe at a time) accepts, refuses and reports exactly as
+    feed does, wherever the slices are cut, on valid and broken streams alike."""
+    rng = random.Random(1729 + notes)
+    outcomes = set()
+    for _ in range(3000):
+        recs = _mutate(rng, _random_stream(rng))
+        expected = _outcome(recs, None, notes)
+        outcomes.add(expected[0])
+        for cuts in ([], sorted(rng.sample(range(len(recs) + 1), min(3, len(recs) + 1)))):
+            assert _outcome(recs, cuts, notes) == expected, (recs, cuts)
+    assert outcomes == {"refused", "fed"}
