@@ -79,6 +79,12 @@ _MAX_RECOVERY_LINES: Final = 32
 YIELD_EVERY: Final = 32
 #: The same while the records of a long Register are checked (~0.75 µs each).
 CHECK_YIELD_EVERY: Final = 1024
+#: What a stash entry that is missing, or is not what the writer made there, fails with
+_NOT_AS_WRITTEN: Final = frozenset(
+    (errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.EINVAL, errno.EISDIR, errno.EPERM)
+)
+#: open(2) flags of a file made in a directory nothing names yet (Stash._write_new)
+_CREATE_NEW: Final = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 #: The u64 base that starts every raw file (upstream's ``[u64 base][data]``).
 _BASE: Final = struct.Struct("<Q")
@@ -674,14 +680,11 @@ class Stash:
         whole.  Three system calls instead of :meth:`_write_file`'s four and its
         ``/proc/self/fd`` path walk.
         """
-        fd = os.open(
-            name,
-            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-            FILE_MODE,
-            dir_fd=dir_fd,
-        )
+        fd = os.open(name, _CREATE_NEW, FILE_MODE, dir_fd=dir_fd)
         try:
-            write_all(fd, data)
+            written = os.write(fd, data)  # all of it, on tmpfs: write_all's view only if not
+            if written != len(data):
+                write_all(fd, memoryview(data)[written:])
             if self._fix_modes:
                 os.fchmod(fd, FILE_MODE)
         finally:
@@ -1092,6 +1095,7 @@ class Stash:
         fun_path: tuple[str, ...] = ()
         fun_open: DirFd | None = None
         link_dir, link_prefix = -1, ""
+        mod_path: tuple[str, ...] = ()  # the path *chain* holds
 
         def unwind() -> None:
             for path in reversed(created_links):
@@ -1129,8 +1133,12 @@ class Stash:
             probe (an open and a close saved each).  One that already existed
             is opened ``O_NOFOLLOW`` as every other directory is.
             """
-            nonlocal fun_open
-            mod_dir = subdir(path[:-1])
+            nonlocal fun_open, mod_path
+            # probes of one module are adjacent: its directory is usually the chain's end
+            if path[:-1] != mod_path:
+                subdir(path[:-1])
+                mod_path = path[:-1]
+            mod_dir = chain[-1][1]
             if fun_open is not None:
                 fun_open.close()
                 fun_open = None
@@ -1461,11 +1469,77 @@ class Stash:
                         os.unlink(item_name, dir_fd=pdir.fd)
                 elif split_key(item_name) is not None:
                     keys.add(item_name)
+            for key in sorted(keys):
+                self._unlink_by_names(name, pdir.fd, key)
             _remove_tree(self.probes.fd, name, self._tick_yield)
             for key in sorted(keys):
                 _remove_tree(pdir.fd, key, self._tick_yield)
                 self._drop_unused_raw(key)
         _remove_tree(self.dofpid.fd, name, self._tick)
+
+    def _unlink_by_names(self, spid: str, pid_fd: int, key: str) -> None:
+        """Unlink mapping *key*'s parsed files and their probes/$pid entries by name.
+
+        The names of ``parsed/`` say where each probes/ entry is
+        (``prv:mod:fun:prb`` → ``<prv$pid>/<mod>/<fun>/<prb>``): one unlink each
+        and one rmdir per emptied directory, where listing the probes/ tree
+        costs an open, two reads and a close per ``<fun>`` directory (a
+        20000-probe DOF often has 20000).  Directories are opened one component
+        at a time (``O_NOFOLLOW``), as everywhere.  Only a head start: the
+        caller's tree removals then take whatever is left (names that are no
+        spec, a missing or planted entry this stops at); any other error is raised.
+        """
+        try:
+            with DirFd(pid_fd, key) as mdir, DirFd(mdir.fd, "parsed", readable=True) as parsed:
+                # the name policy is not needed to find our own entries: a name that is
+                # no path component stops DirFd; the tree removals take what is left
+                specs = sorted(
+                    (parts[0], parts[1], parts[2], parts[3])
+                    for parts in (name.split(":") for name in os.listdir(parsed.fd))
+                    if len(parts) == 4
+                )
+                with DirFd(self.probes.fd, spid) as top:
+                    self._unlink_specs(top.fd, spid, specs, parsed.fd)
+        except OSError as err:
+            if err.errno not in _NOT_AS_WRITTEN:
+                raise
+
+    def _unlink_specs(
+        self, top: int, spid: str, specs: list[tuple[str, str, str, str]], parsed: int
+    ) -> None:
+        # <prv$pid>, <mod>, <fun> held open along the sorted specs' paths
+        held: list[tuple[str, DirFd]] = []
+
+        def leave(depth: int) -> None:
+            while len(held) > depth:
+                name, d = held.pop()
+                d.close()
+                try:
+                    os.rmdir(name, dir_fd=held[-1][1].fd if held else top)
+                except OSError as err:  # not empty: another mapping's entries stay
+                    if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                        raise
+
+        try:
+            for prv, mod, fun, prb in specs:
+                path = (prv + spid, mod, fun)
+                depth = 0
+                while depth < len(held) and held[depth][0] == path[depth]:
+                    depth += 1
+                leave(depth)
+                while len(held) < 3:
+                    comp = path[len(held)]
+                    held.append((comp, DirFd(held[-1][1].fd if held else top, comp)))
+                try:  # noqa: SIM105  (contextlib.suppress costs a µs a probe here)
+                    os.unlink(prb, dir_fd=held[2][1].fd)
+                except FileNotFoundError:
+                    pass  # another mapping of the process had it, or it was never linked
+                os.unlink(f"{prv}:{mod}:{fun}:{prb}", dir_fd=parsed)
+                self._tick_yield()
+            leave(0)
+        finally:
+            for _, d in held:
+                d.close()
 
     @_stash_op("prune")
     def prune_dead(self) -> list[int]:

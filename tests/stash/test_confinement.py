@@ -138,6 +138,48 @@ def test_planted_entries_are_refused_not_followed(
     assert (outside / "victim" / "file").read_text() == "precious"
 
 
+@pytest.mark.parametrize(
+    "plant",
+    [
+        "probes/$PID/k$PID -> victim",
+        "probes/$PID/k$PID/a.out -> victim",
+        "probes/$PID/k$PID/a.out/f0 -> victim",
+        "probes/$PID/k$PID/a.out/f0/p1 -> victim/file",
+        "probes/$PID/k$PID/a.out/f0/p1 dir",
+        "parsed/k:a.out:f0:p1 dir",
+        "parsed/k:x:..:p9 -> victim",
+    ],
+)
+def test_remove_pid_removes_everything_around_planted_entries_and_follows_none(
+    dirs: tuple[Path, Path], proc: Proc, plant: str
+) -> None:
+    """remove_pid finds probes/ entries by the names of parsed/ files: a planted
+    component on that path is neither followed nor left behind."""
+    state, outside = dirs
+    stash = Stash(str(state))
+    stash.register(registration(proc.pid, proc.start_time, ino=1), many_records(3, "k"))
+    mapping = state / f"stash/dof-pid/{proc.pid}/64768-1"
+    rel, _, what = plant.replace("$PID", str(proc.pid)).partition(" ")
+    target = mapping / rel if rel.startswith("parsed/") else state / rel
+    if target.is_dir() and not target.is_symlink():
+        for item in sorted(target.rglob("*"), reverse=True):
+            item.unlink() if not item.is_dir() else item.rmdir()
+        target.rmdir()
+    else:
+        target.unlink(missing_ok=True)
+    if what == "dir":
+        (target / "inner").mkdir(parents=True)
+    else:
+        target.symlink_to(outside / what.removeprefix("-> "))
+    before_out = snapshot(str(outside))
+    stash.remove_pid(proc.pid)
+    stash.close()
+    assert snapshot(str(outside)) == before_out
+    assert (outside / "victim" / "file").read_text() == "precious"
+    assert not (state / f"probes/{proc.pid}").exists()
+    assert not (state / f"stash/dof-pid/{proc.pid}").exists()
+
+
 def test_planted_generation_symlink_is_not_followed(dirs: tuple[Path, Path], proc: Proc) -> None:
     state, outside = dirs
     stash = Stash(str(state))
