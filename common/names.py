@@ -94,6 +94,9 @@ def check_probespec(provider: str, module: str, function: str, probe: str) -> No
 
 def check_argtype(value: str) -> None:
     """An argument type is not a file name, but it is a C string shown to users."""
+    # fast path, as in check_name: printable ASCII, where characters are bytes
+    if value.isascii() and value.isprintable() and 0 < len(value) <= MAX_ARGTYPE_BYTES:
+        return
     if not value:
         raise NameRefused("argument type is empty")
     bad = _FORBIDDEN_IN_ARGTYPE.search(value)

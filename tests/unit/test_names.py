@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 
-from common.names import NameRefused, check_name, check_probespec, decode_name
+from common.names import NameRefused, check_argtype, check_name, check_probespec, decode_name
+from common.records import DIT_ARGS_NATIVE, DIT_PROBE, ArgsNative, Probe
 
 
 @pytest.mark.parametrize(
@@ -41,3 +43,51 @@ def test_full_spec_must_fit_a_file_name() -> None:
     check_probespec("p" * 63, "m" * 63, "f" * 63, "x" * 63)  # 252 + 3 = 255
     with pytest.raises(NameRefused, match="too long for a file name"):
         check_probespec("p" * 63, "m" * 63, "f" * 64, "x" * 63)
+
+
+NAMES = [
+    "a", "...", "a.b", "caf\u00e9", "a b", "~", "", ".", "..", "a/b", "x:y", "tab\there",
+    "del\x7f", "\u00a0nbsp", "\u2028", "x" * 63, "x" * 64, "x" * 127, "x" * 128,
+    "\u00e9" * 31, "\u00e9" * 32, "\u00e9" * 63, "\u00e9" * 64,
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize(
+    ("field", "kind"), [("mod", "module"), ("fun", "function"), ("prb", "probe")]
+)
+def test_a_probe_record_decodes_exactly_when_check_name_accepts(
+    field: str, kind: str, name: str
+) -> None:
+    """Probe's inline fast path for its three names agrees with check_name."""
+    names = {"mod": "m", "fun": "f", "prb": "p", field: name}
+    raw = msgspec.msgpack.encode([DIT_PROBE, names["mod"], names["fun"], names["prb"], 1, 0, 0])
+    try:
+        check_name(kind, name)
+        accepted = True
+    except NameRefused:
+        accepted = False
+    try:
+        msgspec.msgpack.decode(raw, type=Probe)
+        decoded = True
+    except msgspec.ValidationError:
+        decoded = False
+    assert decoded == accepted
+
+
+@pytest.mark.parametrize(
+    "argtype", ["int", "char *", "", "caf\u00e9", "tab\there", "del\x7f", "x" * 127, "x" * 128]
+)
+def test_an_argument_record_decodes_exactly_when_check_argtype_accepts(argtype: str) -> None:
+    try:
+        check_argtype(argtype)
+        accepted = True
+    except NameRefused:
+        accepted = False
+    raw = msgspec.msgpack.encode([DIT_ARGS_NATIVE, ["int", argtype]])
+    try:
+        msgspec.msgpack.decode(raw, type=ArgsNative)
+        decoded = True
+    except msgspec.ValidationError:
+        decoded = False
+    assert decoded == accepted
