@@ -238,7 +238,11 @@ class Remove(Command, tag=2, frozen=True):
 
 
 class RemovePid(Command, tag=3, frozen=True):
+    """Every generation of a process; replies :class:`Done`, or :class:`Deferred` if
+    *may_defer* and a registration asked for the writer (:class:`Yield`) meanwhile."""
+
     pid: Pid
+    may_defer: bool = False
 
 
 class PruneDead(Command, tag=4, frozen=True):
@@ -268,7 +272,15 @@ class Verify(Command, tag=7, frozen=True):
     """Replies :class:`Problems` (empty = consistent)."""
 
 
-StashCommand = Register | Remove | RemovePid | PruneDead | ReparseScan | WriteReparsed | Verify
+class Yield(Command, tag=8, frozen=True):
+    """Priority channel only: a registration waits for the main pipe.  A ``RemovePid``
+    with ``may_defer`` in progress there stops at its next yield point and replies
+    :class:`Deferred`; anything else goes on.  Replies :class:`Done` at once."""
+
+
+StashCommand = (
+    Register | Remove | RemovePid | PruneDead | ReparseScan | WriteReparsed | Verify | Yield
+)
 
 
 class Reply(
@@ -354,6 +366,12 @@ class Busy(Reply, tag=11, frozen=True):
     and the host sends it again on the main channel."""
 
 
+class Deferred(Reply, tag=12, frozen=True):
+    """To a ``RemovePid`` with ``may_defer``: its generations are gone (no consumer sees
+    the process any more), not all of its files; the host sends it again, without
+    ``may_defer``, once the registration that asked (:class:`Yield`) has the writer."""
+
+
 StashReply = (
     Generation
     | Done
@@ -366,4 +384,5 @@ StashReply = (
     | Progress
     | Started
     | Busy
+    | Deferred
 )

@@ -52,6 +52,7 @@ from common.stash_protocol import (
     PRIORITY_MAX_RECORDS,
     Busy,
     Command,
+    Deferred,
     Done,
     Failure,
     Generation,
@@ -73,6 +74,7 @@ from common.stash_protocol import (
     StashReply,
     Verify,
     WriteReparsed,
+    Yield,
     quota_argv,
 )
 from dtprobed.children.process import ChildSlot, PriorityChannel, RunningChild
@@ -153,6 +155,11 @@ class StashWriterChild:
         self._decoder: FrameDecoder[StashReply] = FrameDecoder(StashReply, MAX_REPLY_FRAME)
         self._pending = bytearray()  # bytes of the current child not yet decoded
         self._logs = 0  # Log frames since its last reply
+        # an exit prune on the main pipe gives way to a registration (remove_pid)
+        self._main_deferrable = False  # the main pipe holds a RemovePid that may defer
+        self._preempt = threading.Condition()
+        self._preempting = 0  # registrations that asked it to, not yet holding the main pipe
+        self.removals_deferred = 0
 
     @property
     def pid(self) -> int | None:
@@ -304,10 +311,15 @@ class StashWriterChild:
 
     # --------------------------------------------------------------- exchange
 
-    def _exchange(self, command: Command) -> StashReply:
+    def _exchange(
+        self, command: Command, on_locked: Callable[[], None] | None = None
+    ) -> StashReply:
         with self._lock:
+            if on_locked is not None:
+                on_locked()
             child = self._ready_child()  # ChildFailed here: the writer cannot start
             frame = self._encoder.encode(command)
+            self._main_deferrable = isinstance(command, RemovePid) and command.may_defer
             try:
                 return self._command(child, memoryview(frame))
             except ChildFailed as err:
@@ -318,6 +330,8 @@ class StashWriterChild:
                 raise WriterCommandFailed(
                     type(command).__name__, "stash writer", code, str(err)
                 ) from err
+            finally:
+                self._main_deferrable = False
 
     def _command(self, child: RunningChild, frame: memoryview) -> StashReply:
         """Send one command, wait for its reply: silence bounded by -t, the whole by the
@@ -441,10 +455,43 @@ class StashWriterChild:
                     self.priority_answered += 1
                     return item
 
-    def _call(self, command: Command, expected: type) -> StashReply:
+    def _preempting_exchange(self, command: Register) -> StashReply:
+        """A Register too large for the priority channel, while an exit prune holds the
+        main pipe: ask it to give way (``Yield``), then take the main pipe before the
+        prune's rest (:meth:`remove_pid` waits for this)."""
+        with self._preempt:
+            self._preempting += 1
+        holding = False
+
+        def took_it() -> None:
+            nonlocal holding
+            holding = True
+            self._preemption_over()
+
+        try:
+            try:
+                self._priority_exchange(Yield())  # Done; None without a channel
+            except StashError as err:  # the writer broke: the main exchange will tell
+                self.log.debug("Yield not delivered: %s", err)
+            return self._exchange(command, on_locked=took_it)
+        finally:
+            if not holding:
+                self._preemption_over()
+
+    def _preemption_over(self) -> None:
+        with self._preempt:
+            self._preempting -= 1
+            self._preempt.notify_all()
+
+    def _call(
+        self, command: Command, expected: type | tuple[type, ...], *, priority: bool = True
+    ) -> StashReply:
         reply: StashReply | None = None
-        if self._lock.locked() and self._may_overtake(command):
-            reply = self._priority_exchange(command)
+        if priority and self._lock.locked():
+            if self._may_overtake(command):
+                reply = self._priority_exchange(command)
+            elif isinstance(command, Register) and self._main_deferrable:
+                reply = self._preempting_exchange(command)
         if reply is None:
             reply = self._exchange(command)
         if isinstance(reply, Failure):
@@ -476,8 +523,17 @@ class StashWriterChild:
         assert isinstance(reply, Removed)
         return reply.existed
 
-    def remove_pid(self, pid: int) -> None:
-        self._call(RemovePid(pid=pid), Done)
+    def remove_pid(self, pid: int, *, may_defer: bool = False) -> None:
+        """Every generation of *pid*.  *may_defer* (an exit prune: no client waits for
+        it): a large registration that comes meanwhile has the writer first; the
+        prune's generations are gone at once, the rest of its files after that."""
+        reply = self._call(RemovePid(pid=pid, may_defer=may_defer), (Done, Deferred))
+        if isinstance(reply, Deferred):
+            self.removals_deferred += 1
+            with self._preempt:
+                self._preempt.wait_for(lambda: self._preempting == 0, timeout=self.backstop)
+            # the main pipe only: on the priority channel it would run inside that registration
+            self._call(RemovePid(pid=pid), Done, priority=False)
 
     def prune_dead(self) -> list[int]:
         reply = self._call(PruneDead(), Pids)

@@ -138,7 +138,7 @@ class Parser(NotesParser, Protocol):
 class Writer(Protocol):
     def register_records(self, reg: Registration, records: list[ResultRecord]) -> int: ...
     def remove(self, pid: int, gen: int) -> bool: ...
-    def remove_pid(self, pid: int) -> None: ...
+    def remove_pid(self, pid: int, *, may_defer: bool = False) -> None: ...
 
 
 @dataclass
@@ -774,7 +774,7 @@ class Receiver:
     def prune_exited(self, pid: int) -> None:
         """``ExitWatcher`` callback: drop everything *pid* registered."""
         started = time.monotonic()
-        self._writer_call(lambda: _done(self._writer.remove_pid, pid))
+        self._writer_call(lambda: _done(partial(self._writer.remove_pid, may_defer=True), pid))
         log.info("%d: pruned: process exited (%.1f ms)", pid, (time.monotonic() - started) * 1000)
 
     def close(self) -> None:

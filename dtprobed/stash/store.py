@@ -90,6 +90,10 @@ _CREATE_NEW: Final = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O
 _BASE: Final = struct.Struct("<Q")
 
 
+class RemovalDeferred(Exception):
+    """A deferrable removal stopped for a registration (:meth:`Stash.remove_pid`)."""
+
+
 def _block(raw: bytes) -> RawBlock:
     """A raw file's bytes as the block it holds (``RAW_PREFIX``-sized base, then data)."""
     return RawBlock(_BASE.unpack_from(raw)[0] if len(raw) >= _BASE.size else 0, raw[_BASE.size :])
@@ -557,6 +561,9 @@ class Stash:
         self.busy: tuple[int, str] | None = None
         self._nested = False
         self._since_yield = 0
+        # the top-level RemovePid in progress may stop for a registration (request_deferral)
+        self._deferrable = False
+        self._defer_requested = False
         self._fix_modes = (_current_umask() & DIR_MODE) != 0
         self._fds = contextlib.ExitStack()
         self._index: dict[int, _PidEntry] = {}
@@ -624,6 +631,14 @@ class Stash:
         if self._since_yield >= YIELD_EVERY:
             self._since_yield = 0
             self.interleave()
+            if self._defer_requested:
+                raise RemovalDeferred(f"PID {self.busy[0]}: a registration waits for the writer")
+
+    def request_deferral(self) -> None:
+        """A registration waits: the deferrable removal in progress (if any) stops at
+        the end of this yield point (:class:`RemovalDeferred`); anything else goes on."""
+        if self._deferrable:
+            self._defer_requested = True
 
     def run_interleaved(self, fn: Callable[[], _T]) -> _T:
         """Run one priority command inside the yielding one (no deeper nesting)."""
@@ -1437,10 +1452,24 @@ class Stash:
                 return
 
     @_stash_op("remove-pid")
-    def remove_pid(self, pid: int) -> None:
-        """Every generation of *pid* (exit, exec, pid reuse)."""
+    def remove_pid(self, pid: int, *, may_defer: bool = False) -> None:
+        """Every generation of *pid* (exit, exec, pid reuse).
+
+        *may_defer* (an exit prune, which no client waits for): a
+        :meth:`request_deferral` while it runs stops it at its next yield point
+        with :class:`RemovalDeferred`.  Its generations are gone by then (no
+        consumer finds the process), not all of its files: the caller sends it
+        again once the registration has had the writer; start-up recovery removes
+        a pid directory without generations too.  Only a top-level removal defers,
+        never one nested in another command.
+        """
         with self._sliced(pid, ""):
-            self._remove_pid(pid)
+            self._deferrable = may_defer and self.busy == (pid, "") and not self._nested
+            self._defer_requested = False
+            try:
+                self._remove_pid(pid)
+            finally:
+                self._deferrable = self._defer_requested = False
 
     def _remove_pid(self, pid: int) -> None:
         name = str(pid)

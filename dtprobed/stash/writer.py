@@ -54,6 +54,7 @@ from common.stash_protocol import (
     PRIORITY_MAX_PROBES,
     PRIORITY_MAX_RECORDS,
     Busy,
+    Deferred,
     Done,
     Failure,
     Generation,
@@ -73,12 +74,13 @@ from common.stash_protocol import (
     StashReply,
     Verify,
     WriteReparsed,
+    Yield,
     add_quota_arguments,
     quotas_from_args,
 )
 from dtprobed.oslib.fdio import read_exactly, write_all
 from dtprobed.stash.layout import mapping_key
-from dtprobed.stash.store import DEFAULT_LOCK_DIR, Stash
+from dtprobed.stash.store import DEFAULT_LOCK_DIR, RemovalDeferred, Stash
 from dtprobed.stash.store import Progress as ProgressMeter
 
 EXIT_PROTOCOL: Final = 3
@@ -209,7 +211,10 @@ class PriorityChannel:
             self.stash.interleave = None  # the daemon is going: finish the long one
             return
         stash = self.stash
-        if may_interleave(stash, cmd):
+        if isinstance(cmd, Yield):
+            stash.request_deferral()
+            reply: StashReply = Done()
+        elif may_interleave(stash, cmd):
             reply = stash.run_interleaved(functools.partial(handle, stash, cmd))
         else:
             reply = Busy()
@@ -225,9 +230,15 @@ def handle(stash: Stash, cmd: StashCommand) -> StashReply:
                 return Generation(gen=stash.register(reg, records))
             case Remove(pid=pid, gen=gen):
                 return Removed(existed=stash.remove(pid, gen))
-            case RemovePid(pid=pid):
-                stash.remove_pid(pid)
+            case RemovePid(pid=pid, may_defer=may_defer):
+                try:
+                    stash.remove_pid(pid, may_defer=may_defer)
+                except RemovalDeferred as why:
+                    log.debug("removal deferred: %s", why)
+                    return Deferred()
                 return Done()
+            case Yield():
+                return Done()  # between commands: nothing in progress to stop
             case PruneDead():
                 return Pids(pids=stash.prune_dead())
             case ReparseScan(force=force, offset=offset):

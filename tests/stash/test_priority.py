@@ -23,7 +23,7 @@ import pytest
 
 from common.errors import StashError
 from dtprobed.children.writer import StashWriterChild
-from dtprobed.stash.store import Stash
+from dtprobed.stash.store import RemovalDeferred, Stash
 from tests.stash.support import many_records, registration, sleepers, snapshot
 
 BIG = 600  # probes: 600 / YIELD_EVERY yield points
@@ -210,5 +210,100 @@ def test_writer_answers_other_processes_on_the_priority_channel(tmp_path: Path) 
             assert writer.register_records(third, many_records(3, "third")) == 0
             assert writer.verify() == []
             writer.remove_pid(a.pid)  # 20000 files: not left for pytest's cleanup of tmp_path
+    finally:
+        writer.stop()
+
+
+def test_a_deferrable_removal_stops_for_a_registration_and_finishes_when_sent_again(
+    tmp_path: Path,
+) -> None:
+    """In-process: a deferral requested at a yield point of an exit prune stops it there,
+    with the process's generations gone; sent again, it removes the rest. Not deferrable
+    (no may_defer), the same request changes nothing."""
+    with sleepers(1) as (a,):
+        reg = registration(a.pid, a.start_time, ino=10)
+        stash = Stash(str(tmp_path / "run"))
+        pid_dir = tmp_path / "run" / "stash" / "dof-pid" / str(a.pid)
+        probes_dir = tmp_path / "run" / "probes" / str(a.pid)
+        stash.register(reg, many_records(BIG))
+        stash.interleave = stash.request_deferral
+        stash.remove_pid(a.pid)  # may_defer not given: the request is ignored
+        assert not pid_dir.exists() and not probes_dir.exists()
+
+        stash.register(reg, many_records(BIG))
+        with pytest.raises(RemovalDeferred):
+            stash.remove_pid(a.pid, may_defer=True)
+        assert pid_dir.is_dir() and not (pid_dir / "0").is_symlink()  # un-committed
+        left = sum(1 for _ in probes_dir.rglob("*"))
+        assert 0 < left < sum(1 for _ in (tmp_path / "run").rglob("*"))
+        assert stash.busy is None and stash.usage.probes == 0
+        stash.interleave = None
+        stash.remove_pid(a.pid)
+        assert not pid_dir.exists() and not probes_dir.exists()
+        assert stash.verify() == []
+        stash.request_deferral()  # nothing in progress: nothing to defer later
+        stash.register(reg, many_records(3))
+        stash.remove_pid(a.pid, may_defer=True)
+        assert not pid_dir.exists()
+        stash.close()
+
+
+def test_an_exit_prune_gives_way_to_a_large_registration(tmp_path: Path) -> None:
+    """Through the writer child: a registration too large for the priority channel,
+    sent while an exit prune of LONG probes holds the main one, is answered before the
+    prune has finished; the prune then finishes, and the stash is consistent. The writer
+    is stopped (SIGSTOP) mid-prune until the registration's Yield is on its way, so the
+    prune cannot end first however the machine schedules the test."""
+    writer = StashWriterChild(str(tmp_path / "run"), timeout=30)
+    writer.start()
+    try:
+        with sleepers(2) as (a, b):
+            gone = registration(a.pid, a.start_time, ino=10)
+            large = registration(b.pid, b.start_time, ino=11)
+            assert writer.register_records(gone, many_records(LONG)) == 0
+            finished: list[str] = []
+            failure: list[BaseException] = []
+
+            def run(name: str, call: Callable[[], object]) -> threading.Thread:
+                def body() -> None:
+                    try:
+                        call()
+                    except BaseException as exc:  # reported by the assertions below
+                        failure.append(exc)
+                    finally:
+                        finished.append(name)
+
+                thread = threading.Thread(target=body)
+                thread.start()
+                return thread
+
+            prune = run("prune", lambda: writer.remove_pid(a.pid, may_defer=True))
+            # the prune is under way once its generation is gone (its first step)
+            first_gen = tmp_path / "run" / "stash" / "dof-pid" / str(a.pid) / "0"
+            while first_gen.is_symlink() and not finished:
+                time.sleep(0.001)
+            writer_pid = writer.pid
+            assert writer_pid is not None
+            os.kill(writer_pid, signal.SIGSTOP)
+            try:
+                assert finished == []
+                register = run(
+                    "register", lambda: writer.register_records(large, many_records(2000, "large"))
+                )
+                deadline = time.monotonic() + 30
+                while writer._preempting == 0 and time.monotonic() < deadline:
+                    time.sleep(0.001)  # its Yield goes out next
+                time.sleep(0.05)  # for the Yield to reach the pipe
+            finally:
+                os.kill(writer_pid, signal.SIGCONT)
+            register.join()
+            prune.join()
+            assert failure == []
+            assert finished == ["register", "prune"]
+            assert writer.removals_deferred == 1
+            assert not (tmp_path / "run" / "probes" / str(a.pid)).exists()
+            assert not (tmp_path / "run" / "stash" / "dof-pid" / str(a.pid)).exists()
+            assert writer.verify() == []
+            writer.remove_pid(b.pid)
     finally:
         writer.stop()
