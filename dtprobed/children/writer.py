@@ -33,13 +33,14 @@ for DEBUG when the writer starts (``--debug``).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Final
 
 from common.errors import ChildFailed, ChildTimeout, ProtocolError, StashError
@@ -79,6 +80,10 @@ from common.stash_protocol import (
 )
 from dtprobed.children.process import ChildSlot, PriorityChannel, RunningChild
 
+#: An exit prune waits at most this long for the registrations waiting for the main pipe
+#: (before it starts, and after it gave way to one): under a flood of large registrations
+#: it still runs.
+PRUNE_YIELDS_FOR: Final = 1.0
 #: Default bound on one whole command of a writer that keeps reporting progress.
 DEFAULT_BACKSTOP: Final = 300.0
 #: Default bound on a writer's whole start-up (recovery + index) while it reports progress.
@@ -158,7 +163,7 @@ class StashWriterChild:
         # an exit prune on the main pipe gives way to a registration (remove_pid)
         self._main_deferrable = False  # the main pipe holds a RemovePid that may defer
         self._preempt = threading.Condition()
-        self._preempting = 0  # registrations that asked it to, not yet holding the main pipe
+        self._registers_waiting = 0  # Registers waiting for the main pipe (exit prunes yield)
         self.removals_deferred = 0
 
     @property
@@ -311,12 +316,8 @@ class StashWriterChild:
 
     # --------------------------------------------------------------- exchange
 
-    def _exchange(
-        self, command: Command, on_locked: Callable[[], None] | None = None
-    ) -> StashReply:
-        with self._lock:
-            if on_locked is not None:
-                on_locked()
+    def _exchange(self, command: Command, *, counted: bool = False) -> StashReply:
+        with self._main_pipe(command, counted):
             child = self._ready_child()  # ChildFailed here: the writer cannot start
             frame = self._encoder.encode(command)
             self._main_deferrable = isinstance(command, RemovePid) and command.may_defer
@@ -455,33 +456,48 @@ class StashWriterChild:
                     self.priority_answered += 1
                     return item
 
+    @contextlib.contextmanager
+    def _main_pipe(self, command: Command, counted: bool) -> Iterator[None]:
+        """Hold the main pipe for *command*.  A ``Register`` counts as waiting for it
+        until it has it (*counted*: the caller counted it already), and exit prunes let
+        those go first (:meth:`remove_pid`)."""
+        if not isinstance(command, Register):
+            with self._lock:
+                yield
+            return
+        if not counted:
+            self._count_waiting(1)
+        try:
+            self._lock.acquire()
+        finally:
+            self._count_waiting(-1)
+        try:
+            yield
+        finally:
+            self._lock.release()
+
+    def _count_waiting(self, delta: int) -> None:
+        with self._preempt:
+            self._registers_waiting += delta
+            self._preempt.notify_all()
+
+    def _let_registrations_go_first(self) -> None:
+        with self._preempt:
+            self._preempt.wait_for(lambda: self._registers_waiting == 0, timeout=PRUNE_YIELDS_FOR)
+
     def _preempting_exchange(self, command: Register) -> StashReply:
         """A Register too large for the priority channel, while an exit prune holds the
         main pipe: ask it to give way (``Yield``), then take the main pipe before the
         prune's rest (:meth:`remove_pid` waits for this)."""
-        with self._preempt:
-            self._preempting += 1
-        holding = False
-
-        def took_it() -> None:
-            nonlocal holding
-            holding = True
-            self._preemption_over()
-
+        self._count_waiting(1)  # before the Yield: the prune's rest waits for it from then
         try:
-            try:
-                self._priority_exchange(Yield())  # Done; None without a channel
-            except StashError as err:  # the writer broke: the main exchange will tell
-                self.log.debug("Yield not delivered: %s", err)
-            return self._exchange(command, on_locked=took_it)
-        finally:
-            if not holding:
-                self._preemption_over()
-
-    def _preemption_over(self) -> None:
-        with self._preempt:
-            self._preempting -= 1
-            self._preempt.notify_all()
+            self._priority_exchange(Yield())  # Done; None without a channel
+        except StashError as err:  # the writer broke: the main exchange will tell
+            self.log.debug("Yield not delivered: %s", err)
+        except BaseException:
+            self._count_waiting(-1)
+            raise
+        return self._exchange(command, counted=True)
 
     def _call(
         self, command: Command, expected: type | tuple[type, ...], *, priority: bool = True
@@ -525,13 +541,19 @@ class StashWriterChild:
 
     def remove_pid(self, pid: int, *, may_defer: bool = False) -> None:
         """Every generation of *pid*.  *may_defer* (an exit prune: no client waits for
-        it): a large registration that comes meanwhile has the writer first; the
-        prune's generations are gone at once, the rest of its files after that."""
-        reply = self._call(RemovePid(pid=pid, may_defer=may_defer), (Done, Deferred))
+        it): it goes on the main pipe only, after the registrations waiting for it (at
+        most PRUNE_YIELDS_FOR), and a large registration that comes meanwhile has the
+        writer first: the prune's generations are gone at once, the rest of its files
+        after that registration."""
+        if may_defer:
+            self._let_registrations_go_first()
+        # an exit prune is background work: the main pipe only, never inside a registration
+        reply = self._call(
+            RemovePid(pid=pid, may_defer=may_defer), (Done, Deferred), priority=not may_defer
+        )
         if isinstance(reply, Deferred):
             self.removals_deferred += 1
-            with self._preempt:
-                self._preempt.wait_for(lambda: self._preempting == 0, timeout=self.backstop)
+            self._let_registrations_go_first()
             # the main pipe only: on the priority channel it would run inside that registration
             self._call(RemovePid(pid=pid), Done, priority=False)
 

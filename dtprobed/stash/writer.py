@@ -88,6 +88,8 @@ EXIT_START: Final = 4
 DEFAULT_PROGRESS_INTERVAL: Final = 0.25
 #: Commands whose frame is at least this large are followed by gc + malloc_trim.
 TRIM_AFTER_BYTES: Final = 1 << 20
+#: ... or after a command that wrote or removed this many files (Progress ticks)
+TRIM_AFTER_FILES: Final = 4096
 log = logging.getLogger("dtprobed.stash_writer")
 #: Every frame to the daemon is written under this lock: Progress frames may come
 #: from the progress thread (Progress.bounded) while the main thread logs.
@@ -336,7 +338,8 @@ def serve(
         del cmd  # the decoded frame (records, raw bytes) goes before the reply is sent
         send_frame(wfd, encoder.encode(reply))
         del reply
-        if size >= TRIM_AFTER_BYTES:
+        # a big frame, or a big removal (its listings of parsed/): the heap they grew
+        if size >= TRIM_AFTER_BYTES or stash.progress.done >= TRIM_AFTER_FILES:
             gc.collect()
             trim()
 

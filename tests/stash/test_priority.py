@@ -291,7 +291,7 @@ def test_an_exit_prune_gives_way_to_a_large_registration(tmp_path: Path) -> None
                     "register", lambda: writer.register_records(large, many_records(2000, "large"))
                 )
                 deadline = time.monotonic() + 30
-                while writer._preempting == 0 and time.monotonic() < deadline:
+                while writer._registers_waiting == 0 and time.monotonic() < deadline:
                     time.sleep(0.001)  # its Yield goes out next
                 time.sleep(0.05)  # for the Yield to reach the pipe
             finally:
@@ -303,6 +303,47 @@ def test_an_exit_prune_gives_way_to_a_large_registration(tmp_path: Path) -> None
             assert writer.removals_deferred == 1
             assert not (tmp_path / "run" / "probes" / str(a.pid)).exists()
             assert not (tmp_path / "run" / "stash" / "dof-pid" / str(a.pid)).exists()
+            assert writer.verify() == []
+            writer.remove_pid(b.pid)
+    finally:
+        writer.stop()
+
+
+def test_an_exit_prune_lets_a_waiting_registration_have_the_writer_first(tmp_path: Path) -> None:
+    """The exit watcher prunes one process after another. A large registration that
+    waits for the main pipe while one prune (not deferrable: nothing asks it to give way)
+    holds it has the pipe before the watcher's next prune, which waits until the
+    registration holds it (the watcher's thread would otherwise take the pipe again at
+    once, and that prune would run first)."""
+    writer = StashWriterChild(str(tmp_path / "run"), timeout=30)
+    writer.start()
+    try:
+        with sleepers(3) as (a, b, c):
+            writer.register_records(registration(a.pid, a.start_time, ino=10), many_records(LONG))
+            writer.register_records(registration(c.pid, c.start_time, ino=12), many_records(300))
+            finished: list[str] = []
+
+            def exit_prunes() -> None:
+                writer.remove_pid(a.pid)  # LONG probes, holds the main pipe
+                finished.append("first prune")
+                writer.remove_pid(c.pid, may_defer=True)
+                finished.append("next prune")
+
+            def large_registration() -> None:
+                large = registration(b.pid, b.start_time, ino=11)
+                writer.register_records(large, many_records(2000, "l"))
+                finished.append("registration")
+
+            prunes = threading.Thread(target=exit_prunes)
+            prunes.start()
+            first_gen = tmp_path / "run" / "stash" / "dof-pid" / str(a.pid) / "0"
+            while first_gen.is_symlink() and not finished:
+                time.sleep(0.001)
+            register = threading.Thread(target=large_registration)
+            register.start()
+            register.join()
+            prunes.join()
+            assert finished == ["first prune", "registration", "next prune"]
             assert writer.verify() == []
             writer.remove_pid(b.pid)
     finally:
