@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import msgspec
 import pytest
 
@@ -52,6 +54,22 @@ NAMES = [
 ]  # fmt: skip
 
 
+def _accepts(check: Callable[[], None]) -> bool:
+    try:
+        check()
+    except NameRefused:
+        return False
+    return True
+
+
+def _decodes(raw: bytes, kind: type) -> bool:
+    try:
+        msgspec.msgpack.decode(raw, type=kind)
+    except msgspec.ValidationError:
+        return False
+    return True
+
+
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize(
     ("field", "kind"), [("mod", "module"), ("fun", "function"), ("prb", "probe")]
@@ -62,32 +80,12 @@ def test_a_probe_record_decodes_exactly_when_check_name_accepts(
     """Probe's inline fast path for its three names agrees with check_name."""
     names = {"mod": "m", "fun": "f", "prb": "p", field: name}
     raw = msgspec.msgpack.encode([DIT_PROBE, names["mod"], names["fun"], names["prb"], 1, 0, 0])
-    try:
-        check_name(kind, name)
-        accepted = True
-    except NameRefused:
-        accepted = False
-    try:
-        msgspec.msgpack.decode(raw, type=Probe)
-        decoded = True
-    except msgspec.ValidationError:
-        decoded = False
-    assert decoded == accepted
+    assert _decodes(raw, Probe) == _accepts(lambda: check_name(kind, name))
 
 
 @pytest.mark.parametrize(
     "argtype", ["int", "char *", "", "caf\u00e9", "tab\there", "del\x7f", "x" * 127, "x" * 128]
 )
 def test_an_argument_record_decodes_exactly_when_check_argtype_accepts(argtype: str) -> None:
-    try:
-        check_argtype(argtype)
-        accepted = True
-    except NameRefused:
-        accepted = False
     raw = msgspec.msgpack.encode([DIT_ARGS_NATIVE, ["int", argtype]])
-    try:
-        msgspec.msgpack.decode(raw, type=ArgsNative)
-        decoded = True
-    except msgspec.ValidationError:
-        decoded = False
-    assert decoded == accepted
+    assert _decodes(raw, ArgsNative) == _accepts(lambda: check_argtype(argtype))
