@@ -1168,26 +1168,27 @@ class Stash:
         in_place = not undo_files
         parsed_fd = parsed.fd
         undo.add(unwind)
+        # the provider of the previous probe and its record: probes of one provider are
+        # adjacent, so the dict (which hashes the record's fields) is rarely asked
+        last_provider: Provider | None = None
+        provider_record = b""
         try:
-            for probe in probes:
-                prv, prb = probe.provider.name, probe.probe.prb
-                dir_path = (spid, f"{prv}{spid}", probe.probe.mod, probe.probe.fun)
+            for provider, record, args, tracepoints in probes:
+                prv, mod, fun, prb = provider.name, record.mod, record.fun, record.prb
+                if provider is not last_provider:
+                    last_provider = provider
+                    provider_record = provider_records.get(provider) or provider_records.setdefault(
+                        provider, encode_record(provider)
+                    )
+                    prv_dir = f"{prv}{spid}"
+                dir_path = (spid, prv_dir, mod, fun)
                 if dir_path != fun_path:
                     link_dir, link_prefix = fun_target(dir_path)
                     fun_path = dir_path
-                provider_record = provider_records.get(probe.provider)
-                if provider_record is None:
-                    provider_record = provider_records[probe.provider] = encode_record(
-                        probe.provider
-                    )
                 data = encode_probe_file(
-                    probe.provider,
-                    probe.probe,
-                    probe.args,
-                    probe.tracepoints,
-                    provider_record=provider_record,
+                    provider, record, args, tracepoints, provider_record=provider_record
                 )
-                spec = probe.spec
+                spec = f"{prv}:{mod}:{fun}:{prb}"
                 if in_place:
                     self._write_new(parsed_fd, spec, data)
                     created_files.append(spec)
