@@ -20,13 +20,3 @@ def shared() -> Iterator[Path]:
         yield d
     finally:
         shutil.rmtree(d, ignore_errors=True)
-
-
-@pytest.fixture
-def shm() -> Iterator[Path]:
-    """A state directory on tmpfs, as in production (/run is a tmpfs)."""
-    d = Path(tempfile.mkdtemp(prefix="dtprobed-state-", dir="/dev/shm"))
-    try:
-        yield d / "run"
-    finally:
-        shutil.rmtree(d, ignore_errors=True)

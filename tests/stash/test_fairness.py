@@ -12,9 +12,7 @@ import errno
 import os
 import shutil
 import signal
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import msgspec
@@ -39,15 +37,6 @@ def _reg(pid: int, *, uid: int, ino: int = 99, dof: bytes | None = None) -> Regi
 
 def _probes(n: int, tag: str) -> list[ResultRecord]:
     return records_for(tag, [("m", "f", f"p{i}", 0x1000 + 16 * i) for i in range(n)])
-
-
-@pytest.fixture
-def shm() -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix="stash-fair-", dir="/dev/shm"))
-    try:
-        yield d / "run"
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 # ------------------------------------------------------------------ probes per uid

@@ -6,14 +6,7 @@ import threading
 import time
 
 from dtprobed.daemon.fairness import FairLane, LaneClosed
-
-
-def _wait(pred, what: str, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.001)
+from tests.support.clients import wait_until
 
 
 def test_a_trickle_of_jobs_is_served_by_the_worker_that_went_idle_last() -> None:
@@ -29,7 +22,7 @@ def test_a_trickle_of_jobs_is_served_by_the_worker_that_went_idle_last() -> None
 
             assert lane.submit(0, job) == ""
             assert done.wait(5)
-            _wait(lambda: len(lane._idle) == 3, "all workers idle")
+            wait_until("all workers idle", lambda: len(lane._idle) == 3)
         # the first job may go to any worker; from then on the last idle one takes it
         assert len(set(threads[1:])) == 1, threads
     finally:
@@ -50,7 +43,7 @@ def test_one_uid_gets_all_but_one_worker_and_others_still_get_through() -> None:
     try:
         for i in range(3):
             assert lane.submit(1, lambda i=i: blocking(f"a{i}")) == ""
-        _wait(lambda: len(running) == 2, "two of uid 1's jobs")
+        wait_until("two of uid 1's jobs", lambda: len(running) == 2)
         time.sleep(0.05)
         assert sorted(running) == ["a0", "a1"]  # the third waits: per-uid limit 2 of 3
         other = threading.Event()
@@ -58,7 +51,7 @@ def test_one_uid_gets_all_but_one_worker_and_others_still_get_through() -> None:
         assert other.wait(5)  # uid 2 is served by the spare worker meanwhile
         assert lane.queued(1) == 1
         release.set()
-        _wait(lambda: len(running) == 3, "uid 1's third job once one of its jobs ended")
+        wait_until("uid 1's third job once one of its jobs ended", lambda: len(running) == 3)
     finally:
         release.set()
         lane.shutdown()
@@ -90,7 +83,7 @@ def test_a_full_queue_refuses_with_a_reason() -> None:
     gate = threading.Event()
     try:
         assert lane.submit(5, lambda: gate.wait(5)) == ""
-        _wait(lambda: lane.queued(5) == 0, "the first job taken")
+        wait_until("the first job taken", lambda: lane.queued(5) == 0)
         assert lane.submit(5, lambda: None) == ""
         assert lane.submit(5, lambda: None) == ""
         assert lane.submit(5, lambda: None) == "uid 5 has 2 requests queued in the t lane"
