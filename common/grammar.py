@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Final, NamedTuple
 
 from common.errors import ProtocolError
-from common.names import NAME_MAX, printable
+from common.names import NAME_MAX, printable, probespec
 from common.records import (
     ArgsMap,
     ArgsNative,
@@ -59,7 +59,7 @@ class ParsedProbe(NamedTuple):
     def spec(self) -> str:
         """``prv:mod:fun:prb``, the per-probe file name (provider without pid)."""
         p = self.probe
-        return f"{self.provider.name}:{p.mod}:{p.fun}:{p.prb}"
+        return probespec(self.provider.name, p.mod, p.fun, p.prb)
 
 
 class _State(enum.Enum):
@@ -89,8 +89,9 @@ class StreamChecker:
     """Feed records one by one; :attr:`done` is true once the stream has ended.
 
     This runs on every record of every registration, twice (receiver and
-    writer), so the hot path is a dict lookup on the exact record type and one
-    small method per record kind.  Names need no second check here: a record
+    writer): :meth:`feed_all` takes a well-formed probe whole, and anything
+    else goes through :meth:`feed`, a dict lookup on the exact record type and
+    one small method per record kind.  Names need no second check here: a record
     cannot exist unless ``__post_init__`` passed them through the name policy;
     only the combined ``prv:mod:fun:prb`` length is new information.
     """
@@ -210,7 +211,7 @@ class StreamChecker:
                 return 0
         provider = self._provider
         assert provider is not None  # guaranteed by the state table
-        spec = f"{provider.name}:{probe.mod}:{probe.fun}:{probe.prb}"
+        spec = probespec(provider.name, probe.mod, probe.fun, probe.prb)
         if len(spec) > NAME_MAX or (not spec.isascii() and len(spec.encode()) > NAME_MAX):
             return 0
         seen = self._seen
@@ -270,8 +271,8 @@ class StreamChecker:
         self._probes_left -= 1
         if self._max_probes is not None and len(self.probes) >= self._max_probes:
             raise self._fail(f"more than {self._max_probes} probes")
-        # names hold no ':', so the spec string stands for the four names
-        spec = f"{provider.name}:{probe.mod}:{probe.fun}:{probe.prb}"
+        # names hold no ':', so the spec string stands for the four names (probespec)
+        spec = probespec(provider.name, probe.mod, probe.fun, probe.prb)
         if len(spec) > NAME_MAX or (not spec.isascii() and len(spec.encode()) > NAME_MAX):
             raise self._fail(f'probe "{printable(spec)}" too long for a file name')
         if spec in self._seen:

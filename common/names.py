@@ -78,6 +78,12 @@ def check_name(kind: str, value: str) -> None:
         raise NameRefused(f'{kind} name "{printable(value)}" too long: {size} bytes > {limit}')
 
 
+def probespec(provider: str, module: str, function: str, probe: str) -> str:
+    """``prv:mod:fun:prb``: a probe's parsed-file name (names hold no ``:``, so it splits
+    back into the four)."""
+    return f"{provider}:{module}:{function}:{probe}"
+
+
 def check_probespec(provider: str, module: str, function: str, probe: str) -> None:
     """Check each component, then that ``prv:mod:fun:prb`` fits one file name."""
     check_name("provider", provider)

@@ -23,7 +23,7 @@ from typing import Any, Final, TypeVar
 from common.dof_abi import DOF_MAG_STRING, DOF_MAXSZ
 from common.errors import ProtocolError, StashError
 from common.grammar import ParsedProbe, StreamChecker, check_stream
-from common.names import printable
+from common.names import printable, probespec
 from common.records import Provider, ResultRecord
 from common.stash_format import (
     VERSION_BYTES,
@@ -102,11 +102,6 @@ def _block(raw: bytes) -> RawBlock:
 def _unlink_quiet(dir_fd: int, name: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(name, dir_fd=dir_fd)
-
-
-def _rmdir_quiet(dir_fd: int, name: str) -> None:
-    with contextlib.suppress(FileNotFoundError, OSError):
-        os.rmdir(name, dir_fd=dir_fd)
 
 
 def _no_tick() -> None:
@@ -1188,7 +1183,7 @@ class Stash:
                 data = encode_probe_file(
                     provider, record, args, tracepoints, provider_record=provider_record
                 )
-                spec = f"{prv}:{mod}:{fun}:{prb}"
+                spec = probespec(prv, mod, fun, prb)
                 if in_place:
                     self._write_new(parsed_fd, spec, data)
                     created_files.append(spec)
@@ -1430,7 +1425,7 @@ class Stash:
                 return  # bound to another mapping's file: leave it
             if st is not None:
                 os.unlink(prb, dir_fd=fun_dir.fd)
-            spec = ":".join(parts)
+            spec = probespec(*parts)
             for other in others:
                 try:
                     with DirFd(pid_fd, other) as odir, DirFd(odir.fd, "parsed") as oparsed:
@@ -1564,7 +1559,7 @@ class Stash:
                     os.unlink(prb, dir_fd=held[2][1].fd)
                 except FileNotFoundError:
                     pass  # another mapping of the process had it, or it was never linked
-                os.unlink(f"{prv}:{mod}:{fun}:{prb}", dir_fd=parsed)
+                os.unlink(probespec(prv, mod, fun, prb), dir_fd=parsed)
                 self._tick_yield()
             leave(0)
         finally:
