@@ -881,8 +881,11 @@ class Stash:
 
     def _register(self, reg: Registration, probes: list[ParsedProbe]) -> int:
         pid, key = reg.pid, mapping_key(reg.dev, reg.ino)
-        stale = self._is_other_process(reg)
         existing = self._index.get(pid)
+        # A pid the index does not know is most often a new process with no directory: its
+        # identity is checked only if one is found (_open_pid_dir), which saves a lookup.
+        # Nothing below depends on the check then: no entry is replaced, no quota given back.
+        stale = self._is_other_process(reg) if existing is not None else None
         if reg.caught_up and not stale and existing is not None and key in existing.nprobes:
             # catch-up raced with the process's own registration: keep that one
             return min(g for g, k in existing.gens.items() if k == key)
@@ -908,7 +911,7 @@ class Stash:
                 self.usage.add(entry.uid, len(probes), reg.raw_bytes)
                 reserved = True
             with _Undo(self._reserve) as undo:  # unwound last: removes dof-pid/$pid if created here
-                pdir, created = self._open_pid_dir(reg, undo)
+                pdir, created = self._open_pid_dir(reg, undo, checked=existing is not None)
                 # inner's steps use pdir's fd: they run before it is closed
                 with pdir, _Undo(self._reserve) as inner:
                     if created:
@@ -917,11 +920,17 @@ class Stash:
                         self._complete_pid_dir(pdir, reg, inner)
                     if key not in entry.nprobes:
                         self._add_mapping(pdir, reg, key, probes, inner)
-                    gen = self._add_generation(pdir, key, inner)
+                    if created:
+                        gen = self._first_generation(pdir, key, 1 if reg.caught_up else 0)
+                    else:
+                        gen = self._add_generation(pdir, key, inner)
                     if reg.caught_up:
                         self._mark_caught_up(pdir.fd, gen, inner)
                     inner.commit()
-                    replaced = [] if reg.caught_up else self._drop_caught_up(pdir.fd, key, gen)
+                    # a directory made here has no caught-up generations to replace
+                    replaced = (
+                        [] if reg.caught_up or created else self._drop_caught_up(pdir.fd, key, gen)
+                    )
                 undo.commit()
         except BaseException as err:
             if reserved:
@@ -982,23 +991,37 @@ class Stash:
             if grows and value > limit:
                 raise self._quota_error(what, value, limit)
 
-    def _open_pid_dir(self, reg: Registration, undo: _Undo) -> tuple[DirFd, bool]:
-        """dof-pid/$pid, created if missing (then *undo* removes it whole); True if created."""
+    def _open_pid_dir(self, reg: Registration, undo: _Undo, *, checked: bool) -> tuple[DirFd, bool]:
+        """dof-pid/$pid, created if missing (then *undo* removes it whole); True if created.
+
+        *checked*: the caller compared the stored identity already (the pid is in the
+        index).  Otherwise a directory found here was left by a removal cut short
+        (deferred, or failed) or an undo that failed, and is checked now: if it is an
+        earlier process's or image's, it goes (a committed step, as in _register) and a
+        new one is made.
+        """
         name = str(reg.pid)
+        parent = self.dofpid.fd
         try:
-            self._mkdir_new(self.dofpid.fd, name)
+            self._mkdir_new(parent, name)
         except FileExistsError:
-            return DirFd(self.dofpid.fd, name, readable=True), False
-        undo.add(_remove_tree, self.dofpid.fd, name)  # created here: goes entirely
-        return DirFd(self.dofpid.fd, name, readable=True), True
+            stale = None if checked else self._is_other_process(reg)
+            if not stale:
+                return DirFd(parent, name, readable=True), False
+            log.info("%i: %s, removing old DOF", reg.pid, stale)
+            self._remove_pid(reg.pid)
+            self._mkdir_new(parent, name)
+        undo.add(_remove_tree, parent, name)  # created here: goes entirely
+        return DirFd(parent, name, readable=True), True
 
     def _init_pid_dir(self, pdir: DirFd, reg: Registration) -> None:
-        """A directory this request created: what goes in first (its undo removes it whole)."""
+        """A directory this request created: what goes in first (its undo removes it whole).
+
+        ``next-gen`` comes with the first generation (_first_generation).
+        """
         os.setxattr(pdir.fd, XATTR_START_TIME, str(reg.start_time).encode())
         os.setxattr(pdir.fd, XATTR_EXEC_TOKEN, reg.exec_token.encode())
         os.setxattr(pdir.fd, XATTR_UID, str(reg.uid).encode())
-        # a caught-up process may hold generation 0 from its failed ioctl: start at 1
-        self._write_new(pdir.fd, "next-gen", b"\0" if reg.caught_up else b"")
         self._write_new(pdir.fd, "exec-mapping", exec_mapping_bytes(reg.exec_dev, reg.exec_ino))
 
     def _complete_pid_dir(self, pdir: DirFd, reg: Registration, undo: _Undo) -> None:
@@ -1050,9 +1073,12 @@ class Stash:
         try:
             st = os.lstat(shared, dir_fd=self.dof.fd)
         except FileNotFoundError:
-            self._write_file(self.dof.fd, shared, data)
+            # written complete in the new mapping directory (which nothing names yet),
+            # then given its shared name: stash/dof never shows a partial file, and no
+            # O_TMPFILE + /proc/self/fd link is needed (one syscall and a path walk fewer)
+            self._write_new(mdir.fd, own, data)
+            os.link(own, shared, src_dir_fd=mdir.fd, dst_dir_fd=self.dof.fd, follow_symlinks=False)
             undo.add(_unlink_quiet, self.dof.fd, shared)
-            os.link(shared, own, src_dir_fd=self.dof.fd, dst_dir_fd=mdir.fd, follow_symlinks=False)
             return
         if not stat.S_ISREG(st.st_mode):
             raise OSError(errno.EINVAL, f"stash/dof/{shared} is not a regular file")
@@ -1246,6 +1272,26 @@ class Stash:
             current.close()
             raise
         return current
+
+    def _first_generation(self, pdir: DirFd, key: str, gen: int) -> int:
+        """Generation *gen* of a directory this request created: ``next-gen``, then the symlink.
+
+        ``next-gen`` is made with its final size (*gen* + 1) before the commit point:
+        the directory has no generation yet, so no reader takes it as registered,
+        and the undo (or recovery, after a crash) removes it whole, ``next-gen``
+        with it.  Four system calls where making it empty and raising it after the
+        symlink (_add_generation) took eight.  *gen* is 1 for catch-up, whose process
+        may hold generation 0 from its failed ioctl.
+        """
+        fd = os.open("next-gen", _CREATE_NEW, FILE_MODE, dir_fd=pdir.fd)
+        try:
+            os.ftruncate(fd, gen + 1)  # sparse, as upstream's
+            if self._fix_modes:
+                os.fchmod(fd, FILE_MODE)
+        finally:
+            os.close(fd)
+        os.symlink(key, str(gen), dir_fd=pdir.fd)  # the commit point
+        return gen
 
     def _add_generation(self, pdir: DirFd, key: str, undo: _Undo) -> int:
         fd, gen = _open_in_place(pdir.fd, "next-gen")

@@ -248,6 +248,34 @@ def test_a_deferrable_removal_stops_for_a_registration_and_finishes_when_sent_ag
         stash.close()
 
 
+def test_a_new_process_finds_what_a_deferred_removal_left_and_replaces_it(
+    tmp_path: Path,
+) -> None:
+    """A deferred exit prune leaves dof-pid/$pid without generations and out of the
+    index.  The pid's next registration, by a new process (another start time), finds
+    that directory, removes it and starts afresh: the tree is the one a registration
+    into an empty stash makes (the identity check is skipped only when no directory
+    is there)."""
+    with sleepers(1) as (a,):
+        stash = Stash(str(tmp_path / "run"))
+        stash.register(registration(a.pid, a.start_time + 1, ino=10), many_records(BIG))
+        stash.interleave = stash.request_deferral
+        with pytest.raises(RemovalDeferred):
+            stash.remove_pid(a.pid, may_defer=True)
+        stash.interleave = None
+        assert (tmp_path / "run" / "stash" / "dof-pid" / str(a.pid)).is_dir()
+        new = registration(a.pid, a.start_time, ino=11)
+        assert stash.register(new, many_records(3)) == 0
+        assert stash.verify() == []
+        fresh = Stash(str(tmp_path / "fresh"))
+        fresh.register(new, many_records(3))
+        assert snapshot(str(tmp_path / "run"), with_xattrs=True) == snapshot(
+            str(tmp_path / "fresh"), with_xattrs=True
+        )
+        stash.close()
+        fresh.close()
+
+
 def test_an_exit_prune_gives_way_to_a_large_registration(tmp_path: Path) -> None:
     """Through the writer child: a registration too large for the priority channel,
     sent while an exit prune of LONG probes holds the main one, is answered before the
