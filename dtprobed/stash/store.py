@@ -163,6 +163,78 @@ def _remove_dir(dir_fd: int, name: str, tick: Callable[[], None]) -> None:
         os.rmdir(name, dir_fd=dir_fd)
 
 
+#: What a name-by-name removal (_remove_known, _rmdir_or_tree) fails with when the
+#: directory is not as the writer made it: then _remove_tree takes it.  Any other error
+#: (EIO, ENOSPC, ...) is a failure of the removal, raised.
+_NOT_AS_MADE: Final = frozenset(
+    (errno.ENOTEMPTY, errno.EEXIST, errno.EISDIR, errno.ENOTDIR, errno.ELOOP, errno.EPERM)
+)
+#: What a mapping directory holds once _unlink_by_names has emptied its parsed/.
+_MAPPING_FILES: Final = ("raw", "raw-1", "dh")
+#: What a pid directory holds once its generations and mappings are gone.
+_PID_FILES: Final = ("next-gen", "exec-mapping")
+
+
+def _rmdir_or_tree(dir_fd: int, name: str, tick: Callable[[], None] = _no_tick) -> None:
+    """:func:`_remove_tree` of a directory that is most often empty by now: one rmdir.
+
+    Anything else there (entries left, a planted non-directory) makes the rmdir fail,
+    and :func:`_remove_tree` takes it: an empty directory costs one system call
+    instead of a dozen (lstat, open, the listing's eight, close, rmdir).
+    """
+    try:
+        os.rmdir(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return
+    except OSError as err:
+        if err.errno not in _NOT_AS_MADE:
+            raise  # a failure (EIO, ...): reported, as _remove_tree's own would be
+        _remove_tree(dir_fd, name, tick)
+
+
+def _remove_known(
+    dir_fd: int,
+    name: str,
+    files: tuple[str, ...],
+    dirs: tuple[str, ...],
+    tick: Callable[[], None] = _no_tick,
+) -> None:
+    """:func:`_remove_tree` of a directory the writer made, that should hold at most
+    *files* and the empty directories *dirs*: those are removed by name, no listing.
+
+    ``unlink`` never follows a symlink nor removes a directory, and ``rmdir`` only
+    an empty directory; whatever else is there (a name the writer did not make, a
+    planted entry, a directory still holding files) makes a step fail, and
+    :func:`_remove_tree` then takes what is left.
+    """
+    try:
+        fd = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return
+    except OSError as err:
+        if err.errno not in _NOT_AS_MADE:
+            raise
+        _remove_tree(dir_fd, name, tick)
+        return
+    try:
+        for entry in files:
+            try:  # noqa: SIM105  (contextlib.suppress costs a µs here)
+                os.unlink(entry, dir_fd=fd)
+            except FileNotFoundError:
+                pass
+        for entry in dirs:
+            os.rmdir(entry, dir_fd=fd)
+    except OSError as err:
+        if err.errno not in _NOT_AS_MADE and err.errno != errno.ENOENT:
+            raise
+        if err.errno != errno.ENOENT:
+            _remove_tree(dir_fd, name, tick)
+            return
+    finally:
+        os.close(fd)
+    _rmdir_or_tree(dir_fd, name, tick)
+
+
 #: Where stash writers take their lock (one file per state directory), root's alone.
 DEFAULT_LOCK_DIR: Final = "/run/dtprobed"
 #: How long a new writer waits for the lock of an exiting predecessor before EBUSY.
@@ -1432,8 +1504,10 @@ class Stash:
                 st = os.lstat(shared, dir_fd=self.dof.fd)
             except FileNotFoundError:
                 continue
-            if not stat.S_ISREG(st.st_mode) or st.st_nlink == 1:
+            if not stat.S_ISREG(st.st_mode):
                 _remove_tree(self.dof.fd, shared)
+            elif st.st_nlink == 1:  # no mapping links it any more
+                _unlink_quiet(self.dof.fd, shared)
 
     def _remove_parsed(self, pid: int, pid_fd: int, map_fd: int, key: str) -> None:
         """Delete parsed/* of one mapping (version first) and the probes/ links bound to them.
@@ -1558,11 +1632,22 @@ class Stash:
                     keys.add(item_name)
             for key in sorted(keys):
                 self._unlink_by_names(name, pdir.fd, key)
-            _remove_tree(self.probes.fd, name, self._tick_yield)
+            # what is left is removed by name where the writer knows what it made
+            # (_remove_known): the tree removals list each directory, eight system
+            # calls a listing, and are the fallback for anything unexpected
+            _rmdir_or_tree(self.probes.fd, name, self._tick_yield)
             for key in sorted(keys):
-                _remove_tree(pdir.fd, key, self._tick_yield)
+                _remove_known(pdir.fd, key, _MAPPING_FILES, ("parsed",), self._tick_yield)
                 self._drop_unused_raw(key)
-        _remove_tree(self.dofpid.fd, name, self._tick)
+            for item_name in _PID_FILES:
+                try:
+                    os.unlink(item_name, dir_fd=pdir.fd)
+                except FileNotFoundError:
+                    pass
+                except OSError as err:  # not a file: _remove_tree takes what is left
+                    if err.errno not in _NOT_AS_MADE:
+                        raise
+        _rmdir_or_tree(self.dofpid.fd, name, self._tick)
 
     def _unlink_by_names(self, spid: str, pid_fd: int, key: str) -> None:
         """Unlink mapping *key*'s parsed files and their probes/$pid entries by name.
@@ -1587,6 +1672,7 @@ class Stash:
                 )
                 with DirFd(self.probes.fd, spid) as top:
                     self._unlink_specs(top.fd, spid, specs, parsed.fd)
+                os.unlink("version", dir_fd=parsed.fd)  # parsed/ is then empty
         except OSError as err:
             if err.errno not in _NOT_AS_WRITTEN:
                 raise

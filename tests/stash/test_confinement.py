@@ -148,6 +148,14 @@ def test_planted_entries_are_refused_not_followed(
         "probes/$PID/k$PID/a.out/f0/p1 dir",
         "parsed/k:a.out:f0:p1 dir",
         "parsed/k:x:..:p9 -> victim",
+        # what remove_pid removes by name (no listing) unless it is not as written
+        "mapping/raw dir",
+        "mapping/dh -> victim",
+        "mapping/parsed -> victim",
+        "mapping/extra dir",
+        "pid/next-gen dir",
+        "pid/exec-mapping -> victim",
+        "pid/extra dir",
     ],
 )
 def test_remove_pid_removes_everything_around_planted_entries_and_follows_none(
@@ -160,7 +168,13 @@ def test_remove_pid_removes_everything_around_planted_entries_and_follows_none(
     stash.register(registration(proc.pid, proc.start_time, ino=1), many_records(3, "k"))
     mapping = state / f"stash/dof-pid/{proc.pid}/64768-1"
     rel, _, what = plant.replace("$PID", str(proc.pid)).partition(" ")
-    target = mapping / rel if rel.startswith("parsed/") else state / rel
+    if rel.startswith("parsed/"):
+        target = mapping / rel
+    elif rel.startswith(("mapping/", "pid/")):
+        where, _, name = rel.partition("/")
+        target = (mapping if where == "mapping" else mapping.parent) / name
+    else:
+        target = state / rel
     if target.is_dir() and not target.is_symlink():
         for item in sorted(target.rglob("*"), reverse=True):
             item.unlink() if not item.is_dir() else item.rmdir()
