@@ -954,19 +954,22 @@ class Stash:
     def register(self, reg: Registration, records: Sequence[ResultRecord]) -> int:
         """add + write-parsed as one all-or-nothing operation; returns the generation."""
         self._check_registration(reg)
-        with self._sliced(reg.pid, mapping_key(reg.dev, reg.ino)):
+        key = mapping_key(reg.dev, reg.ino)
+        with self._sliced(reg.pid, key):
             probes = self.check_records(records, "add", notes=reg.notes)
-            return self._register(reg, probes)
+            return self._register(reg, key, probes)
 
     @_stash_op("add")
     def register_probes(self, reg: Registration, probes: list[ParsedProbe]) -> int:
         """As :meth:`register`, for probes already grouped (and checked) by the caller."""
         self._check_registration(reg)
-        with self._sliced(reg.pid, mapping_key(reg.dev, reg.ino)):
-            return self._register(reg, probes)
+        key = mapping_key(reg.dev, reg.ino)
+        with self._sliced(reg.pid, key):
+            return self._register(reg, key, probes)
 
-    def _register(self, reg: Registration, probes: list[ParsedProbe]) -> int:
-        pid, key = reg.pid, mapping_key(reg.dev, reg.ino)
+    def _register(self, reg: Registration, key: str, probes: list[ParsedProbe]) -> int:
+        """The registration of mapping *key* (``mapping_key(reg.dev, reg.ino)``)."""
+        pid, nprobes, raw_bytes = reg.pid, len(probes), reg.raw_bytes
         existing = self._index.get(pid)
         # A pid the index does not know is most often a new process with no directory: its
         # identity is checked only if one is found (_open_pid_dir), which saves a lookup.
@@ -981,8 +984,8 @@ class Stash:
         self._check_quotas(
             entry,
             existing if stale else None,
-            len(probes) if new else 0,
-            reg.raw_bytes if new else 0,
+            nprobes if new else 0,
+            raw_bytes if new else 0,
         )
         reserved = False
         try:
@@ -994,7 +997,7 @@ class Stash:
             if new:
                 # counted from here: a priority command interleaved with this one checks
                 # its quotas against the stash as it will be (given back on failure)
-                self.usage.add(entry.uid, len(probes), reg.raw_bytes)
+                self.usage.add(entry.uid, nprobes, raw_bytes)
                 reserved = True
             with _Undo(self._reserve) as undo:  # unwound last: removes dof-pid/$pid if created here
                 pdir, created = self._open_pid_dir(reg, undo, checked=existing is not None)
@@ -1020,19 +1023,20 @@ class Stash:
                 undo.commit()
         except BaseException as err:
             if reserved:
-                self.usage.add(entry.uid, -len(probes), -reg.raw_bytes)
+                self.usage.add(entry.uid, -nprobes, -raw_bytes)
             if isinstance(err, OSError):
                 raise StashError(
                     "add", f"PID {pid} mapping {key}", err.errno or errno.EIO, os_detail(err)
                 ) from err
             raise
-        entry = self._index.setdefault(pid, _PidEntry(uid=reg.uid))
+        # entry is the index's, or a new one for a new (or replaced) process's directory
+        entry = self._index.setdefault(pid, entry)
         entry.gens[gen] = key
         for old in replaced:
             entry.gens.pop(old, None)
         if key not in entry.nprobes:  # its usage was reserved above
-            entry.nprobes[key] = len(probes)
-            entry.raw[key] = reg.raw_bytes
+            entry.nprobes[key] = nprobes
+            entry.raw[key] = raw_bytes
         return gen
 
     def _check_quotas(
