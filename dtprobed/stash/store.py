@@ -474,6 +474,27 @@ class _Undo:
                 )
 
 
+class _Slice:
+    """The context of :meth:`Stash._sliced` (a class: a generator-based context manager
+    costs a µs on every command).  A nested or interleaved command leaves ``busy``
+    to the one that set it."""
+
+    __slots__ = ("_claims", "_stash")
+
+    def __init__(self, stash: Stash, pid: int, key: str) -> None:
+        self._stash = stash
+        self._claims = not stash._nested and stash.busy is None
+        if self._claims:
+            stash.busy, stash._since_yield = (pid, key), 0
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        if self._claims:
+            self._stash.busy = None
+
+
 @dataclass
 class _PidEntry:
     """What the writer remembers of one process (rebuilt from the tree at start-up).
@@ -671,8 +692,7 @@ class Stash:
 
     # ------------------------------------------------------------ interleaving
 
-    @contextlib.contextmanager
-    def _sliced(self, pid: int, key: str) -> Iterator[None]:
+    def _sliced(self, pid: int, key: str) -> _Slice:
         """While the block runs, it yields to priority commands of other processes.
 
         What interleaves never touches *pid* (nor mapping *key*): the writer
@@ -681,14 +701,7 @@ class Stash:
         it is; its all-or-nothing commit is unchanged: the generation symlink
         is written last, after every file, as without interleaving.
         """
-        if self._nested or self.busy is not None:
-            yield
-            return
-        self.busy, self._since_yield = (pid, key), 0
-        try:
-            yield
-        finally:
-            self.busy = None
+        return _Slice(self, pid, key)
 
     def _tick_yield(self) -> None:
         self._tick()
