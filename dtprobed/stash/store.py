@@ -495,6 +495,22 @@ class _Slice:
             self._stash.busy = None
 
 
+@dataclass(frozen=True, slots=True)
+class _Stored:
+    """What a ``dof-pid/$pid`` says of the process that made it: its identity xattrs as
+    read (None: missing or unreadable), its ``exec-mapping`` (None: missing or invalid)
+    and whether an ``exec-mapping`` entry is there at all."""
+
+    start: str | None
+    token: str | None
+    mapping: str | None
+    has_exec_mapping: bool
+
+    @property
+    def start_time(self) -> int | None:
+        return int(self.start) if self.start is not None and self.start.isdigit() else None
+
+
 @dataclass
 class _PidEntry:
     """What the writer remembers of one process (rebuilt from the tree at start-up).
@@ -931,14 +947,20 @@ class Stash:
         except FileNotFoundError:
             return None
         with pdir:
-            start = self._getxattr(pdir.fd, XATTR_START_TIME)
-            token = self._getxattr(pdir.fd, XATTR_EXEC_TOKEN)
-            try:
-                mapping = parse_exec_mapping(read_small(pdir.fd, "exec-mapping", MAX_EXEC_MAPPING))
-            except OSError:
-                mapping = None
-        start_time = int(start) if start is not None and start.isdigit() else None
-        return start_time, token, mapping
+            stored = self._read_stored(pdir.fd)
+        return stored.start_time, stored.token, stored.mapping
+
+    def _read_stored(self, pid_fd: int) -> _Stored:
+        start = self._getxattr(pid_fd, XATTR_START_TIME)
+        token = self._getxattr(pid_fd, XATTR_EXEC_TOKEN)
+        try:
+            mapping = parse_exec_mapping(read_small(pid_fd, "exec-mapping", MAX_EXEC_MAPPING))
+            present = True
+        except FileNotFoundError:
+            mapping, present = None, False
+        except OSError:  # there, but not a file we can read (verify reports it)
+            mapping, present = None, True
+        return _Stored(start, token, mapping, present)
 
     @staticmethod
     def _getxattr(fd: int, name: str) -> str | None:
@@ -949,15 +971,22 @@ class Stash:
 
     def _is_other_process(self, reg: Registration) -> str | None:
         """Why the stored dof-pid/$pid belongs to an earlier process or image (None: same)."""
-        stored = self._stored_identity(reg.pid)
-        if stored is None:
+        try:
+            pdir = DirFd(self.dofpid.fd, str(reg.pid), readable=True)
+        except FileNotFoundError:
             return None
-        start, token, mapping = stored
+        with pdir:
+            return self._other_than(reg, self._read_stored(pdir.fd))
+
+    @staticmethod
+    def _other_than(reg: Registration, stored: _Stored) -> str | None:
+        """Why *stored* is an earlier process's or image's than *reg*'s (None: the same)."""
+        start = stored.start_time
         if start is not None and start != reg.start_time:
             return "pid reused (start time changed)"
-        if mapping is not None and mapping != mapping_key(reg.exec_dev, reg.exec_ino):
+        if stored.mapping is not None and stored.mapping != mapping_key(reg.exec_dev, reg.exec_ino):
             return "exec() detected (executable changed)"
-        if token is not None and reg.exec_token and token != reg.exec_token:
+        if stored.token is not None and reg.exec_token and stored.token != reg.exec_token:
             return "exec() detected (exec token changed)"
         return None
 
@@ -982,12 +1011,35 @@ class Stash:
 
     def _register(self, reg: Registration, key: str, probes: list[ParsedProbe]) -> int:
         """The registration of mapping *key* (``mapping_key(reg.dev, reg.ino)``)."""
+        existing = self._index.get(reg.pid)
+        if existing is None:
+            # A pid the index does not know is most often a new process with no directory:
+            # its identity is checked only if one is found (_open_pid_dir), which saves a
+            # lookup.  Nothing depends on the check then: no entry is replaced, no quota
+            # given back.
+            return self._register_in(reg, key, probes, None, None, None)
+        try:
+            held = DirFd(self.dofpid.fd, str(reg.pid), readable=True)
+        except FileNotFoundError:
+            return self._register_in(reg, key, probes, existing, None, None)
+        # the directory the identity is read from is the one registered into (unless it
+        # is an earlier process's): one open, and what it said is not asked again
+        with held:
+            return self._register_in(reg, key, probes, existing, held, self._read_stored(held.fd))
+
+    def _register_in(
+        self,
+        reg: Registration,
+        key: str,
+        probes: list[ParsedProbe],
+        existing: _PidEntry | None,
+        held: DirFd | None,
+        stored: _Stored | None,
+    ) -> int:
+        """_register, with the index's entry for the pid and, if it has a directory, that
+        directory (*held*, the caller closes it) and what it says (*stored*)."""
         pid, nprobes, raw_bytes = reg.pid, len(probes), reg.raw_bytes
-        existing = self._index.get(pid)
-        # A pid the index does not know is most often a new process with no directory: its
-        # identity is checked only if one is found (_open_pid_dir), which saves a lookup.
-        # Nothing below depends on the check then: no entry is replaced, no quota given back.
-        stale = self._is_other_process(reg) if existing is not None else None
+        stale = self._other_than(reg, stored) if stored is not None else None
         if reg.caught_up and not stale and existing is not None and key in existing.nprobes:
             # catch-up raced with the process's own registration: keep that one
             return min(g for g, k in existing.gens.items() if k == key)
@@ -1013,13 +1065,17 @@ class Stash:
                 self.usage.add(entry.uid, nprobes, raw_bytes)
                 reserved = True
             with _Undo(self._reserve) as undo:  # unwound last: removes dof-pid/$pid if created here
-                pdir, created = self._open_pid_dir(reg, undo, checked=existing is not None)
+                if held is not None and not stale:
+                    pdir, created = held, False
+                else:
+                    pdir, created = self._open_pid_dir(reg, undo, checked=existing is not None)
+                    stored = None
                 # inner's steps use pdir's fd: they run before it is closed
                 with pdir, _Undo(self._reserve) as inner:
                     if created:
                         self._init_pid_dir(pdir, reg)
                     else:
-                        self._complete_pid_dir(pdir, reg, inner)
+                        self._complete_pid_dir(pdir, reg, inner, stored)
                     if key not in entry.nprobes:
                         self._add_mapping(pdir, reg, key, probes, inner)
                     if created:
@@ -1129,19 +1185,24 @@ class Stash:
         os.setxattr(pdir.fd, XATTR_UID, str(reg.uid).encode())
         self._write_new(pdir.fd, "exec-mapping", exec_mapping_bytes(reg.exec_dev, reg.exec_ino))
 
-    def _complete_pid_dir(self, pdir: DirFd, reg: Registration, undo: _Undo) -> None:
-        """An existing dir of this same process: add what an upstream daemon did not write."""
-        for name, value in (
-            (XATTR_START_TIME, str(reg.start_time)),
-            (XATTR_EXEC_TOKEN, reg.exec_token),
-            (XATTR_UID, str(reg.uid)),
+    def _complete_pid_dir(
+        self, pdir: DirFd, reg: Registration, undo: _Undo, stored: _Stored | None
+    ) -> None:
+        """An existing dir of this same process: add what an upstream daemon did not write.
+
+        *stored*: what the directory said when the identity was checked (None: read it).
+        """
+        if stored is None:
+            stored = self._read_stored(pdir.fd)
+        for name, have, value in (
+            (XATTR_START_TIME, stored.start, str(reg.start_time)),
+            (XATTR_EXEC_TOKEN, stored.token, reg.exec_token),
+            (XATTR_UID, self._getxattr(pdir.fd, XATTR_UID), str(reg.uid)),
         ):
-            if self._getxattr(pdir.fd, name) is None:
+            if have is None:
                 os.setxattr(pdir.fd, name, value.encode())
                 undo.add(os.removexattr, pdir.fd, name)
-        try:
-            os.lstat("exec-mapping", dir_fd=pdir.fd)
-        except FileNotFoundError:
+        if not stored.has_exec_mapping:
             self._write_file(
                 pdir.fd, "exec-mapping", exec_mapping_bytes(reg.exec_dev, reg.exec_ino)
             )
