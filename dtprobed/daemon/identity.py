@@ -43,8 +43,11 @@ import bisect
 import errno
 import os
 import re
+import select
 import stat
 import sys
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Final
@@ -486,17 +489,90 @@ _FUSE_MOUNT: Final = re.compile(
 )
 
 
+class FuseMountCache:
+    """:func:`fuse_devices_in` of each mount namespace, read again only once its mounts changed.
+
+    Reading ``/proc/PID/mountinfo`` costs ~40 µs here (the kernel prints every mount
+    of the namespace; more in a container), and every HASUSDT and every anonymous
+    DOF's tracepoint check needs it.  An open mountinfo file polls ``POLLPRI`` (and
+    ``POLLERR``) once after each mount or unmount in its namespace (proc(5)): the
+    first poll after a change reports it, so an entry is used only after a poll
+    that reports none, and a change makes it read anew.  A change between the open
+    and the read makes the next poll report it: never a stale answer, at worst a
+    read too many.  Each entry's open file holds a reference on its namespace, so
+    the inode number it is keyed by cannot name another namespace meanwhile; at
+    most *capacity* are kept (the least recently used goes, closing its file).
+    """
+
+    def __init__(self, capacity: int = 16) -> None:
+        self._capacity = capacity
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[tuple[int, int], tuple[int, frozenset[int]]] = OrderedDict()
+        self.reads = 0  # mountinfo reads, for the tests
+
+    def devices(self, pid: int) -> frozenset[int]:
+        """The FUSE devices of *pid*'s mount namespace; raises RequestRejected if it's gone."""
+        try:
+            key = _mount_ns(pid)
+            with self._lock:
+                cached = self._entries.get(key)
+                if cached is not None:
+                    if not _mounts_changed(cached[0]):
+                        self._entries.move_to_end(key)
+                        return cached[1]
+                    self._drop(key)
+                fd = os.open(f"/proc/{pid}/mountinfo", os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    found = fuse_devices_in(read_all(fd, MAX_PROC_READ, what="mountinfo"))
+                    self.reads += 1
+                    if _mount_ns(pid) != key:  # not the process we looked at: keep nothing
+                        return found
+                except BaseException:
+                    os.close(fd)
+                    raise
+                self._entries[key] = (fd, found)
+                while len(self._entries) > self._capacity:
+                    self._drop(next(iter(self._entries)))
+                return found
+        except OSError as err:
+            raise _vanished(pid, err) from err
+
+    def _drop(self, key: tuple[int, int]) -> None:
+        fd, _ = self._entries.pop(key)
+        os.close(fd)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def close(self) -> None:
+        with self._lock:
+            while self._entries:
+                self._drop(next(iter(self._entries)))
+
+
+def _mount_ns(pid: int) -> tuple[int, int]:
+    st = os.stat(f"/proc/{pid}/ns/mnt")
+    return st.st_dev, st.st_ino
+
+
+def _mounts_changed(fd: int) -> bool:
+    """True once after each mount or unmount in the namespace of open mountinfo *fd*."""
+    poller = select.poll()
+    poller.register(fd, select.POLLPRI)
+    return any(ev & (select.POLLPRI | select.POLLERR) for _, ev in poller.poll(0))
+
+
+_FUSE_MOUNTS: Final = FuseMountCache()
+
+
 def fuse_devices(pid: int) -> frozenset[int]:
     """The devices (glibc ``makedev``) of the FUSE file systems mounted where *pid* lives.
 
     From ``/proc/PID/mountinfo`` (its mount namespace), which asks no file
-    system anything; see :func:`fuse_devices_in`.
+    system anything; see :func:`fuse_devices_in`.  Read again only after a mount
+    or unmount in that namespace (:class:`FuseMountCache`).
     """
-    try:
-        text = read_proc(f"/proc/{pid}/mountinfo")
-    except OSError as err:
-        raise _vanished(pid, err) from err
-    return fuse_devices_in(text)
+    return _FUSE_MOUNTS.devices(pid)
 
 
 def fuse_devices_in(mountinfo: bytes) -> frozenset[int]:

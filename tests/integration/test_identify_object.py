@@ -14,8 +14,15 @@ from pathlib import Path
 import pytest
 
 from common.errors import RequestRejected
-from dtprobed.daemon.identity import fuse_devices, identify_object
+from dtprobed.daemon.identity import (
+    FuseMountCache,
+    fuse_devices,
+    fuse_devices_in,
+    identify_object,
+)
+from dtprobed.oslib.procfs import read_proc
 from tests.integration.test_hostile_fetch import stuck_fuse
+from tests.support.clients import wait_until
 from tests.support.stash_view import glibc_dev
 
 FIXTURES = Path(__file__).resolve().parents[1] / "parser" / "fixtures" / "notes"
@@ -121,3 +128,62 @@ def test_object_on_a_fuse_file_system_is_refused_unopened(tmp_path: Path) -> Non
         finally:
             proc.kill()
             proc.wait()
+
+
+def test_fuse_mounts_are_read_again_only_after_a_mount_changed(tmp_path: Path) -> None:
+    """The FUSE devices of a namespace come from the cache until a mount or unmount
+    there: a FUSE file system mounted after the first read is seen at the next one,
+    and so is its unmount; nothing changed, nothing is read."""
+    cache = FuseMountCache()
+    me = os.getpid()
+    try:
+        before = cache.devices(me)
+        assert cache.devices(me) == before == fuse_devices_in(read_proc(f"/proc/{me}/mountinfo"))
+        assert cache.reads == 1
+        with stuck_fuse(tmp_path / "stuck"):
+            dev = glibc_dev(os.stat(tmp_path / "stuck").st_dev)
+            assert dev not in before
+            assert dev in cache.devices(me)
+            assert cache.reads == 2
+            assert dev in cache.devices(me)
+            assert cache.reads == 2
+        assert dev not in cache.devices(me)
+        assert cache.reads == 3
+    finally:
+        cache.close()
+
+
+def test_each_mount_namespace_has_its_own_entry_and_their_number_is_bounded(
+    tmp_path: Path,
+) -> None:
+    """A process in another mount namespace is read on its own (its mounts are not
+    ours), and at most *capacity* namespaces keep an open mountinfo file."""
+    cache = FuseMountCache(capacity=1)
+    other = subprocess.Popen(
+        ["unshare", "--mount", "--propagation", "private", "sleep", "60"],
+    )
+    try:
+        wait_until(
+            "the other namespace",
+            lambda: _mount_ns_of(other.pid) not in (-1, _mount_ns_of(os.getpid())),
+        )
+        with stuck_fuse(tmp_path / "stuck"):  # mounted in our namespace only
+            dev = glibc_dev(os.stat(tmp_path / "stuck").st_dev)
+            assert dev in cache.devices(os.getpid())
+            assert dev not in cache.devices(other.pid)
+            assert cache.reads == 2
+            assert len(cache) == 1  # ours was dropped (and its file closed) for the other's
+            assert dev in cache.devices(os.getpid())
+            assert cache.reads == 3
+    finally:
+        other.kill()
+        other.wait()
+        cache.close()
+    assert len(cache) == 0
+
+
+def _mount_ns_of(pid: int) -> int:
+    try:
+        return os.stat(f"/proc/{pid}/ns/mnt").st_ino
+    except OSError:
+        return -1
