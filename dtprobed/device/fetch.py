@@ -55,6 +55,7 @@ from dtprobed.device.fetchd import CODE, REQUEST
 _F_SETPIPE_SZ: Final = 1031
 _PIPE_SIZE: Final = 1 << 20
 _READ_CHUNK: Final = 1 << 20
+_MIN_READ: Final = 64 << 10  # a read buffer that the malloc thresholds keep off brk
 
 
 class FetchTimeout(RequestRejected):
@@ -109,9 +110,15 @@ class Fetcher:
             if not self._poll.poll(max(1, int(left * 1000))):
                 continue
             try:
-                return os.read(self._from, min(want, _READ_CHUNK))
+                # at least _MIN_READ: a small DOF's whole answer (its header's code and
+                # bytes, the rest's) comes in one read, not four
+                data = os.read(self._from, max(_MIN_READ, min(want, _READ_CHUNK)))
             except BlockingIOError:
                 continue
+            if len(data) > want:
+                self._pending += data[want:]
+                data = data[:want]
+            return data
 
     def _exact_into(self, out: bytearray, size: int, timeout: float) -> bool:
         """Append exactly *size* bytes to *out*; False on silence (timeout) or EOF."""
@@ -156,10 +163,14 @@ class Fetcher:
             if len(out) == DOF_HDR.size and expected == DOF_HDR.size:
                 loadsz = int(DOF_HDR.unpack_from(out).loadsz)
                 if not DOF_HDR.size <= loadsz <= min(max_size, stream_limit):
-                    return out
+                    return self._complete(out)
                 expected = loadsz
             if len(out) >= expected:
-                return out
+                return self._complete(out)
+
+    def _complete(self, answer: bytearray) -> bytearray | None:
+        """*answer*, unless the helper sent more than it: then it is broken (None)."""
+        return None if self._pending else answer
 
 
 class FetchPool:
