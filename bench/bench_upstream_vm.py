@@ -20,8 +20,14 @@ the program by ``bench/bench_upstream_vm.c`` (an ``LD_PRELOAD`` shim around the 
 * **fork**: the re-registration drti's ``pthread_atfork`` handler makes in a fork child
   (the parent's mapping, relocation base and DOF bytes).
 
-Prints the medians and ours/upstream per case. Absolute times under emulation (TCG, one
-vCPU) mean little; the ratio is the figure.
+Beside them, in the same rounds, the floor of our design (``bench/floor_small.py``, chain 7:
+the device thread, a worker, and fetch, parse and writer children doing the least their
+roles need) on ``/dev/dtrace/helper-floor``, and the same chain without the parse (what a
+fork child's registration costs us: the parse cache answers it) on
+``/dev/dtrace/helper-floor-np``, both FUSE files.
+
+Prints the medians, ours/upstream and floor/upstream per case. Absolute times under
+emulation (TCG, one vCPU) mean little; the ratio is the figure.
 """
 
 from __future__ import annotations
@@ -40,13 +46,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.floor_small import FloorServer
 from tests.realkernel.harness import REPO, PrivateDaemon
 from tests.support.sunw_dof import SunwProbe, SunwProgram, SunwProvider, build_sunw_object
 
 HERE = Path(__file__).resolve().parent
 UPSTREAM_DEVICE = "/dev/dtrace/helper"
 OUR_DEVICE = "/dev/dtrace/helper-py"
-DAEMONS = ("upstream", "ours")
+FLOOR_DEVICES = {
+    "floor": "/dev/dtrace/helper-floor",
+    "floor, no parse": "/dev/dtrace/helper-floor-np",
+}
+DAEMONS = ("upstream", "ours", *FLOOR_DEVICES)
 CASES = ("small DOF", "fork")
 PROVIDERS = [SunwProvider("benchprov", tuple(SunwProbe(f"p{i}") for i in range(3)))]
 
@@ -130,9 +141,13 @@ def measure(rounds: int, tmp: Path, root: str, exe: Path, shim: Path) -> None:
     upstream = Upstream(root, tmp / "upstream.log")
     (tmp / "state").mkdir()
     ours = PrivateDaemon(OUR_DEVICE, tmp / "state", "cuse", tmp / "ours.log")
+    floors: list[FloorServer] = []
     try:
         ours.start()
-        devices = {"upstream": UPSTREAM_DEVICE, "ours": OUR_DEVICE}
+        for name, device in FLOOR_DEVICES.items():
+            (tmp / name).mkdir()
+            floors.append(FloorServer(device, str(tmp / name), 7, parse=name == "floor"))
+        devices = {"upstream": UPSTREAM_DEVICE, "ours": OUR_DEVICE, **FLOOR_DEVICES}
         samples: dict[tuple[str, str], list[float]] = {(d, c): [] for d in DAEMONS for c in CASES}
         for name in DAEMONS:  # warm-up: page cache, our children's first requests
             for attempt in range(5):
@@ -151,24 +166,26 @@ def measure(rounds: int, tmp: Path, root: str, exe: Path, shim: Path) -> None:
                 fresh, fork = one_run(exe, shim, devices[name], tmp / f"{name}.log")
                 samples[(name, "small DOF")].append(fresh)
                 samples[(name, "fork")].append(fork)
-        print(f"{'case':>10} {'daemon':>9} {'median ms':>10} {'p90 ms':>8} {'n':>3}")
+        print(f"{'case':>10} {'daemon':>16} {'median ms':>10} {'p90 ms':>8} {'n':>3}")
         for case in CASES:
             for name in DAEMONS:
                 s = samples[(name, case)]
                 print(
-                    f"{case:>10} {name:>9} {statistics.median(s):>10.2f} "
+                    f"{case:>10} {name:>16} {statistics.median(s):>10.2f} "
                     f"{quantile(s, 0.9):>8.2f} {len(s):>3}"
                 )
-            ratio = statistics.median(samples[("ours", case)]) / statistics.median(
-                samples[("upstream", case)]
-            )
-            print(f"{case:>10} median ratio ours/upstream = {ratio:.2f}")
+            up = statistics.median(samples[("upstream", case)])
+            for name in DAEMONS[1:]:
+                ratio = statistics.median(samples[(name, case)]) / up
+                print(f"{case:>10} median ratio {name}/upstream = {ratio:.2f}")
     except BaseException:
         for log in (tmp / "upstream.log", tmp / "ours.log"):
             if log.exists():
                 print(f"--- end of {log.name}:\n{log.read_text(errors='replace')[-3000:]}")
         raise
     finally:
+        for floor in floors:
+            floor.stop()
         if ours.proc is not None:
             ours.stop(signal.SIGTERM)
         ours.cleanup()

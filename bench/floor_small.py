@@ -65,7 +65,7 @@ if TYPE_CHECKING:
     from bench.bench_receiver import Bench
 
 _LEN = struct.Struct("<I")
-_FETCH_REQUEST = struct.Struct("<iQQ")  # tid, address, size
+_FETCH_REQUEST = struct.Struct("<iQ")  # tid, address
 
 
 # --- the children (run as ``python -I bench/floor_small.py --child ROLE``) ---------------
@@ -87,14 +87,18 @@ def _read_frame(fd: int) -> bytes | None:
 
 def _child_fetch() -> None:
     sys.path.insert(0, str(ROOT))
+    from common.dof_abi import DOF_HDR
     from dtprobed.device.caller_memory import read_memory
 
     while True:
         req = os.read(0, _FETCH_REQUEST.size)
         if not req:
             return
-        tid, address, size = _FETCH_REQUEST.unpack(req)
-        data = read_memory(tid, address, size)
+        tid, address = _FETCH_REQUEST.unpack(req)
+        # as ours: the header, then what its dofh_loadsz says (bounded)
+        header = read_memory(tid, address, DOF_HDR.size)
+        size = min(int(DOF_HDR.unpack_from(header).loadsz), 1 << 20)
+        data = header + read_memory(tid, address + DOF_HDR.size, size - DOF_HDR.size)
         os.write(1, _LEN.pack(len(data)) + data)
 
 
@@ -320,14 +324,13 @@ class FloorChain:
         path: str,
         level: int,
         stash_dir: str,
-        dof_size: int,
         parse: bool = True,
         minimal: bool = False,
     ) -> None:
         from common.dof_abi import DOF_HELPER
         from dtprobed.device.fusefile import FuseFileDevice
 
-        self.level, self.parse, self.dof_size = level, parse, dof_size
+        self.level, self.parse = level, parse
         self._dof_helper = DOF_HELPER
         self._queue: queue.SimpleQueue[tuple[object, Callable[[int], None]] | None] = (
             queue.SimpleQueue()
@@ -383,7 +386,7 @@ class FloorChain:
         records: object = []
         if self.fetch is not None:
             fields = self._dof_helper.unpack_from(helper)
-            os.write(self.fetch.to, _FETCH_REQUEST.pack(tid, fields.dof, self.dof_size))
+            os.write(self.fetch.to, _FETCH_REQUEST.pack(tid, fields.dof))
             if self.level >= 7:
                 _identify_calls(tid, (fields.dof, fields.dof + 0x100))
             dof = _read_frame(self.fetch.frm)
@@ -422,9 +425,7 @@ CHAINS = [
 def _child_server(args: argparse.Namespace) -> None:
     """Serve a chain until stdin ends (a process of its own: a server in the process
     that forks the clients would pay their copy-on-write faults)."""
-    chain = FloorChain(
-        args.path, args.level, args.stash, args.dof_size, not args.no_parse, args.minimal
-    )
+    chain = FloorChain(args.path, args.level, args.stash, not args.no_parse, args.minimal)
     try:
         os.write(1, b"ready\n")
         while os.read(0, 1):
@@ -445,11 +446,41 @@ def _tree_cpu(pid: int) -> float:
     return total
 
 
+class FloorServer:
+    """A chain served on *path* by a process of its own (``--child server``)."""
+
+    def __init__(
+        self, path: str, stash_dir: str, level: int, parse: bool = True, minimal: bool = False
+    ) -> None:
+        argv = [sys.executable, __file__, "--child", "server", "--stash", stash_dir]
+        argv += ["--path", path, "--level", str(level)]
+        argv += [*(["--no-parse"] if not parse else []), *(["--minimal"] if minimal else [])]
+        self.path = path
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        assert self.proc.stdout is not None
+        if self.proc.stdout.readline() != b"ready\n":
+            self.stop()
+            raise RuntimeError(f"chain {level} on {path} did not start")
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:  # a broken chain: leave no mount behind
+            self.proc.kill()
+            self.proc.wait()
+            subprocess.run(["umount", "-l", self.path], check=False)
+
+
 def _measure_chain(
     tmp: Path, helper: bytearray, level: int, parse: bool, minimal: bool, count: int
 ) -> tuple[list[float], float]:
     """The clients' ioctl times through one chain, and its CPU seconds per registration."""
-    from bench.bench_receiver import small_dof
     from bench.profile_registration import fork_register, timed_ioctl
     from common.ioctl import DTRACEHIOC_ADDDOF
 
@@ -457,14 +488,8 @@ def _measure_chain(
     stash = tmp / f"stash-{name}"
     stash.mkdir()
     path = str(tmp / f"helper-{name}")
-    argv = [sys.executable, __file__, "--child", "server", "--stash", str(stash), "--path", path]
-    argv += ["--level", str(level), "--dof-size", str(len(small_dof()))]
-    argv += [*(["--no-parse"] if not parse else []), *(["--minimal"] if minimal else [])]
-    server = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    assert server.stdin is not None and server.stdout is not None
+    server = FloorServer(path, str(stash), level, parse, minimal)
     try:
-        if server.stdout.readline() != b"ready\n":
-            raise RuntimeError(f"chain {name} did not start")
 
         def register() -> tuple[float, int]:
             return timed_ioctl(path, DTRACEHIOC_ADDDOF, bytearray(helper))
@@ -474,13 +499,7 @@ def _measure_chain(
         times = fork_register(register, count)
         return times, (_tree_cpu(server.pid) - before) / count
     finally:
-        server.stdin.close()
-        try:
-            server.wait(10)
-        except subprocess.TimeoutExpired:  # a broken chain: leave no mount behind
-            server.kill()
-            server.wait()
-            subprocess.run(["umount", "-l", path], check=False)
+        server.stop()
 
 
 def _measure_daemon(tmp: Path, bench: Bench, count: int) -> dict[str, tuple[list[float], float]]:
@@ -523,7 +542,6 @@ def main() -> None:
     ap.add_argument("--stash", help=argparse.SUPPRESS)
     ap.add_argument("--path", help=argparse.SUPPRESS)
     ap.add_argument("--level", type=int, help=argparse.SUPPRESS)
-    ap.add_argument("--dof-size", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--no-parse", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--minimal", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
