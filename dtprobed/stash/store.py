@@ -1126,31 +1126,53 @@ class Stash:
                 "generations of this process", len(entry.gens) + 1, q.max_generations
             )
         if new_probes:
-            back = replaced.probes if replaced is not None else 0
-            for what, value, limit in (
-                ("probes of this process", entry.probes + new_probes, q.max_probes_per_pid),
-                (
-                    None,
-                    usage.uid_probes.get(uid, 0) - (back if same_uid else 0) + new_probes,
-                    q.max_probes_per_uid,
-                ),
-                ("probes in the stash", usage.probes - back + new_probes, q.max_probes_total),
-            ):
-                if value > limit:
-                    raise self._quota_error(what or f"probes of uid {uid}", value, limit)
+            self._check_growth(
+                "probes",
+                uid,
+                new_probes,
+                entry.probes,
+                usage.uid_probes,
+                usage.probes,
+                (replaced.probes if replaced is not None else 0, same_uid),
+                (q.max_probes_per_pid, q.max_probes_per_uid, q.max_probes_total),
+            )
         if new_raw:
-            back = replaced.raw_bytes if replaced is not None else 0
-            for what, value, limit in (
-                ("raw bytes of this process", entry.raw_bytes + new_raw, q.max_raw_bytes_per_pid),
-                (
-                    None,
-                    usage.uid_raw.get(uid, 0) - (back if same_uid else 0) + new_raw,
-                    q.max_raw_bytes_per_uid,
-                ),
-                ("raw bytes in the stash", usage.raw - back + new_raw, q.max_raw_bytes_total),
-            ):
-                if value > limit:
-                    raise self._quota_error(what or f"raw bytes of uid {uid}", value, limit)
+            self._check_growth(
+                "raw bytes",
+                uid,
+                new_raw,
+                entry.raw_bytes,
+                usage.uid_raw,
+                usage.raw,
+                (replaced.raw_bytes if replaced is not None else 0, same_uid),
+                (q.max_raw_bytes_per_pid, q.max_raw_bytes_per_uid, q.max_raw_bytes_total),
+            )
+
+    def _check_growth(
+        self,
+        what: str,
+        uid: int,
+        new: int,
+        of_pid: int,
+        by_uid: dict[int, int],
+        in_all: int,
+        given_back: tuple[int, bool],
+        limits: tuple[int, int, int],
+    ) -> None:
+        """EDQUOT if *new* more of *what* breaks its per-process, per-uid or total quota.
+
+        *given_back*: what a replaced entry of the pid returns, and whether it was this
+        uid's.  Each message is built only for the quota it reports.
+        """
+        back, same_uid = given_back
+        per_pid, per_uid, total = limits
+        for where, value, limit in (
+            ("of this process", of_pid + new, per_pid),
+            (None, by_uid.get(uid, 0) - (back if same_uid else 0) + new, per_uid),
+            ("in the stash", in_all - back + new, total),
+        ):
+            if value > limit:
+                raise self._quota_error(f"{what} {where or f'of uid {uid}'}", value, limit)
 
     def _open_pid_dir(self, reg: Registration, undo: _Undo, *, checked: bool) -> tuple[DirFd, bool]:
         """dof-pid/$pid, created if missing (then *undo* removes it whole); True if created.
