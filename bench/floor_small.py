@@ -29,14 +29,22 @@ DOF in a mapping it inherits):
 7. ``+ identify``: while the fetch child reads, the worker makes the identification's
    system calls (``pidfd_open``, ``/proc/PID/stat`` and ``auxv``, two ``PROCMAP_QUERY``).
 
+8. ``HASUSDT``: the by-value ioctl of ``bench/profile_registration.py``'s HASUSDT case
+   (its notes object, mapped in every client); no fetch child (the daemon reads the
+   object itself) and, as in ours for a fork child, no parse: the identification's
+   system calls (the object's mapping walked down to its first, its file opened through
+   ``map_files``, the five reads our parse cache repeats), then chain 6's writer child
+   with two raw blocks.
+
 Chain 7 runs again without the parse (a fork child's registration, which our parse cache
 answers), and both again with the fewest system calls upstream's layout needs (30 and 18,
 paths relative to one held directory: a lower bound, not a safe writer). Then the real
-daemon, through the same kind of clients: ``small fresh`` (compare with chain 7) and
-``small fork`` (compare with chain 7 without the parse). All run one after the other in
-each round, state on tmpfs. Printed: each one's p50, and the CPU time per registration of
-all its processes (the server and its children; for dtprobed, all of its processes, the
-exit prune included), per round and as the median over rounds.
+daemon, through the same kind of clients: ``small fresh`` (compare with chain 7),
+``small fork`` (compare with chain 7 without the parse) and ``HASUSDT 3 probes`` (compare
+with chain 8). All run one after the other in each round, state on tmpfs. Printed: each
+one's p50, and the CPU time per registration of all its processes (the server and its
+children; for dtprobed, all of its processes, the exit prune included), per round and as
+the median over rounds.
 """
 
 from __future__ import annotations
@@ -121,8 +129,9 @@ def _child_parse() -> None:
         os.write(1, _LEN.pack(len(answer)) + answer)
 
 
-def _stash_calls(base: int, pid: int) -> None:
-    """The system calls our writer makes for a new process's 3-probe registration."""
+def _stash_calls(base: int, pid: int, blocks: int = 1) -> None:
+    """The system calls our writer made for a new process's 3-probe registration
+    (*blocks* raw blocks: 2 for a ``.note.usdt`` object, its notes and ``.rodata``)."""
     name = str(pid)
     os.mkdir(name, dir_fd=base)
     pdir = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=base)
@@ -144,11 +153,12 @@ def _stash_calls(base: int, pid: int) -> None:
     new_file(pdir, "exec-mapping", b"65024-26723")
     os.mkdir("27-9080", dir_fd=pdir)
     mdir = os.open("27-9080", os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=pdir)
-    raw = os.open(".", os.O_WRONLY | os.O_TMPFILE, 0o644, dir_fd=base)
-    os.write(raw, b"\0" * 456)
-    os.link(f"/proc/self/fd/{raw}", f"raw-{pid}", dst_dir_fd=base, follow_symlinks=True)
-    os.close(raw)
-    os.link(f"raw-{pid}", "raw", src_dir_fd=base, dst_dir_fd=mdir)
+    for own, shared in _raw_names(pid, blocks):
+        raw = os.open(".", os.O_WRONLY | os.O_TMPFILE, 0o644, dir_fd=base)
+        os.write(raw, b"\0" * 456)
+        os.link(f"/proc/self/fd/{raw}", shared, dst_dir_fd=base, follow_symlinks=True)
+        os.close(raw)
+        os.link(shared, own, src_dir_fd=base, dst_dir_fd=mdir)
     new_file(mdir, "dh", b"\0" * 80)
     os.mkdir("parsed", dir_fd=mdir)
     parsed = os.open("parsed", os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=mdir)
@@ -173,7 +183,12 @@ def _stash_calls(base: int, pid: int) -> None:
     os.close(pdir)
 
 
-def _stash_removal(base: int, pid: int) -> None:
+def _raw_names(pid: int, blocks: int) -> list[tuple[str, str]]:
+    """(name in the mapping directory, shared name) of each raw block."""
+    return [("raw" if i == 0 else f"raw-{i}", f"raw-{pid}-{i}") for i in range(blocks)]
+
+
+def _stash_removal(base: int, pid: int, blocks: int = 1) -> None:
     """The removal of what :func:`_stash_calls` made (the exit prune's system calls)."""
     name = str(pid)
     pdir = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=base)
@@ -196,10 +211,11 @@ def _stash_removal(base: int, pid: int) -> None:
     os.close(parsed)
     os.rmdir("parsed", dir_fd=mdir)
     os.unlink("dh", dir_fd=mdir)
-    os.unlink("raw", dir_fd=mdir)
+    for own, shared in _raw_names(pid, blocks):
+        os.unlink(own, dir_fd=mdir)
+        os.unlink(shared, dir_fd=base)
     os.close(mdir)
     os.rmdir("27-9080", dir_fd=pdir)
-    os.unlink(f"raw-{pid}", dir_fd=base)
     os.unlink("exec-mapping", dir_fd=pdir)
     os.unlink("next-gen", dir_fd=pdir)
     os.close(pdir)
@@ -255,7 +271,7 @@ def _minimal_stash_removal(base: int, pid: int) -> None:
     os.rmdir(p, dir_fd=base)
 
 
-def _child_write(stash_dir: str | None, minimal: bool) -> None:
+def _child_write(stash_dir: str | None, minimal: bool, blocks: int) -> None:
     import msgspec
 
     decode = msgspec.msgpack.decode
@@ -271,10 +287,10 @@ def _child_write(stash_dir: str | None, minimal: bool) -> None:
             return
         pid, _records, _padding = decode(frame)
         if base >= 0:
-            write(base, pid)
+            write(base, pid) if minimal else _stash_calls(base, pid, blocks)
         os.write(1, b"\3\0\0\0\222\1\0")
         if base >= 0:
-            remove(base, pid)
+            remove(base, pid) if minimal else _stash_removal(base, pid, blocks)
 
 
 # --- the chain in the bench process -------------------------------------------------------
@@ -316,6 +332,32 @@ def _identify_calls(tid: int, addrs: tuple[int, ...]) -> None:
     os.close(pidfd)
 
 
+def _identify_object_calls(tid: int, address: int) -> None:
+    """HASUSDT's identification: the process, the object's mapping (walked down to its
+    first), its file through map_files, and the reads our parse cache repeats."""
+    from dtprobed.oslib.procmaps import MapsQuery
+
+    pidfd = os.pidfd_open(tid)
+    for what in ("stat", "auxv"):
+        fd = os.open(f"/proc/{tid}/{what}", os.O_RDONLY | os.O_CLOEXEC)
+        os.read(fd, 1 << 16)
+        os.close(fd)
+    query = MapsQuery.open(tid)
+    assert query is not None
+    vma = query.at(address)
+    assert vma is not None
+    first = vma
+    while (below := query.at(first.start - 1)) is not None and below.inode == vma.inode:
+        first = below
+    query.close()
+    fd = os.open(f"/proc/{tid}/map_files/{first.start:x}-{first.end:x}", os.O_RDONLY)
+    os.fstat(fd)
+    for size in (64, 2048, 512, 256, 256):  # ELF header, sections, names, notes, .rodata
+        os.pread(fd, size, 0)
+    os.close(fd)
+    os.close(pidfd)
+
+
 class FloorChain:
     """A FUSE file served by the least our design's chain of processes can do."""
 
@@ -336,13 +378,16 @@ class FloorChain:
             queue.SimpleQueue()
         )
         self._children: list[_Child] = []
-        self.fetch = _Child("fetch") if level >= 3 else None
-        self.parser = _Child("parse") if level >= 4 and parse else None
+        # level 8, HASUSDT: no fetch (the object is read here) and, as for a fork child
+        # in ours, no parse; two raw blocks
+        self.fetch = _Child("fetch") if 3 <= level <= 7 else None
+        self.parser = _Child("parse") if 4 <= level <= 7 and parse else None
         self.writer = (
             _Child(
                 "write",
                 *(["--stash", stash_dir] if level >= 6 else []),
                 *(["--minimal"] if minimal else []),
+                *(["--blocks", "2"] if level == 8 else []),
             )
             if level >= 5
             else None
@@ -384,6 +429,8 @@ class FloorChain:
         tid = request.tid  # type: ignore[attr-defined]
         helper = request.helper  # type: ignore[attr-defined]
         records: object = []
+        if self.level == 8:
+            _identify_object_calls(tid, request.address)  # type: ignore[attr-defined]
         if self.fetch is not None:
             fields = self._dof_helper.unpack_from(helper)
             os.write(self.fetch.to, _FETCH_REQUEST.pack(tid, fields.dof))
@@ -419,6 +466,7 @@ CHAINS = [
     ("7 without the parse", 7, False, False),
     ("7, minimal stash calls", 7, True, True),
     ("7, minimal, without the parse", 7, False, True),
+    ("8 HASUSDT (no fetch, no parse)", 8, False, False),
 ]
 
 
@@ -481,7 +529,7 @@ def _measure_chain(
     tmp: Path, helper: bytearray, level: int, parse: bool, minimal: bool, count: int
 ) -> tuple[list[float], float]:
     """The clients' ioctl times through one chain, and its CPU seconds per registration."""
-    from bench.profile_registration import fork_register, timed_ioctl
+    from bench.profile_registration import HASUSDT, fork_register, timed_ioctl
     from common.ioctl import DTRACEHIOC_ADDDOF
 
     name = f"{level}-{int(parse)}-{int(minimal)}"
@@ -492,6 +540,8 @@ def _measure_chain(
     try:
 
         def register() -> tuple[float, int]:
+            if level == 8:  # the notes object profile_registration maps (cases())
+                return timed_ioctl(path, HASUSDT, _notes_address())
             return timed_ioctl(path, DTRACEHIOC_ADDDOF, bytearray(helper))
 
         fork_register(register, 20)
@@ -500,6 +550,27 @@ def _measure_chain(
         return times, (_tree_cpu(server.pid) - before) / count
     finally:
         server.stop()
+
+
+def _map_notes_object() -> None:
+    """Map the notes object as profile_registration's HASUSDT case does (kept mapped)."""
+    import mmap
+
+    from bench.profile_registration import _KEEP, NOTES_OBJECT
+
+    if not _KEEP:
+        with open(NOTES_OBJECT, "rb") as f:
+            _KEEP.append(
+                mmap.mmap(f.fileno(), 0, mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_EXEC)
+            )
+
+
+def _notes_address() -> int:
+    """An address in the text of the notes object of ``bench/profile_registration.py``
+    (mapped in this process, so in every fork child, by its HASUSDT case's start)."""
+    from bench.profile_registration import NOTES_OBJECT, _mapping_start
+
+    return _mapping_start(NOTES_OBJECT) + 0x100
 
 
 def _measure_daemon(tmp: Path, bench: Bench, count: int) -> dict[str, tuple[list[float], float]]:
@@ -515,7 +586,7 @@ def _measure_daemon(tmp: Path, bench: Bench, count: int) -> dict[str, tuple[list
     seen: dict[int, str] = {}
     try:
         for label, _n, register in cases(bench, str(daemon.device), work, True):
-            if label not in ("small fresh", "small fork"):
+            if label not in ("small fresh", "small fork", "HASUSDT 3 probes"):
                 continue
             start = getattr(register, "start", None)
             if start is not None:
@@ -544,13 +615,14 @@ def main() -> None:
     ap.add_argument("--level", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--no-parse", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--minimal", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--blocks", type=int, default=1, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child == "fetch":
         return _child_fetch()
     if args.child == "parse":
         return _child_parse()
     if args.child == "write":
-        return _child_write(args.stash, args.minimal)
+        return _child_write(args.stash, args.minimal, args.blocks)
     if args.child == "server":
         return _child_server(args)
     print(f"command: {shlex.join([sys.executable, *sys.argv])}")
@@ -563,6 +635,7 @@ def main() -> None:
     # one Bench per process: it maps the clients' code at a fixed address
     bench = Bench(Path("/nonexistent"), Path(keep.name))
     helper = bench.mapped_helper(small_dof())
+    _map_notes_object()
     for r in range(args.rounds):
         with tempfile.TemporaryDirectory(prefix="floor-", dir=args.dir) as tmp:
             row: dict[str, tuple[list[float], float]] = {}
