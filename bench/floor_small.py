@@ -316,14 +316,20 @@ class _Child:
         self.proc.wait(5)
 
 
+def _process_calls(tid: int) -> int:
+    """What both identifications start with: a pidfd (returned), ``stat`` and ``auxv``."""
+    from dtprobed.oslib.procfs import read_proc
+
+    pidfd = os.pidfd_open(tid)
+    read_proc(f"/proc/{tid}/stat")
+    read_proc(f"/proc/{tid}/auxv")
+    return pidfd
+
+
 def _identify_calls(tid: int, addrs: tuple[int, ...]) -> None:
     from dtprobed.oslib.procmaps import MapsQuery
 
-    pidfd = os.pidfd_open(tid)
-    for what in ("stat", "auxv"):
-        fd = os.open(f"/proc/{tid}/{what}", os.O_RDONLY | os.O_CLOEXEC)
-        os.read(fd, 1 << 16)
-        os.close(fd)
+    pidfd = _process_calls(tid)
     query = MapsQuery.open(tid)
     if query is not None:
         for addr in addrs:
@@ -337,11 +343,7 @@ def _identify_object_calls(tid: int, address: int) -> None:
     first), its file through map_files, and the reads our parse cache repeats."""
     from dtprobed.oslib.procmaps import MapsQuery
 
-    pidfd = os.pidfd_open(tid)
-    for what in ("stat", "auxv"):
-        fd = os.open(f"/proc/{tid}/{what}", os.O_RDONLY | os.O_CLOEXEC)
-        os.read(fd, 1 << 16)
-        os.close(fd)
+    pidfd = _process_calls(tid)
     query = MapsQuery.open(tid)
     assert query is not None
     vma = query.at(address)
